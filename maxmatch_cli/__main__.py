@@ -1,0 +1,3 @@
+from maxmatch_cli.cli import main
+
+main()
