@@ -1,0 +1,34 @@
+# Quick start: `make demo` (environment + install + synthetic data + train + evaluate), `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast bench clean-demo
+
+$(BIN)/maxmatch: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(BIN)/maxmatch
+
+install: $(BIN)/maxmatch
+
+demo: install
+	$(BIN)/maxmatch extract-features --synthetic demo --out $(DEMO)/features.h5
+	$(BIN)/maxmatch train --recipe demo --set data.path=$(DEMO)/features.h5 --out $(DEMO)/run
+	$(BIN)/maxmatch evaluate $(DEMO)/run/best.safetensors --split test --json $(DEMO)/test_metrics.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/similarity.py
+
+clean-demo:
+	rm -rf $(DEMO)

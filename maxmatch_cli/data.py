@@ -1,0 +1,308 @@
+"""Datasets, vocabulary, tokenisation and batching over a feature store.
+
+Training iterates over the captions of a split: each item is one (image, caption) pair, so an image appears
+once per caption and a batch may hold several captions of the same image (the losses treat those as
+positives, never negatives). Evaluation encodes every image and every caption of a split exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from maxmatch_cli.errors import MaxMatchError
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase word tokens (letters and digits; punctuation dropped), as SCAN's vocabulary expects."""
+    return _WORD.findall(text.lower())
+
+
+class TextTokenizer(Protocol):
+    """Turns captions into token ids; both the Bi-GRU vocabulary and BERT's tokenizer fit this seam."""
+
+    pad_id: int
+
+    def encode(self, text: str, max_len: int) -> list[int]: ...
+
+    def drop_tokens(self, ids: list[int], rate: float, generator: torch.Generator | None) -> list[int]: ...
+
+
+class Vocab:
+    """Word vocabulary: ``<pad> <start> <end> <unk>`` then words with count >= min_count, most frequent first."""
+
+    def __init__(self, words: Sequence[str]):
+        if list(words[: len(SPECIALS)]) != list(SPECIALS):
+            raise MaxMatchError("vocabulary does not start with the special tokens <pad> <start> <end> <unk>",
+                                hint="rebuild it with Vocab.build(...) or use the checkpoint's own vocabulary")
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.pad_id, self.start_id, self.end_id, self.unk_id = (self.index[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, captions: Sequence[str], min_count: int = 4) -> "Vocab":
+        counts = Counter(tok for cap in captions for tok in tokenize(cap))
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(list(SPECIALS) + kept)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        ids = [self.index.get(tok, self.unk_id) for tok in tokenize(text)][: max_len - 2]
+        return [self.start_id, *ids, self.end_id]
+
+    def drop_tokens(self, ids: list[int], rate: float, generator: torch.Generator | None) -> list[int]:
+        """VSE-infinity's caption augmentation: each inner token with prob. `rate` is masked (<unk>, 50%),
+        replaced by a random word (10%) or deleted (40%)."""
+        if rate <= 0 or len(ids) <= 3:
+            return ids
+        out = [ids[0]]
+        draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
+        for tok, (p, q) in zip(ids[1:-1], draws):
+            if p >= rate:
+                out.append(tok)
+            elif q < 0.5:
+                out.append(self.unk_id)
+            elif q < 0.6:
+                out.append(int(torch.randint(len(SPECIALS), len(self.words), (1,), generator=generator)))
+        out.append(ids[-1])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.words)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocab":
+        return cls(json.loads(text))
+
+
+class BertTokenizerAdapter:
+    """Wraps a transformers tokenizer loaded from a local folder (never downloaded)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        from maxmatch_cli.models import resolve_bert_path
+
+        folder = resolve_bert_path(path)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise MaxMatchError(f"cannot load a tokenizer from {folder}: {exc}",
+                                hint="model.bert_path must be a folder with config.json and the tokenizer files "
+                                     "(vocab.txt or tokenizer.json)") from None
+        self.pad_id = int(self.tok.pad_token_id or 0)
+        self.mask_id = self.tok.mask_token_id
+        self.path = str(path)
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        return list(self.tok(text, truncation=True, max_length=max_len)["input_ids"])
+
+    def drop_tokens(self, ids: list[int], rate: float, generator: torch.Generator | None) -> list[int]:
+        """BERT-style corruption of inner tokens with prob. `rate`: [MASK] 80%, random 10%, kept 10%."""
+        if rate <= 0 or len(ids) <= 3 or self.mask_id is None:
+            return ids
+        out = list(ids)
+        draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
+        for i, (p, q) in enumerate(draws, start=1):
+            if p < rate:
+                if q < 0.8:
+                    out[i] = self.mask_id
+                elif q < 0.9:
+                    out[i] = int(torch.randint(1000, self.tok.vocab_size, (1,), generator=generator))
+        return out
+
+
+def build_tokenizer(text_encoder: str, vocab_json: str | None = None, bert_path: str = "",
+                    captions: Sequence[str] | None = None, min_count: int = 4) -> TextTokenizer:
+    """The tokenizer a text encoder needs: a vocabulary (restored from JSON or built from captions) or BERT's."""
+    if text_encoder == "bert":
+        return BertTokenizerAdapter(bert_path)
+    if vocab_json:
+        return Vocab.from_json(vocab_json)
+    if captions is None:
+        raise MaxMatchError("no vocabulary and no captions to build one from")
+    return Vocab.build(captions, min_count=min_count)
+
+
+@dataclass
+class Batch:
+    """A collated batch. Masks are True for real regions / tokens."""
+
+    feats: torch.Tensor  # (B, R, F) float32
+    feat_mask: torch.Tensor  # (B, R) bool
+    tokens: torch.Tensor  # (B, L) long
+    token_mask: torch.Tensor  # (B, L) bool
+    image_index: torch.Tensor  # (B,) long, global image index in the store
+    caption_index: torch.Tensor  # (B,) long
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=nb) for t in (self.feats, self.feat_mask, self.tokens,
+                                                                 self.token_mask, self.image_index,
+                                                                 self.caption_index)))
+
+
+def pad_regions(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (R_i, F) arrays into (B, Rmax, F) zeros-padded plus a (B, Rmax) validity mask."""
+    rmax = max(max(a.shape[0] for a in arrays), 1)
+    feats = torch.zeros(len(arrays), rmax, arrays[0].shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(arrays), rmax, dtype=torch.bool)
+    for i, a in enumerate(arrays):
+        feats[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+        mask[i, : a.shape[0]] = True
+    return feats, mask
+
+
+def pad_tokens(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (B, L) plus a (B, L) mask."""
+    lmax = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), lmax), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), lmax, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = True
+    return tokens, mask
+
+
+class PairDataset(Dataset):
+    """(image, caption) pairs of one split, with VSE-infinity style region and word dropout in training."""
+
+    def __init__(self, store, split: str, tokenizer: TextTokenizer, max_len: int = 64, train: bool = False,
+                 region_dropout: float = 0.0, word_dropout: float = 0.0):
+        self.store = store
+        self.images, self.captions = store.split(split)
+        if len(self.captions) == 0:
+            raise MaxMatchError(f"split '{split}' of {store.path} has no captions",
+                                hint="re-run extract-features with captions for that split")
+        self.caption_image = np.asarray(store.caption_image)[self.captions]
+        self.texts = store.captions_text(self.captions)
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.train = train
+        self.region_dropout = region_dropout
+        self.word_dropout = word_dropout
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int):
+        image = int(self.caption_image[i])
+        feats = self.store.image_features(image)
+        ids = self.tokenizer.encode(self.texts[i], self.max_len)
+        if self.train:
+            if self.region_dropout > 0 and feats.shape[0] > 1:
+                keep = torch.rand(feats.shape[0]) >= self.region_dropout
+                if keep.any():
+                    feats = feats[keep.numpy()]
+            ids = self.tokenizer.drop_tokens(ids, self.word_dropout, None)
+        return feats, ids, image, int(self.captions[i])
+
+    def collate(self, items) -> Batch:
+        feats, mask = pad_regions([it[0] for it in items])
+        tokens, tmask = pad_tokens([it[1] for it in items], self.tokenizer.pad_id)
+        return Batch(feats, mask, tokens, tmask, torch.tensor([it[2] for it in items]),
+                     torch.tensor([it[3] for it in items]))
+
+
+class ImageDataset(Dataset):
+    """Every image of a list of store indices, once (for encoding at evaluation time)."""
+
+    def __init__(self, store, image_indices: np.ndarray):
+        self.store = store
+        self.indices = np.asarray(image_indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.store.image_features(int(self.indices[i]))
+
+    @staticmethod
+    def collate(items) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_regions(items)
+
+
+class CaptionDataset(Dataset):
+    """Every caption of a list of store indices, once, tokenised."""
+
+    def __init__(self, texts: Sequence[str], tokenizer: TextTokenizer, max_len: int = 64):
+        self.texts = list(texts)
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.tokenizer.encode(self.texts[i], self.max_len)
+
+    def collate(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_tokens(items, self.tokenizer.pad_id)
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded shuffle per epoch, split over ranks, resumable from a step inside the epoch.
+
+    Each epoch draws one permutation from ``seed + epoch``; rank r of w takes every w-th index (so the global
+    batch is the same whatever the world size), and ``start_step`` skips the batches a resumed run already saw.
+    The tail that does not fill a whole global batch is dropped so every step has equal-sized batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_step = 0, 0
+        self.steps_per_epoch = n // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise MaxMatchError(f"the training split has {n} captions, fewer than one global batch "
+                                f"({batch_size} x {world_size} processes)",
+                                hint="lower train.batch_size or use a larger training split")
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        global_bs = self.batch_size * self.world_size
+        perm = perm[self.start_step * global_bs: self.steps_per_epoch * global_bs]
+        return iter(perm[self.rank:: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
+
+
+def split_layout(store, split: str, captions_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image and caption indices of a split, checked to follow the evaluation layout (caption j <-> image j // cpi)."""
+    images, captions = store.split(split)
+    owners = np.asarray(store.caption_image)[captions]
+    expected = np.repeat(np.asarray(images), captions_per_image)
+    if len(owners) != len(expected) or not np.array_equal(owners, expected):
+        raise MaxMatchError(
+            f"split '{split}' of {store.path} does not hold exactly {captions_per_image} captions per image "
+            f"grouped in image order ({len(images)} images, {len(captions)} captions)",
+            hint="set data.captions_per_image to the dataset's count or re-import the features")
+    return np.asarray(images), np.asarray(captions)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MaxMatchError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise MaxMatchError(f"{path} is not valid JSON: {exc}") from None

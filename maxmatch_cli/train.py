@@ -1,0 +1,248 @@
+"""One training loop for every recipe.
+
+Each step encodes a batch of (image, caption) pairs into sets, scores every image against every caption with
+the recipe's set similarity, and minimises eq. 5. Under torchrun each process encodes its share of the global
+batch; set embeddings are gathered with gradients so hardest negatives are mined over the global batch
+(see :mod:`maxmatch_cli.distributed`). Validation RSUM picks ``best.safetensors``; ``last.safetensors`` carries
+the optimiser and RNG state so ``--resume`` continues exactly where a run stopped (also after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from maxmatch_cli import distributed as dist
+from maxmatch_cli.checkpoint import atomic_write, load_checkpoint, provenance, save_checkpoint
+from maxmatch_cli.data import EpochSampler, PairDataset, build_tokenizer
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
+from maxmatch_cli.losses import total_loss
+from maxmatch_cli.progress import console, make_progress
+from maxmatch_cli.recipes import Recipe, to_toml
+from maxmatch_cli.similarity import set_similarity
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA (this process's local rank under torchrun) when available, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MaxMatchError(f"unknown device '{name}'", hint="use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MaxMatchError(f"device '{name}' asked for, but no CUDA device is available",
+                            hint="use --set train.device=cpu (or auto)")
+    return device
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe) -> float:
+    """Learning-rate multiplier at a global step: linear warm-up, then cosine / step / constant."""
+    o = recipe.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        progress = min(step / max(total_steps, 1), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if o.schedule == "step":
+        return o.gamma ** ((step // max(steps_per_epoch, 1)) // o.step_epochs)
+    return 1.0
+
+
+def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """Encode a batch, gather it over processes, and compute eq. 5 for this process's queries."""
+    img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)  # forward() so DDP syncs grads
+    # Local queries against the global batch: rows are this rank's images, columns every rank's captions,
+    # and vice versa, so the negative pool does not shrink with the world size.
+    all_txt = dist.gather_with_grad(txt.sets)
+    all_img = dist.gather_with_grad(img.sets)
+    all_image_index = dist.gather_no_grad(batch.image_index)
+    offset = dist.rank() * batch.image_index.shape[0]
+    kind = recipe.loss.similarity
+    opts = similarity_options(recipe, kind)
+    sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (B, W·B)
+    sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts).t()  # (B, W·B): local captions vs all images
+    l = recipe.loss
+    return total_loss(
+        sims_i2t=sims_i2t, sims_t2i=sims_t2i, query_image_index=batch.image_index,
+        key_image_index=all_image_index, offset=offset,
+        img_sets=img.sets, txt_sets=txt.sets, img_global=img.global_, txt_global=txt.global_,
+        img_slots=img.slots, txt_slots=txt.slots, all_img_sets=all_img, all_txt_sets=all_txt,
+        margin=l.margin, hardest=hardest,
+        gd_weight=l.gd_weight, gd_margin=l.gd_margin, isd_weight=l.isd_weight, isd_margin=l.isd_margin,
+        scale=l.scale, mmd_weight=l.mmd_weight, div_weight=l.div_weight,
+        contrastive_weight=l.contrastive_weight, contrastive_temperature=l.contrastive_temperature,
+    )
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_rsum: float | None
+    last_metrics: dict[str, float] | None
+    steps: int
+    seconds: float
+    interrupted: bool = False
+
+
+def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, float]:
+    emb = encode_split(model, store, recipe.data.val_split, tokenizer, recipe.data.captions_per_image, device,
+                       batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
+                       max_images=recipe.train.val_max_images, show_progress=False)
+    kind = recipe.eval.similarity or recipe.loss.similarity
+    sims = score(emb.images, emb.captions, kind, device, recipe.eval.block_size, **similarity_options(recipe, kind))
+    return metrics_for(sims, "full", recipe.data.captions_per_image).metrics
+
+
+def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train a model as the recipe says; checkpoints and ``metrics.jsonl`` go to ``out_dir``."""
+    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.models import build_model
+
+    dist.init()
+    out_dir = Path(out_dir)
+    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": None, "history": []}
+    vocab_json = None
+    ckpt = None
+    if resume:
+        if not last_path.is_file():
+            raise MaxMatchError(f"--resume given but {last_path} does not exist",
+                                hint="start without --resume, or point --out at the run to continue")
+        ckpt = load_checkpoint(last_path)
+        if ckpt.recipe.to_dict() != recipe.to_dict():
+            console.print("[yellow]warning:[/] the recipe differs from the checkpoint's; continuing with the "
+                          "checkpoint's recipe, seed and step")
+        recipe, vocab_json, state = ckpt.recipe, ckpt.vocab_json, {**state, **ckpt.train_state}
+    if not recipe.data.path:
+        raise MaxMatchError("the recipe names no feature file (data.path is empty)",
+                            hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
+    torch.manual_seed(recipe.train.seed)
+    device = resolve_device(recipe.train.device)
+    store = open_store(recipe.data.path)
+    if recipe.data.val_split and recipe.data.val_split not in store.splits:
+        raise MaxMatchError(f"validation split '{recipe.data.val_split}' is not in {store.path} "
+                            f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
+    train_images, train_caps = store.split(recipe.data.train_split)
+    tokenizer = build_tokenizer(recipe.model.text_encoder, vocab_json=vocab_json, bert_path=recipe.model.bert_path,
+                                captions=store.captions_text(train_caps), min_count=recipe.data.vocab_min_count)
+    vocab_json = tokenizer.to_json() if hasattr(tokenizer, "to_json") else None
+    model = build_model(recipe.model, getattr(tokenizer, "words", None), pretrained=ckpt is None).to(device)
+    o = recipe.optim
+    optimizer = torch.optim.AdamW(model.param_groups(o.lr, o.lr_scale_set, o.lr_scale_text, o.lr_scale_cnn,
+                                                     o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state)
+        optimizer.load_state_dict(ckpt.optim_state)
+        if "torch" in ckpt.rng_state:
+            torch.set_rng_state(ckpt.rng_state["torch"])
+    model = dist.wrap(model, device)
+    core = dist.unwrap(model)
+
+    dataset = PairDataset(store, recipe.data.train_split, tokenizer, recipe.data.max_caption_len, train=True,
+                          region_dropout=recipe.data.region_dropout, word_dropout=recipe.data.word_dropout)
+    sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=dist.rank(),
+                           world_size=dist.world_size())
+    loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=dataset.collate,
+                        num_workers=recipe.data.num_workers, persistent_workers=False,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = steps_per_epoch * recipe.train.epochs
+    if recipe.train.max_steps:
+        total_steps = min(total_steps, recipe.train.max_steps)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and recipe.train.amp else None
+    prov = provenance(store.fingerprint(), {"world_size": dist.world_size()})
+    is_main = dist.rank() == 0
+
+    def save(path: Path, with_optim: bool) -> None:
+        if is_main:
+            save_checkpoint(path, core, recipe, vocab_json, prov, train_state=state,
+                            optimizer=optimizer if with_optim else None)
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.toml").write_text(to_toml(recipe))
+    start_time, interrupted = time.time(), False
+    history_path = out_dir / "metrics.jsonl"
+    last_metrics = None
+    try:
+        with make_progress() as progress:
+            global_bs = recipe.train.batch_size * dist.world_size()
+            task = progress.add_task("training", total=total_steps * global_bs,
+                                     completed=state["global_step"] * global_bs, unit="pairs", status="",
+                                     visible=show_progress and is_main)
+            while state["epoch"] < recipe.train.epochs and state["global_step"] < total_steps:
+                epoch = state["epoch"]
+                core.set_epoch(epoch)
+                hardest = recipe.loss.hardest_negatives and epoch >= recipe.loss.warmup_epochs
+                sampler.set_epoch(epoch, state["step_in_epoch"])
+                model.train()
+                running: dict[str, float] = {}
+                for batch in loader:
+                    batch = batch.to(device)
+                    factor = lr_factor(state["global_step"], total_steps, steps_per_epoch, recipe)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["base_lr"] * factor
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, parts = loss_on_batch(model, batch, recipe, hardest)
+                    if not torch.isfinite(loss):
+                        raise MaxMatchError(f"loss became {loss.item()} at step {state['global_step']}",
+                                            hint="lower optim.lr or enable optim.grad_clip")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if o.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    optimizer.step()
+                    state["global_step"] += 1
+                    state["step_in_epoch"] += 1
+                    for k, v in parts.items():
+                        running[k] = 0.9 * running.get(k, float(v)) + 0.1 * float(v)
+                    progress.update(task, advance=global_bs, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
+                                    f"loss {running.get('total', float(loss)):.3f}")
+                    if state["global_step"] >= total_steps:
+                        break
+                epoch_done = state["step_in_epoch"] >= steps_per_epoch
+                if epoch_done:
+                    state["epoch"] += 1
+                    state["step_in_epoch"] = 0
+                record = {"epoch": state["epoch"], "step": state["global_step"],
+                          "lr": optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in running.items()}}
+                run_val = recipe.data.val_split and is_main and (
+                    state["epoch"] % recipe.train.val_every == 0 or state["global_step"] >= total_steps)
+                if run_val:
+                    last_metrics = _validate(core, store, recipe, tokenizer, device)
+                    record.update({f"val/{k}": v for k, v in last_metrics.items()})
+                    progress.console.print(
+                        f"epoch {state['epoch']:>3}  step {state['global_step']:>6}  "
+                        f"loss {running.get('total', float('nan')):.4f}  val rsum {last_metrics['rsum']:.2f}  "
+                        f"i2t R@1 {last_metrics['i2t_r1']:.1f}  t2i R@1 {last_metrics['t2i_r1']:.1f}")
+                    if state["best_rsum"] is None or last_metrics["rsum"] > state["best_rsum"]:
+                        state["best_rsum"] = last_metrics["rsum"]
+                        save(best_path, with_optim=False)
+                state["history"].append(record)
+                if is_main:
+                    with history_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                save(last_path, with_optim=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        save(last_path, with_optim=True)
+        console.print(f"[yellow]interrupted[/] at step {state['global_step']}; saved {last_path} "
+                      f"(continue with --resume)")
+    if is_main and not recipe.data.val_split and not interrupted:
+        save(best_path, with_optim=False)
+    dist.barrier()
+    return TrainResult(out_dir, state["best_rsum"], last_metrics, state["global_step"], time.time() - start_time,
+                       interrupted)
