@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maxmatch_cli import __version__
@@ -153,7 +153,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MaxMatchError(f"{path} is not a readable maxmatch checkpoint ({exc})",
                             hint="it may be truncated or another format; re-run training or pass another file") from None
     if meta.get("format") != FORMAT:
