@@ -28,11 +28,12 @@ In-batch training uses the square matrix and ``direction="both"``. Under data pa
            + triplet_loss(s_t2i, same[:, off:off + n], direction="t2i", pos_index=local))
 
 The per-query terms equal the corresponding rows/columns of the single-process computation on the
-concatenated batch. :func:`total_loss` does this when given ``sims_t2i`` and ``offset``.
+concatenated batch. :func:`total_loss` does this when given ``sims_t2i``, ``all_image_ids`` and ``offset``.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
@@ -242,7 +243,7 @@ def _info_nce_per_query(q: _Queries, temperature: float) -> Tensor:
 def contrastive_loss(
     sims: Tensor,
     positives: Tensor | None = None,
-    temperature: float = 0.07,
+    temperature: float = 0.05,
     *,
     direction: str = "both",
     pos_index: Tensor | None = None,
@@ -258,7 +259,7 @@ def contrastive_loss(
     Args:
         sims: (Ni, Nt) similarities, image rows x caption columns.
         positives: (Ni, Nt) bool, True for same-image pairs. None: only the designated positives.
-        temperature: softmax temperature T. The paper does not state it; 0.07 is CLIP's initial value.
+        temperature: softmax temperature T (the paper does not state it).
         direction: "i2t", "t2i" or "both"; see the module docstring.
         pos_index: designated positive per query along the candidate axis; default the diagonal.
         reduction: "mean", "sum" (over the queries of each direction) or "none".
@@ -399,19 +400,23 @@ def diversity_loss(slots: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Flat loss hyper-parameters: the lambdas of eq. 5 plus each term's margin/scale. Defaults: paper App. B."""
+    """The flat keyword arguments of :func:`total_loss`: lambdas of eq. 5 and each term's margin/scale.
 
-    tri: float = 1.0
+    Field names follow ``recipes.LossConfig``. Defaults: paper App. B (Faster R-CNN configurations differ in
+    margin and contrastive weight).
+    """
+
+    tri_weight: float = 1.0
     """Weight of the triplet loss (eq. 5 fixes it to 1)."""
-    gd: float = 0.1
+    gd_weight: float = 0.1
     """lambda_GD, Global Discriminative loss."""
-    isd: float = 0.1
+    isd_weight: float = 0.1
     """lambda_ISD, Intra-Set Divergence loss."""
-    mmd: float = 0.01
+    mmd_weight: float = 0.01
     """lambda_MMD, MMD between image and text set elements."""
-    div: float = 0.01
+    div_weight: float = 0.01
     """lambda_Div, diversity of the pre-global slots."""
-    con: float = 0.0
+    contrastive_weight: float = 0.0
     """lambda_CON, contrastive loss (0.001 for the Faster R-CNN configurations)."""
     margin: float = 0.2
     """delta_1, triplet margin."""
@@ -424,8 +429,8 @@ class LossWeights:
     scale: float = 0.5
     """s, shared by GD and ISD."""
     mmd_gamma: float = 0.5
-    """Rate of the MMD kernel exp(-gamma * ||x - y||)."""
-    temperature: float = 0.07
+    """Rate of the MMD kernel exp(-gamma * ||x - y||) (SetDiv)."""
+    contrastive_temperature: float = 0.05
     """Contrastive temperature (not given in the paper)."""
 
     def __post_init__(self) -> None:
@@ -433,8 +438,21 @@ class LossWeights:
             value = getattr(self, f.name)
             if f.name != "hardest" and value < 0:
                 raise MaxMatchError(f"loss.{f.name} must be >= 0, got {value}")
-        if self.temperature <= 0:
-            raise MaxMatchError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.contrastive_temperature <= 0:
+            raise MaxMatchError(f"loss.contrastive_temperature must be > 0, got {self.contrastive_temperature}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LossWeights":
+        """Build from keyword arguments; an unknown name is an error naming the closest valid one."""
+        names = [f.name for f in fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                raise MaxMatchError(
+                    f"unknown loss argument {key!r}",
+                    f"did you mean {close[0]!r}?" if close else f"valid names: {', '.join(names)}",
+                )
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -448,20 +466,26 @@ class LossInputs:
     txt_global: Tensor
     img_slots: Tensor | None
     txt_slots: Tensor | None
-    positives: Tensor | None
+    image_ids: Tensor | None
     sims_t2i: Tensor | None
-    positives_t2i: Tensor | None
+    all_image_ids: Tensor | None
     offset: int
 
     def ranking_calls(self) -> list[dict]:
         """Keyword arguments of each ranking-loss call: one square call, or i2t + t2i when data-parallel."""
+        local_ids, global_ids = self.image_ids, self.all_image_ids
+        if global_ids is None:
+            global_ids = local_ids
+
+        def mask(rows, cols):
+            return None if rows is None else same_image_mask(rows, cols)
+
         if self.sims_t2i is None:
-            return [dict(sims=self.sims, positives=self.positives, direction="both")]
-        local_i = torch.arange(self.sims.shape[0], device=self.sims.device) + self.offset
-        local_t = torch.arange(self.sims_t2i.shape[1], device=self.sims_t2i.device) + self.offset
+            return [dict(sims=self.sims, positives=mask(local_ids, local_ids), direction="both")]
+        local = torch.arange(self.sims.shape[0], device=self.sims.device) + self.offset
         return [
-            dict(sims=self.sims, positives=self.positives, direction="i2t", pos_index=local_i),
-            dict(sims=self.sims_t2i, positives=self.positives_t2i, direction="t2i", pos_index=local_t),
+            dict(sims=self.sims, positives=mask(local_ids, global_ids), direction="i2t", pos_index=local),
+            dict(sims=self.sims_t2i, positives=mask(global_ids, local_ids), direction="t2i", pos_index=local),
         ]
 
 
@@ -471,7 +495,7 @@ def _tri(x: LossInputs, w: LossWeights) -> Tensor:
 
 def _con(x: LossInputs, w: LossWeights) -> Tensor:
     calls = x.ranking_calls()
-    return sum(contrastive_loss(temperature=w.temperature, **kw) for kw in calls) / len(calls)
+    return sum(contrastive_loss(temperature=w.contrastive_temperature, **kw) for kw in calls) / len(calls)
 
 
 def _gd(x: LossInputs, w: LossWeights) -> Tensor:
@@ -481,6 +505,7 @@ def _gd(x: LossInputs, w: LossWeights) -> Tensor:
 
 
 def _isd(x: LossInputs, w: LossWeights) -> Tensor:
+    # Eq. 8 adds the two modalities (no 1/2, unlike eq. 7).
     return intra_set_divergence_loss(x.img_sets, w.isd_margin, w.scale) + intra_set_divergence_loss(
         x.txt_sets, w.isd_margin, w.scale
     )
@@ -494,7 +519,7 @@ def _div(x: LossInputs, w: LossWeights) -> Tensor:
     if x.img_slots is None or x.txt_slots is None:
         raise MaxMatchError(
             "the diversity loss needs the pre-global slots (img_slots, txt_slots)",
-            "pass them to total_loss, or set loss.div = 0",
+            "pass them to total_loss, or set loss.div_weight = 0",
         )
     return 0.5 * (diversity_loss(x.img_slots) + diversity_loss(x.txt_slots))
 
@@ -509,12 +534,12 @@ class LossComponent:
 
 
 LOSS_COMPONENTS: dict[str, LossComponent] = {
-    "tri": LossComponent("tri", _tri, "hinge triplet, hardest (or all) negatives, both directions (eq. 6)"),
-    "gd": LossComponent("gd", _gd, "set elements vs their global, mean of image and text (eq. 7)"),
-    "isd": LossComponent("isd", _isd, "pairwise element cosines within each set, image + text (eq. 8)"),
-    "mmd": LossComponent("mmd", _mmd, "MMD between all image and all text set elements (SetDiv)"),
-    "div": LossComponent("div", _div, "PVSE/SetDiv slot diversity, mean of image and text"),
-    "con": LossComponent("con", _con, "symmetric InfoNCE over the set similarity"),
+    "tri": LossComponent("tri_weight", _tri, "hinge triplet, hardest (or all) negatives, both directions (eq. 6)"),
+    "gd": LossComponent("gd_weight", _gd, "set elements vs their global, mean of image and text (eq. 7)"),
+    "isd": LossComponent("isd_weight", _isd, "pairwise element cosines within each set, image + text (eq. 8)"),
+    "mmd": LossComponent("mmd_weight", _mmd, "MMD between all image and all text set elements (SetDiv)"),
+    "div": LossComponent("div_weight", _div, "PVSE/SetDiv slot diversity, mean of image and text"),
+    "con": LossComponent("contrastive_weight", _con, "symmetric InfoNCE over the set similarity"),
 }
 
 
@@ -527,21 +552,21 @@ def total_loss(
     img_slots: Tensor | None = None,
     txt_slots: Tensor | None = None,
     *,
-    positives: Tensor | None = None,
+    image_ids: Tensor | None = None,
     sims_t2i: Tensor | None = None,
-    positives_t2i: Tensor | None = None,
+    all_image_ids: Tensor | None = None,
     offset: int = 0,
-    weights: LossWeights = LossWeights(),
+    **weights,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 5: ``TRI + l_GD GD + l_ISD ISD + l_MMD MMD + l_Div Div + l_CON CON``.
 
-    Components whose weight is 0 are not computed. Ranking terms (TRI, CON) run in one of two modes:
+    Components whose weight is 0 are not computed. The ranking terms (TRI, CON) run in one of two modes:
 
-    * in-batch: ``sims`` is the square (B, B) matrix of the batch, ``positives`` (B, B);
-    * data-parallel (``sims_t2i`` given): ``sims`` is (B, N) local images x gathered captions with
-      ``positives`` (B, N), ``sims_t2i`` is (N, B) gathered images x local captions with ``positives_t2i``
-      (N, B), and local sample i is global sample ``offset + i``. TRI is then this rank's share of the sum
-      over the global batch.
+    * in-batch: ``sims`` is the square (B, B) matrix of the batch;
+    * data-parallel (``sims_t2i`` given): ``sims`` is (B, N) local images x gathered captions, ``sims_t2i`` is
+      (N, B) gathered images x local captions (still image rows), and local sample i is global sample
+      ``offset + i``. TRI is then this process's share of the sum over the global batch; CON the mean over its
+      local queries. With one process, (B, B) matrices and offset 0 give the in-batch values.
 
     The set regularisers always use the local tensors.
 
@@ -551,29 +576,32 @@ def total_loss(
         txt_sets: (B, K, D) final text sets.
         img_global: (B, D) image global embeddings (GD reference).
         txt_global: (B, D) text global embeddings.
-        img_slots: (B, K, D) image slots before the global is added (diversity); needed when weights.div > 0.
+        img_slots: (B, K, D) image slots before the global is added; needed when div_weight > 0.
         txt_slots: (B, K, D) text slots before the global is added.
-        positives: bool mask of same-image pairs, shaped like ``sims``.
+        image_ids: (B,) image id of each local sample; samples sharing an id are positives, never negatives.
+            None: every sample is its own image.
         sims_t2i: data-parallel only, see above.
-        positives_t2i: data-parallel only, shaped like ``sims_t2i``.
+        all_image_ids: data-parallel only, (N,) ids of the gathered batch.
         offset: data-parallel only, global index of local sample 0 (rank * B).
-        weights: lambdas, margins and scales.
+        **weights: any :class:`LossWeights` field (``margin``, ``hardest``, ``gd_weight``, ...); the rest keep
+            their defaults.
 
     Returns:
         (total, log): the scalar loss and, for each computed component, its unweighted detached value (a
-        0-d tensor, so logging needs no device sync until it is read), plus "total".
+        0-d tensor, so logging needs no device sync until read), plus "total".
     """
+    w = LossWeights.from_kwargs(**weights)
     inputs = LossInputs(
         sims, img_sets, txt_sets, img_global, txt_global, img_slots, txt_slots,
-        positives, sims_t2i, positives_t2i, offset,
+        image_ids, sims_t2i, all_image_ids, offset,
     )  # fmt: skip
     total = sims.new_zeros(())
     log: dict[str, Tensor] = {}
     for name, component in LOSS_COMPONENTS.items():
-        weight = getattr(weights, component.weight)
+        weight = getattr(w, component.weight)
         if weight == 0:
             continue
-        value = component.fn(inputs, weights)
+        value = component.fn(inputs, w)
         total = total + weight * value
         log[name] = value.detach()
     log["total"] = total.detach()

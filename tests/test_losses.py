@@ -365,8 +365,9 @@ def _batch(b=len(IMAGE_IDS), k=3, d=6, seed=10):
 def test_total_loss_is_weighted_sum_of_components():
     x = _batch()
     pos = same_image_mask(IMAGE_IDS, IMAGE_IDS)
-    w = LossWeights(tri=1.0, gd=0.1, isd=0.2, mmd=0.3, div=0.4, con=0.5, margin=0.25, temperature=0.2)
-    total, log = total_loss(**x, positives=pos, weights=w)
+    w = dict(tri_weight=1.0, gd_weight=0.1, isd_weight=0.2, mmd_weight=0.3, div_weight=0.4,
+             contrastive_weight=0.5, margin=0.25, contrastive_temperature=0.2)  # fmt: skip
+    total, log = total_loss(**x, image_ids=IMAGE_IDS, **w)
     parts = {
         "tri": triplet_loss(x["sims"], pos, margin=0.25),
         "gd": 0.5 * (global_discriminative_loss(x["img_sets"], x["img_global"]) + global_discriminative_loss(x["txt_sets"], x["txt_global"])),
@@ -379,9 +380,15 @@ def test_total_loss_is_weighted_sum_of_components():
     for name, value in parts.items():
         torch.testing.assert_close(log[name], value)
         assert not log[name].requires_grad
-    expected = sum(getattr(w, name) * value for name, value in parts.items())
+    expected = sum(w[LOSS_COMPONENTS[name].weight] * value for name, value in parts.items())
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(log["total"], expected)
+
+
+def test_total_loss_without_ids_uses_diagonal_positives():
+    x = _batch()
+    _, log = total_loss(**x, mmd_weight=0, div_weight=0, gd_weight=0, isd_weight=0)
+    torch.testing.assert_close(log["tri"], triplet_loss(x["sims"], None))
 
 
 def test_total_loss_skips_zero_weights():
@@ -390,40 +397,47 @@ def test_total_loss_skips_zero_weights():
     original = LOSS_COMPONENTS["mmd"]
     try:
         LOSS_COMPONENTS["mmd"] = original.__class__(original.weight, lambda *a: calls.append(1), original.help)
-        _, log = total_loss(**{**x, "img_slots": None, "txt_slots": None}, weights=LossWeights(mmd=0.0, div=0.0))
+        _, log = total_loss(**{**x, "img_slots": None, "txt_slots": None}, mmd_weight=0.0, div_weight=0.0)
     finally:
         LOSS_COMPONENTS["mmd"] = original
     assert calls == []
-    assert set(log) == {"tri", "gd", "isd", "total"}  # con defaults to 0
+    assert set(log) == {"tri", "gd", "isd", "total"}  # contrastive defaults to 0
 
 
 def test_total_loss_div_needs_slots():
     x = _batch()
     with pytest.raises(MaxMatchError, match="slots"):
-        total_loss(**{**x, "img_slots": None}, weights=LossWeights(div=0.01))
+        total_loss(**{**x, "img_slots": None}, div_weight=0.01)
 
 
 def test_total_loss_data_parallel_mode_matches_full_batch():
     x = _batch()
     pos = same_image_mask(IMAGE_IDS, IMAGE_IDS)
-    w = LossWeights(gd=0, isd=0, mmd=0, div=0, con=0.5)
+    w = dict(gd_weight=0, isd_weight=0, mmd_weight=0, div_weight=0, contrastive_weight=0.5)
     full_tri = triplet_loss(x["sims"], pos, reduction="none")
     full_con = contrastive_loss(x["sims"], pos, reduction="none")
-    tri_sum, con_sum = 0.0, 0.0
+    tri_sum = 0.0
     for lo, hi in [(0, 3), (3, 7)]:
         local = {k: v[lo:hi] for k, v in x.items() if k != "sims"}
         _, log = total_loss(
-            x["sims"][lo:hi], **local, positives=pos[lo:hi],
-            sims_t2i=x["sims"][:, lo:hi], positives_t2i=pos[:, lo:hi], offset=lo, weights=w,
+            x["sims"][lo:hi], **local, image_ids=IMAGE_IDS[lo:hi],
+            sims_t2i=x["sims"][:, lo:hi], all_image_ids=IMAGE_IDS, offset=lo, **w,
         )  # fmt: skip
         tri_sum += log["tri"]
         torch.testing.assert_close(log["con"], 0.5 * full_con[:, lo:hi].mean(1).sum())
     torch.testing.assert_close(tri_sum, full_tri.sum())
+    # One process, offset 0: the data-parallel path gives the in-batch values.
+    _, one = total_loss(**x, image_ids=IMAGE_IDS, sims_t2i=x["sims"], all_image_ids=IMAGE_IDS, **w)
+    _, square = total_loss(**x, image_ids=IMAGE_IDS, **w)
+    for name in one:
+        torch.testing.assert_close(one[name], square[name])
 
 
 def test_loss_weights_validation():
-    with pytest.raises(MaxMatchError, match="gd"):
-        LossWeights(gd=-1)
+    with pytest.raises(MaxMatchError, match="gd_weight"):
+        LossWeights(gd_weight=-1)
     with pytest.raises(MaxMatchError, match="temperature"):
-        LossWeights(temperature=0)
+        LossWeights(contrastive_temperature=0)
+    with pytest.raises(MaxMatchError, match="did you mean 'gd_weight'"):
+        total_loss(**_batch(), gd_wieght=0.1)
     assert math.isclose(LossWeights().margin, 0.2)
