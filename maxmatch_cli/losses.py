@@ -8,13 +8,12 @@ Conventions shared by the ranking losses (:func:`triplet_loss`, :func:`contrasti
   each of those rows and must never be used as negatives.
 * Each query has one *designated* positive, named by ``pos_index`` along the query's candidate axis:
 
-  ======== ============== =============================== ======================================
-  direction queries        candidates                      ``pos_index`` (default ``arange``)
-  ======== ============== =============================== ======================================
-  "i2t"    rows (Ni,)      columns                         (Ni,) column of row i's caption
-  "t2i"    columns (Nt,)   rows                            (Nt,) row of column j's image
-  "both"   rows + columns  square matrix, Ni == Nt         (N,) permutation: row i <-> column p[i]
-  ======== ============== =============================== ======================================
+  - ``"i2t"``: queries are the rows (Ni); ``pos_index`` (Ni,) gives the column of row i's caption.
+  - ``"t2i"``: queries are the columns (Nt); ``pos_index`` (Nt,) gives the row of column j's image.
+  - ``"both"``: square matrix only; ``pos_index`` (N,) is a permutation, row i <-> column p[i]; the i2t and
+    t2i terms are both computed.
+
+  ``pos_index`` defaults to ``arange`` (the diagonal).
 
 In-batch training uses the square matrix and ``direction="both"``. Under data parallelism each rank mines its
 *local* queries against the *gathered global* candidates, so the two directions need two matrices::
