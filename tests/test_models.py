@@ -1,0 +1,230 @@
+"""Encoders, set heads, build_model and param_groups: shapes, masks, references, freezing (tiny dims, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.models import (SET_HEADS, PVSEHead, SetDivHead, SetOutput, build_model, random_drop_mask,
+                                 slot_competition_attention)
+from maxmatch_cli.models.image import PrecomputedEncoder
+from maxmatch_cli.recipes import ModelConfig
+
+D, K, F = 16, 3, 12
+VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "the", "grass"]
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(embed_dim=D, num_embeds=K, image_feature_dim=F, word_dim=8, set_depth=2, set_heads=2,
+                set_head_dim=4, set_ff_dim=24, set_dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def check_output(out: SetOutput, b: int) -> None:
+    assert isinstance(out, SetOutput)
+    assert out.sets.shape == (b, K, D)
+    assert out.slots.shape == (b, K, D)
+    assert out.global_.shape == (b, D)
+    assert torch.isfinite(out.sets).all()
+
+
+# ---------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("image_encoder", ["region", "grid"])
+@pytest.mark.parametrize("head", ["setdiv", "pvse"])
+def test_shapes_precomputed_and_bigru(image_encoder, head):
+    model = build_model(tiny_cfg(image_encoder=image_encoder, set_head=head), VOCAB)
+    feats, mask = torch.randn(4, 5, F), torch.ones(4, 5, dtype=torch.bool)
+    check_output(model.encode_images(feats, mask), 4)
+    check_output(model.encode_images(feats, None), 4)
+    tokens = torch.randint(0, len(VOCAB), (2, 6))
+    check_output(model.encode_texts(tokens, torch.ones(2, 6, dtype=torch.bool)), 2)
+    img, txt = model(feats, mask, tokens, torch.ones(2, 6, dtype=torch.bool))
+    check_output(img, 4)
+    check_output(txt, 2)
+
+
+def test_grid_accepts_spatial_maps_and_mean_pools():
+    enc = PrecomputedEncoder(F, D, pool="mean", mlp=False).eval()
+    maps = torch.randn(2, 3, 3, F)
+    f = enc(maps, None)
+    assert f.local.shape == (2, 9, D) and f.mask.all()
+    torch.testing.assert_close(f.global_, f.local.mean(1))
+    region = PrecomputedEncoder(F, D, pool="max").eval()
+    g = region(maps.flatten(1, 2), None)
+    torch.testing.assert_close(g.global_, g.local.amax(1))
+
+
+def test_setdiv_output_is_ln_slots_plus_ln_global():
+    head = SetDivHead(D, K, depth=2, heads=2, head_dim=4, ff_dim=8, dropout=0.0).eval()
+    local, glob = torch.randn(2, 5, D), torch.randn(2, D)
+    out = head(local, glob, torch.ones(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(out.sets, out.slots + head.norm_global(glob).unsqueeze(1))
+    torch.testing.assert_close(out.global_, glob)
+    # slots are the final LayerNorm's output: zero mean, unit variance per element
+    torch.testing.assert_close(out.slots.mean(-1), torch.zeros(2, K), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("head", ["setdiv", "pvse"])
+@pytest.mark.parametrize("train", [False, True])
+def test_padded_regions_change_nothing(head, train):
+    model = build_model(tiny_cfg(set_head=head), VOCAB)
+    model.train(train)
+    feats = torch.randn(3, 4, F)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    feats = feats.masked_fill(~mask.unsqueeze(-1), 0.0)
+    base = model.encode_images(feats, mask)
+    # Same images with 3 more padded regions holding garbage.
+    padded = torch.cat([feats, 100 * torch.randn(3, 3, F)], dim=1)
+    pmask = torch.cat([mask, torch.zeros(3, 3, dtype=torch.bool)], dim=1)
+    pad_out = model.encode_images(padded, pmask)
+    torch.testing.assert_close(pad_out.sets, base.sets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pad_out.global_, base.global_, atol=1e-5, rtol=1e-5)
+    # and garbage inside existing padded slots does not matter either
+    noisy = feats + 50 * torch.randn_like(feats) * (~mask).unsqueeze(-1)
+    torch.testing.assert_close(model.encode_images(noisy, mask).sets, base.sets, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["setdiv", "pvse"])
+def test_caption_embedding_independent_of_batch_padding(head):
+    model = build_model(tiny_cfg(set_head=head, gru_layers=2), VOCAB).eval()
+    caption = torch.tensor([[1, 4, 5, 6, 2]])
+    alone = model.encode_texts(caption, torch.ones(1, 5, dtype=torch.bool))
+    # In a batch with a longer caption, padded with 4 pad tokens.
+    batch = torch.tensor([[1, 4, 5, 6, 2, 0, 0, 0, 0], [1, 4, 5, 6, 7, 8, 9, 4, 2]])
+    bmask = batch != 0
+    bmask[:, 0] = True
+    together = model.encode_texts(batch, bmask)
+    torch.testing.assert_close(together.sets[0], alone.sets[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together.global_[0], alone.global_[0], atol=1e-5, rtol=1e-5)
+
+
+def test_random_drop_mask_subset_and_keeps_one():
+    mask = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        out = random_drop_mask(mask, 0.9, g)
+        assert not (out & ~mask).any()
+        assert out.any(dim=1).all()
+    assert random_drop_mask(mask, 0.0) is mask
+
+
+# ---------------------------------------------------------------- attention reference
+
+
+def brute_force_slot_attention(q, k, v, mask, eps=1e-7):
+    b_, h_, k_, d_ = q.shape
+    n_ = k.shape[2]
+    out = torch.zeros(b_, h_, k_, d_, dtype=q.dtype)
+    for b in range(b_):
+        for h in range(h_):
+            weights = torch.zeros(k_, n_, dtype=q.dtype)
+            for j in range(n_):
+                if not mask[b, j]:
+                    continue
+                logits = torch.stack([(q[b, h, i] * k[b, h, j]).sum() / d_ ** 0.5 for i in range(k_)])
+                e = torch.exp(logits - logits.max())
+                weights[:, j] = e / e.sum()  # slots compete for key j
+            for i in range(k_):
+                w = weights[i] / (weights[i].sum() + eps)  # renormalise over keys
+                out[b, h, i] = sum(w[j] * v[b, h, j] for j in range(n_))
+    return out
+
+
+def test_slot_competition_matches_brute_force():
+    q, k, v = torch.randn(2, 2, 3, 4, dtype=torch.float64), torch.randn(2, 2, 5, 4, dtype=torch.float64), \
+        torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    out, attn = slot_competition_attention(q, k, v, mask)
+    torch.testing.assert_close(out, brute_force_slot_attention(q, k, v, mask))
+    assert (attn[1, :, :, ~mask[1]] == 0).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 2, 3, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_slot_competition_gradcheck():
+    q = torch.randn(1, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 4, 2, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.autograd.gradcheck(lambda a, b, c: slot_competition_attention(a, b, c, mask)[0], (q, k, v))
+
+
+# ---------------------------------------------------------------- weight sharing
+
+
+def test_weight_sharing_really_shares():
+    shared = SetDivHead(D, K, depth=4, heads=2, head_dim=4, ff_dim=8, dropout=0.0, share_weights=True)
+    unshared = SetDivHead(D, K, depth=4, heads=2, head_dim=4, ff_dim=8, dropout=0.0, share_weights=False)
+    assert len(shared.blocks) == 1 and len(unshared.blocks) == 4
+    n_block = sum(p.numel() for p in shared.blocks[0].parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert sum(p.numel() for p in unshared.parameters()) == n_shared + 3 * n_block
+
+    # The shared head equals applying its one block four times by hand.
+    shared.eval()
+    local, glob, mask = torch.randn(2, 5, D), torch.randn(2, D), torch.ones(2, 5, dtype=torch.bool)
+    block = shared.blocks[0]
+    x = shared.queries.expand(2, -1, -1)
+    for _ in range(4):
+        x = block(x, block.keys_values(local), mask)
+    torch.testing.assert_close(shared(local, glob, mask).slots, shared.norm_out(x))
+
+    # A gradient step on the one block changes every depth's computation (there is only one set of weights).
+    out = shared(local, glob, mask).sets.sum()
+    out.backward()
+    assert block.to_q.weight.grad is not None
+
+
+# ---------------------------------------------------------------- param groups, registry
+
+
+def test_param_groups_cover_every_parameter_once():
+    model = build_model(tiny_cfg(), VOCAB)
+    groups = model.param_groups(lr=1e-3, lr_scale_set=0.1, lr_scale_text=0.5, lr_scale_cnn=0.1, weight_decay=1e-4)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    by_name = {g["name"]: g for g in groups}
+    set_ids = {id(p) for p in list(model.image_head.parameters()) + list(model.text_head.parameters())}
+    assert {id(p) for g in groups if g["name"].startswith("set/") for p in g["params"]} == set_ids
+    assert by_name["set/decay"]["lr"] == pytest.approx(1e-4)
+    assert by_name["base/decay"]["lr"] == pytest.approx(1e-3)  # Bi-GRU is not a 'text backbone'
+    for g in groups:
+        if g["name"].endswith("no_decay"):
+            assert g["weight_decay"] == 0 and all(p.ndim <= 1 for p in g["params"])
+        else:
+            assert g["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in g["params"])
+    torch.optim.AdamW(groups)  # accepted as is
+
+
+def test_unknown_component_suggests_nearest():
+    with pytest.raises(MaxMatchError) as err:
+        SET_HEADS.get("setdv")
+    assert "setdiv" in str(err.value)
+    cfg = dataclasses.replace(tiny_cfg(), text_encoder="bigru")
+    with pytest.raises(MaxMatchError, match="vocab"):
+        build_model(cfg, None)
+
+
+def test_pvse_head_attends_only_to_valid_locals():
+    head = PVSEHead(D, K, hidden_dim=8, dropout=0.0).eval()
+    local = torch.randn(1, 4, D)
+    mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+    out = head(local, torch.zeros(1, D), mask)
+    logits = head.w2(torch.tanh(head.w1(local[:, :2])))
+    attended = torch.softmax(logits, dim=1).transpose(1, 2) @ local[:, :2]
+    torch.testing.assert_close(out.slots, torch.sigmoid(head.fc(attended)))
+    torch.testing.assert_close(out.sets, head.norm(out.slots))
