@@ -228,3 +228,93 @@ def test_pvse_head_attends_only_to_valid_locals():
     attended = torch.softmax(logits, dim=1).transpose(1, 2) @ local[:, :2]
     torch.testing.assert_close(out.slots, torch.sigmoid(head.fc(attended)))
     torch.testing.assert_close(out.sets, head.norm(out.slots))
+
+
+# ---------------------------------------------------------------- CNN backbone
+
+
+@pytest.fixture(scope="module")
+def cnn_model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(image_encoder="cnn", cnn_weights="random", cnn_freeze_epochs=1), VOCAB)
+
+
+def test_cnn_encoder_random_weights_shapes(cnn_model):
+    model = cnn_model.eval()
+    out = model.encode_images(torch.randn(2, 3, 64, 64), None)
+    check_output(out, 2)
+    f = model.image_encoder(torch.randn(2, 3, 64, 64))
+    assert f.local.shape == (2, 4, D)  # 64/32 = 2 -> 2x2 cells
+    torch.testing.assert_close(f.global_, f.local.mean(1))
+
+
+def test_cnn_freezing_with_set_epoch(cnn_model):
+    model = cnn_model
+    enc = model.image_encoder
+    trunk_params = list(enc.backbone.parameters())
+    bn = next(m for m in enc.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+    model.set_epoch(0)
+    model.train()
+    assert enc.frozen and not any(p.requires_grad for p in trunk_params)
+    assert not bn.training  # frozen trunk keeps its BatchNorm statistics
+    before = bn.running_mean.clone()
+    model.zero_grad(set_to_none=True)
+    model.encode_images(torch.randn(2, 3, 64, 64), None).sets.sum().backward()
+    assert all(p.grad is None for p in trunk_params)
+    assert enc.project.fc.weight.grad is not None
+    torch.testing.assert_close(bn.running_mean, before)
+
+    groups = model.param_groups(1.0, lr_scale_set=0.5, lr_scale_text=1.0, lr_scale_cnn=0.1, weight_decay=0.0)
+    cnn_ids = {id(p) for g in groups if g["name"].startswith("cnn/") for p in g["params"]}
+    assert cnn_ids == {id(p) for p in trunk_params}  # included while frozen, for after unfreezing
+    assert all(g["lr"] == pytest.approx(0.1) for g in groups if g["name"].startswith("cnn/"))
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+
+    model.set_epoch(1)
+    model.train()
+    assert not enc.frozen and all(p.requires_grad for p in trunk_params) and bn.training
+    model.zero_grad(set_to_none=True)
+    model.encode_images(torch.randn(2, 3, 64, 64), None).sets.sum().backward()
+    assert all(p.grad is not None for p in trunk_params)
+    model.set_epoch(0)
+
+
+def test_missing_cnn_weights_name_the_file(tmp_path, monkeypatch):
+    from maxmatch_cli.models.backbones import build_cnn_trunk
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(MaxMatchError) as err:
+        build_cnn_trunk("resnet152", "")
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet152-394f9c45.pth") in str(err.value)
+    assert "resnet152" in err.value.hint
+    with pytest.raises(MaxMatchError) as err:
+        build_cnn_trunk("resnext101_32x8d", "")
+    assert "ig_resnext101_32x8-c38310e5.pth" in str(err.value)
+    with pytest.raises(MaxMatchError, match="nowhere.pth"):
+        build_model(tiny_cfg(image_encoder="cnn", cnn_weights=str(tmp_path / "nowhere.pth")), VOCAB)
+
+
+def test_cnn_weights_load_from_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    from maxmatch_cli.models import backbones
+
+    spec = backbones.BackboneSpec(build=torchvision.models.resnet18, files=("resnet18-test.pth",), channels=512,
+                                  how_to_get="(test)")
+    monkeypatch.setitem(backbones.BACKBONES, "tiny_resnet", spec)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    source = torchvision.models.resnet18(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "hub" / "checkpoints" / "resnet18-test.pth")
+    trunk, channels = backbones.build_cnn_trunk("tiny_resnet", "")
+    assert channels == 512
+    torch.testing.assert_close(trunk[0].weight, source.conv1.weight)
+    torch.testing.assert_close(trunk[7][-1].bn2.running_var, source.layer4[-1].bn2.running_var)
+    assert trunk.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(MaxMatchError, match="does not fit"):
+        backbones.build_cnn_trunk("tiny_resnet", str(tmp_path / "bad.pth"))

@@ -115,20 +115,25 @@ def build_cnn_trunk(backbone: str, weights: str = "") -> tuple[nn.Module, int]:
         raise MaxMatchError(f"unknown CNN backbone '{backbone}'",
                             hint=f"set model.cnn_backbone to one of: {', '.join(BACKBONES)}")
     spec = BACKBONES[backbone]
+    path = None if weights == RANDOM_WEIGHTS else resolve_cnn_weights(backbone, weights)
     model = spec.build(weights=None)
-    if weights != RANDOM_WEIGHTS:
-        path = resolve_cnn_weights(backbone, weights)
+    if path is not None:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt or non-tensor pickle
             raise MaxMatchError(f"cannot read CNN weights {path}: {exc}",
                                 hint=f"re-fetch {spec.files[0]}; the file may be truncated") from None
         state = {k: v for k, v in _state_dict(raw, path).items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        hint = f"model.cnn_backbone must match the checkpoint ({', '.join(spec.files)})"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise MaxMatchError(f"{path} does not fit {backbone}: {str(exc).splitlines()[-1].strip()}",
+                                hint=hint) from None
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise MaxMatchError(f"{path} does not fit {backbone}: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                                hint=f"model.cnn_backbone must match the checkpoint ({', '.join(spec.files)})")
+                                hint=hint)
     trunk = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
                           model.layer1, model.layer2, model.layer3, model.layer4)
     return trunk, spec.channels
