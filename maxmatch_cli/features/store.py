@@ -229,7 +229,7 @@ class FeatureStore:
             except OSError as exc:
                 raise _hdf5_open_error(self.path, exc) from None
             self._pid = os.getpid()
-            self._features = self._file["images/features"]
+            self._features = self._file.get("images/features")  # None until validated (foreign files)
         return self._file
 
     def _load_metadata(self, f: h5py.File) -> None:
@@ -287,6 +287,13 @@ class FeatureStore:
         self.has_boxes = "boxes" in f["images"]
         self.image_sizes = f["images/sizes"][:n] if "sizes" in f["images"] else None
 
+        if not self.complete and "image" not in f["captions"]:  # interrupted before the captions were written
+            self.caption_image = np.zeros(0, dtype=np.int64)
+            self.n_captions = 0
+            self.caption_ids = None
+            self._captions_cache = []
+            self._splits, self._split_cpi = {}, {}
+            return
         self.caption_image = np.asarray(f["captions/image"][:], dtype=np.int64)
         self.n_captions = len(self.caption_image)
         if len(f["captions/text"]) != self.n_captions:
@@ -513,7 +520,7 @@ class FeatureStore:
                 h.update(np.ascontiguousarray(arr).tobytes())
         if self._offsets is not None:
             h.update(self._offsets.tobytes())
-        texts = self._h5()["captions/text"]
+        texts = self._h5()["captions"].get("text")
         for j in sorted({0, self.n_captions // 2, self.n_captions - 1}):
             if 0 <= j < self.n_captions:
                 h.update(texts.asstr()[j].encode())
