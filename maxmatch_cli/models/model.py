@@ -22,31 +22,31 @@ SET_HEADS: Registry = Registry("set head", "model.set_head")
 
 
 @IMAGE_ENCODERS.register("region", "precomputed BUTD regions (B, R, F): fc + MLP residual, max-pooled global")
-def _region_encoder(cfg) -> nn.Module:
+def _region_encoder(cfg, pretrained: bool) -> nn.Module:
     return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="max", mlp=cfg.image_mlp)
 
 
 @IMAGE_ENCODERS.register("grid", "precomputed CNN grid cells (B, h*w, F): 1x1 projection (+ MLP), mean-pooled global")
-def _grid_encoder(cfg) -> nn.Module:
+def _grid_encoder(cfg, pretrained: bool) -> nn.Module:
     return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="mean", mlp=cfg.image_mlp)
 
 
 @IMAGE_ENCODERS.register("cnn", "raw pixels (B, 3, H, W) through ResNet-152 / ResNeXt-101, fine-tuned end to end")
-def _cnn_encoder(cfg) -> nn.Module:
-    from maxmatch_cli.models.backbones import build_cnn_trunk
+def _cnn_encoder(cfg, pretrained: bool) -> nn.Module:
+    from maxmatch_cli.models.backbones import RANDOM_WEIGHTS, build_cnn_trunk
 
-    trunk, channels = build_cnn_trunk(cfg.cnn_backbone, cfg.cnn_weights)
+    trunk, channels = build_cnn_trunk(cfg.cnn_backbone, cfg.cnn_weights if pretrained else RANDOM_WEIGHTS)
     return CNNEncoder(trunk, channels, cfg.embed_dim, mlp=cfg.image_mlp, freeze_epochs=cfg.cnn_freeze_epochs)
 
 
 @TEXT_ENCODERS.register("bigru", "word embeddings (GloVe if model.glove_path) + Bi-GRU, mean final state as global")
-def _bigru_encoder(cfg, vocab_words: Sequence[str] | None) -> nn.Module:
-    return build_bigru(vocab_words, cfg.word_dim, cfg.embed_dim, cfg.gru_layers, cfg.glove_path)
+def _bigru_encoder(cfg, vocab_words: Sequence[str] | None, pretrained: bool) -> nn.Module:
+    return build_bigru(vocab_words, cfg.word_dim, cfg.embed_dim, cfg.gru_layers, cfg.glove_path if pretrained else "")
 
 
 @TEXT_ENCODERS.register("bert", "local BERT-family model (model.bert_path) + Linear to D, max-pooled global")
-def _bert_encoder(cfg, vocab_words: Sequence[str] | None) -> nn.Module:
-    backbone, hidden = load_bert_backbone(cfg.bert_path)
+def _bert_encoder(cfg, vocab_words: Sequence[str] | None, pretrained: bool) -> nn.Module:
+    backbone, hidden = load_bert_backbone(cfg.bert_path, weights=pretrained)
     return BertEncoder(backbone, hidden, cfg.embed_dim)
 
 
@@ -157,18 +157,21 @@ class SetEmbeddingModel(nn.Module):
         return info
 
 
-def build_model(cfg, vocab_words: Sequence[str] | None = None) -> SetEmbeddingModel:
+def build_model(cfg, vocab_words: Sequence[str] | None = None, pretrained: bool = True) -> SetEmbeddingModel:
     """Builds the model a ``ModelConfig`` describes.
 
     Args:
         cfg: the recipe's ``[model]`` section (:class:`maxmatch_cli.recipes.ModelConfig`).
         vocab_words: the Bi-GRU vocabulary in index order (GloVe rows are matched to it); None for BERT.
+        pretrained: load pre-trained weights (GloVe, CNN, BERT). False builds the same architecture with
+            random weights and reads no weight file (BERT still needs its folder's config.json), for
+            restoring a checkpoint, whose state dict then overwrites everything.
 
     Raises:
         MaxMatchError: for unknown component names or missing local weights/vectors.
     """
-    image_encoder = IMAGE_ENCODERS.get(cfg.image_encoder)(cfg)
-    text_encoder = TEXT_ENCODERS.get(cfg.text_encoder)(cfg, vocab_words)
+    image_encoder = IMAGE_ENCODERS.get(cfg.image_encoder)(cfg, pretrained)
+    text_encoder = TEXT_ENCODERS.get(cfg.text_encoder)(cfg, vocab_words, pretrained)
     head = SET_HEADS.get(cfg.set_head)
     return SetEmbeddingModel(image_encoder, text_encoder, head(cfg), head(cfg))
 

@@ -30,7 +30,7 @@ class BiGRUEncoder(nn.Module):
 
     Args:
         vocab_size: rows of the embedding table.
-        word_dim: embedding width.
+        word_dim: embedding width (must equal the word vectors' width when they are given).
         dim: D, the GRU hidden size.
         num_layers: stacked GRU layers.
         word_vectors: optional pre-trained rows copied into the table where found (others stay random).
@@ -39,8 +39,11 @@ class BiGRUEncoder(nn.Module):
     def __init__(self, vocab_size: int, word_dim: int, dim: int, num_layers: int = 1,
                  word_vectors: WordVectors | None = None):
         super().__init__()
-        if word_vectors is not None:
-            word_dim = word_vectors.dim
+        if word_vectors is not None and word_vectors.dim != word_dim:
+            raise MaxMatchError(f"word vectors {word_vectors.source} are {word_vectors.dim}-dimensional but "
+                                f"model.word_dim is {word_dim}",
+                                hint=f"set model.word_dim={word_vectors.dim} (the recipe must describe the "
+                                     f"architecture so a checkpoint can be rebuilt without the vectors)")
         self.embed = nn.Embedding(vocab_size, word_dim)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         self.coverage: float | None = None
@@ -91,21 +94,28 @@ class BertEncoder(nn.Module):
         return Features(local, masked_max(local, mask), mask)
 
 
-def load_bert_backbone(spec: str) -> tuple[nn.Module, int]:
+def load_bert_backbone(spec: str, weights: bool = True) -> tuple[nn.Module, int]:
     """Loads a BERT-family model from a local folder (or ``pkg:`` spec) with no network access.
 
     The pooler, if any, is dropped: it is unused and would leave parameters without gradients (DDP).
+
+    Args:
+        spec: folder, file inside it, or ``pkg:`` spec (see :func:`resolve_bert_path`).
+        weights: load the pre-trained weights; False builds the architecture from config.json alone.
 
     Returns:
         The model (float32) and its hidden size.
     """
     folder = resolve_bert_path(spec)
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     try:
         hf_logging.disable_progress_bar()
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        if weights:
+            model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
     except (OSError, ValueError) as exc:
         raise MaxMatchError(f"cannot load a transformers model from {folder}: {exc}", hint=BERT_HINT) from None
     finally:
