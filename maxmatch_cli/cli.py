@@ -108,7 +108,7 @@ def similarities_cmd() -> None:
     table = Table(title="Set similarities", title_justify="left")
     table.add_column("name", style="bold cyan")
     table.add_column("what it computes")
-    for name, description in list_similarities().items():
+    for name, description in list_similarities():
         table.add_row(name, description)
     console.print(table)
 

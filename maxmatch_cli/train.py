@@ -59,30 +59,45 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe)
     return 1.0
 
 
-def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """Encode a batch, gather it over processes, and compute eq. 5 for this process's queries."""
+def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Encode a batch and compute eq. 5 for this process's queries against the global batch.
+
+    Single process: one (B, B) similarity matrix. Under torchrun: local images against every rank's captions
+    and every rank's images against the local captions, so the negative pool does not shrink with the world
+    size. The triplet sum is scaled by the world size because DDP averages gradients over ranks: the update then
+    equals the single-process one on the concatenated batch.
+    """
     img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)  # forward() so DDP syncs grads
-    # Local queries against the global batch: rows are this rank's images, columns every rank's captions,
-    # and vice versa, so the negative pool does not shrink with the world size.
-    all_txt = dist.gather_with_grad(txt.sets)
-    all_img = dist.gather_with_grad(img.sets)
-    all_image_index = dist.gather_no_grad(batch.image_index)
-    offset = dist.rank() * batch.image_index.shape[0]
     kind = recipe.loss.similarity
     opts = similarity_options(recipe, kind)
-    sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (B, W·B)
-    sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts).t()  # (B, W·B): local captions vs all images
     l = recipe.loss
-    return total_loss(
-        sims_i2t=sims_i2t, sims_t2i=sims_t2i, query_image_index=batch.image_index,
-        key_image_index=all_image_index, offset=offset,
-        img_sets=img.sets, txt_sets=txt.sets, img_global=img.global_, txt_global=txt.global_,
-        img_slots=img.slots, txt_slots=txt.slots, all_img_sets=all_img, all_txt_sets=all_txt,
-        margin=l.margin, hardest=hardest,
-        gd_weight=l.gd_weight, gd_margin=l.gd_margin, isd_weight=l.isd_weight, isd_margin=l.isd_margin,
-        scale=l.scale, mmd_weight=l.mmd_weight, div_weight=l.div_weight,
-        contrastive_weight=l.contrastive_weight, contrastive_temperature=l.contrastive_temperature,
-    )
+    weights = dict(margin=l.margin, hardest=hardest, gd_weight=l.gd_weight, gd_margin=l.gd_margin,
+                   isd_weight=l.isd_weight, isd_margin=l.isd_margin, scale=l.scale, mmd_weight=l.mmd_weight,
+                   div_weight=l.div_weight, contrastive_weight=l.contrastive_weight,
+                   contrastive_temperature=l.contrastive_temperature)
+    if dist.world_size() == 1:
+        sims = set_similarity(img.sets, txt.sets, kind=kind, **opts)
+        return total_loss(sims, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
+                          image_ids=batch.image_index, **weights)
+    all_txt = dist.gather_with_grad(txt.sets)
+    all_img = dist.gather_with_grad(img.sets)
+    sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (B, W·B)
+    sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts)  # (W·B, B), image rows
+    return total_loss(sims_i2t, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
+                      image_ids=batch.image_index, sims_t2i=sims_t2i,
+                      all_image_ids=dist.gather_no_grad(batch.image_index),
+                      offset=dist.rank() * batch.image_index.shape[0], tri_weight=float(dist.world_size()),
+                      **weights)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            out.append(f"{prefix}{key}")
+    return out
 
 
 @dataclass
@@ -120,10 +135,14 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
             raise MaxMatchError(f"--resume given but {last_path} does not exist",
                                 hint="start without --resume, or point --out at the run to continue")
         ckpt = load_checkpoint(last_path)
-        if ckpt.recipe.to_dict() != recipe.to_dict():
-            console.print("[yellow]warning:[/] the recipe differs from the checkpoint's; continuing with the "
-                          "checkpoint's recipe, seed and step")
-        recipe, vocab_json, state = ckpt.recipe, ckpt.vocab_json, {**state, **ckpt.train_state}
+        # The checkpoint's recipe, seed and step win; only the length of the run may change (to extend it).
+        resumed = ckpt.recipe.replace(**{"train.epochs": recipe.train.epochs,
+                                         "train.max_steps": recipe.train.max_steps})
+        differing = _differences(resumed.to_dict(), recipe.to_dict())
+        if differing:
+            console.print(f"[yellow]warning:[/] ignoring recipe values that differ from the checkpoint's "
+                          f"({', '.join(differing)}); resuming with the checkpoint's recipe")
+        recipe, vocab_json, state = resumed, ckpt.vocab_json, {**state, **ckpt.train_state}
     if not recipe.data.path:
         raise MaxMatchError("the recipe names no feature file (data.path is empty)",
                             hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
@@ -133,6 +152,10 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     if recipe.data.val_split and recipe.data.val_split not in store.splits:
         raise MaxMatchError(f"validation split '{recipe.data.val_split}' is not in {store.path} "
                             f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
+    if recipe.model.image_encoder != "cnn" and store.feature_dim != recipe.model.image_feature_dim:
+        raise MaxMatchError(f"{store.path} holds {store.feature_dim}-dimensional features but the recipe's "
+                            f"model.image_feature_dim is {recipe.model.image_feature_dim}",
+                            hint=f"add --set model.image_feature_dim={store.feature_dim}")
     train_images, train_caps = store.split(recipe.data.train_split)
     tokenizer = build_tokenizer(recipe.model.text_encoder, vocab_json=vocab_json, bert_path=recipe.model.bert_path,
                                 captions=store.captions_text(train_caps), min_count=recipe.data.vocab_min_count)
@@ -210,7 +233,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     for k, v in parts.items():
                         running[k] = 0.9 * running.get(k, float(v)) + 0.1 * float(v)
                     progress.update(task, advance=global_bs, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
-                                    f"loss {running.get('total', float(loss)):.3f}")
+                                    f"loss {running['total']:.3f}")
                     if state["global_step"] >= total_steps:
                         break
                 epoch_done = state["step_in_epoch"] >= steps_per_epoch

@@ -1,0 +1,139 @@
+"""The command line end to end on tiny synthetic data, and its answers to bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from maxmatch_cli.cli import app
+
+runner = CliRunner()
+
+# A model small enough to train in seconds on 2 CPU cores.
+TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",
+        "--set", "model.set_heads=2", "--set", "model.set_head_dim=16", "--set", "model.set_ff_dim=64",
+        "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "data.vocab_min_count=1",
+        "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32"]
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_h5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    result = invoke("extract-features", "--synthetic", "tiny", "--out", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
+                    "--set", "train.max_steps=6", *TINY, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("train", "evaluate", "extract-features", "recipes", "features", "similarities"):
+        assert command in result.output
+
+
+def test_recipes_list_and_show():
+    result = invoke("recipes")
+    assert result.exit_code == 0 and "demo" in result.output
+    result = invoke("recipes", "demo", "--set", "optim.lr=0.5")
+    assert result.exit_code == 0 and "lr = 0.5" in result.output
+
+
+def test_similarities_listed():
+    result = invoke("similarities")
+    assert result.exit_code == 0
+    for kind in ("maxmatch", "chamfer", "mil", "topk"):
+        assert kind in result.output
+
+
+def test_features_info(tiny_h5):
+    result = invoke("features", "info", tiny_h5)
+    assert result.exit_code == 0, result.output
+    assert "train" in result.output and "test" in result.output
+
+
+def test_train_writes_checkpoints_and_history(trained):
+    assert (trained / "best.safetensors").is_file()
+    assert (trained / "last.safetensors").is_file()
+    assert (trained / "recipe.toml").is_file()
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert lines and "val/rsum" in json.loads(lines[-1])
+
+
+def test_evaluate_writes_json(trained, tmp_path):
+    out = tmp_path / "m.json"
+    csv = tmp_path / "m.csv"
+    result = invoke("evaluate", trained / "best.safetensors", "--split", "test", "--json", out, "--csv", csv)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["protocol"] == "full" and data["folds"] == []
+    keys = {"i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr", "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr",
+            "t2i_meanr", "rsum"}
+    assert keys <= set(data["metrics"])
+    assert csv.read_text().startswith("protocol,")
+    # Another similarity at test time works without any recipe flag.
+    result = invoke("evaluate", trained, "--similarity", "chamfer", "--split", "test")
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_continues(trained, tiny_h5):
+    result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
+                    "--set", "train.max_steps=8", *TINY, "--out", trained, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "8 steps" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--recipe", "demo", "--set", "optim.lrr=1"], "optim.lrr"),
+    (["train", "--recipe", "nosuchrecipe"], "unknown recipe"),
+    (["train", "--recipe", "demo", "--set", "data.path=/nonexistent/f.h5"], "/nonexistent/f.h5"),
+    (["evaluate", "/nonexistent/ckpt.safetensors"], "does not exist"),
+    (["features", "info", "/nonexistent/x.h5"], "/nonexistent/x.h5"),
+    (["extract-features", "--synthetic", "nope", "--out", "/tmp/x.h5"], "nope"),
+])
+def test_bad_input_gives_one_clear_message(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_corrupt_inputs(tmp_path, trained):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    result = invoke("evaluate", junk)
+    assert result.exit_code == 2 and "not a readable maxmatch checkpoint" in result.output
+    bad_h5 = tmp_path / "bad.h5"
+    bad_h5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    result = invoke("features", "info", bad_h5)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    result = invoke("evaluate", trained, "--split", "nosplit")
+    assert result.exit_code == 2 and "nosplit" in result.output
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_beats_chance(tiny_h5, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=15",
+                    *TINY, "--set", "optim.lr=2e-3", "--out", out)
+    assert result.exit_code == 0, result.output
+    m = tmp_path / "m.json"
+    result = invoke("evaluate", out, "--split", "test", "--json", m)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(m.read_text())["metrics"]
+    n_images = json.loads(m.read_text())["n_images"]
+    chance_r1 = 100.0 / n_images
+    assert metrics["i2t_r1"] > 3 * chance_r1 and metrics["t2i_r1"] > 3 * chance_r1, metrics
