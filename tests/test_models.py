@@ -338,3 +338,29 @@ def test_cnn_weights_load_from_hub_cache(tmp_path, monkeypatch):
     torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(MaxMatchError, match="does not fit"):
         backbones.build_cnn_trunk("tiny_resnet", str(tmp_path / "bad.pth"))
+
+
+# ---------------------------------------------------------------- encoder formulas
+
+
+def test_region_encoder_formula_and_half_inputs():
+    enc = PrecomputedEncoder(F, D, pool="max").eval()
+    x = torch.randn(2, 5, F)
+    p = enc.project
+    h = p.fc(x)
+    expected = h + p.mlp_out(torch.relu(p.mlp_bn.bn(p.mlp_in(h).reshape(-1, D // 2)).reshape(2, 5, D // 2)))
+    f = enc(x, None)
+    torch.testing.assert_close(f.local, expected)
+    torch.testing.assert_close(f.global_, expected.amax(1))
+    torch.testing.assert_close(enc(x.half(), None).local, enc(x.half().float(), None).local)
+
+
+def test_bigru_local_and_global_match_an_unpadded_run():
+    model = build_model(tiny_cfg(), VOCAB).eval()
+    enc = model.text_encoder
+    tokens = torch.tensor([[1, 4, 5, 2, 0, 0], [1, 4, 5, 6, 7, 2]])
+    f = enc(tokens, tokens != 0)
+    out, h_n = enc.gru(enc.embed(tokens[:1, :4]))
+    torch.testing.assert_close(f.local[0, :4], (out[0, :, :D] + out[0, :, D:]) / 2)
+    assert (f.local[0, 4:] == 0).all()
+    torch.testing.assert_close(f.global_[0], (h_n[0, 0] + h_n[1, 0]) / 2)

@@ -73,7 +73,8 @@ class PrecomputedEncoder(nn.Module):
         if feats.dim() != 3:
             raise ValueError(f"expected image features (B, R, F), got shape {tuple(feats.shape)}")
         mask = full_mask(feats) if mask is None else mask.to(torch.bool)
-        local = self.project(feats, mask)
+        # Stored features may arrive as float16; compute in the weights' dtype (autocast still applies).
+        local = self.project(feats.to(self.project.fc.weight.dtype), mask)
         return Features(local, self.pool(local, mask), mask)
 
 
