@@ -633,6 +633,8 @@ class StoreWriter:
             finished).
         compression: ``None`` (default, fastest reads) or ``"lzf"``.
         flush_every: flush and record progress at least every this many images.
+        chunk_rows: rows per HDF5 chunk in the flat layout (default 48; the typical region count per image
+            makes most images one chunk read).
     """
 
     def __init__(
@@ -653,6 +655,7 @@ class StoreWriter:
         overwrite: bool = False,
         compression: str | None = None,
         flush_every: int = 256,
+        chunk_rows: int = _FLAT_CHUNK_ROWS,
     ):
         if feature_kind not in FEATURE_KINDS:
             raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}")
@@ -675,6 +678,7 @@ class StoreWriter:
         self.args_fingerprint = args_fingerprint
         self.compression = compression
         self.flush_every = max(1, int(flush_every))
+        self.chunk_rows = max(1, int(chunk_rows))
         self.resumed = False
         self._since_flush = 0
         self._finished = False
@@ -746,7 +750,7 @@ class StoreWriter:
                 )
         else:
             images.create_dataset(
-                "features", shape=(0, D), maxshape=(None, D), chunks=(_FLAT_CHUNK_ROWS, D), **common
+                "features", shape=(0, D), maxshape=(None, D), chunks=(self.chunk_rows, D), **common
             )
             offsets = images.create_dataset(
                 "offsets", shape=(n0 + 1,), maxshape=(None,), chunks=(4096,), dtype=np.int64, track_times=False
