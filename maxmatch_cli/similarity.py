@@ -298,9 +298,12 @@ def _cosine_block(img: Tensor, txt: Tensor) -> Tensor:
 
 def _blockwise(img: Tensor, txt: Tensor, block: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``fn`` to the cosine matrices of every (image block, text block) and stitch the results."""
+    # split() rather than slicing: one backward node per input that concatenates the block gradients, instead
+    # of one full-size zero tensor per slice (with a single block it is a no-op view either way).
+    txt_blocks = txt.split(block) if txt.shape[0] > block else (txt,)
     rows = []
-    for i in range(0, img.shape[0], block):
-        cols = [fn(_cosine_block(img[i : i + block], txt[j : j + block])) for j in range(0, txt.shape[0], block)]
+    for img_block in img.split(block) if img.shape[0] > block else (img,):
+        cols = [fn(_cosine_block(img_block, txt_block)) for txt_block in txt_blocks]
         rows.append(cols[0] if len(cols) == 1 else torch.cat(cols, dim=1))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
@@ -347,8 +350,7 @@ def paired_similarity(img: Tensor, txt: Tensor, kind: str = "maxmatch", **option
     spec, opts, block = _resolve(kind, options)
     img, txt = _normalised_sets(img, txt, paired=True)
     block = block or _default_block(1, 1)
-    out = [spec.score(img[i : i + block] @ txt[i : i + block].transpose(1, 2), **opts)
-           for i in range(0, img.shape[0], block)]
+    out = [spec.score(a @ b.transpose(1, 2), **opts) for a, b in zip(img.split(block), txt.split(block))]
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
