@@ -1074,6 +1074,13 @@ class StoreWriter:
         self.metadata.update(values)
         self._file.attrs["metadata"] = json.dumps(self.metadata, sort_keys=True)
 
+    def written_ids(self) -> list[int | str]:
+        """Ids of the images written so far (after a resume: those kept from the partial file), in order."""
+        ids = self._file["images/ids"]
+        if h5py.check_string_dtype(ids.dtype):
+            return list(ids.asstr()[: self.n_written])
+        return [int(x) for x in ids[: self.n_written]]
+
     @property
     def h5(self) -> h5py.File:
         """The underlying HDF5 file, for extra groups (e.g. ``synthetic/``)."""
