@@ -125,22 +125,23 @@ def _solve_scipy(c: torch.Tensor) -> torch.Tensor:
     """(N, R, C) with R <= C -> (N, R) with scipy's linear_sum_assignment, one call per matrix."""
     from scipy.optimize import linear_sum_assignment
 
-    costs = c.detach().to("cpu", torch.float64).numpy()
-    out = np.empty(costs.shape[:2], dtype=np.int64)
-    for i, matrix in enumerate(costs):
-        out[i] = linear_sum_assignment(matrix, maximize=True)[1]
-    return torch.from_numpy(out).to(c.device)
+    # Negated once here rather than per call (maximize=True copies every matrix); rows come back sorted.
+    costs = np.negative(c.detach().to("cpu", torch.float64).numpy())
+    out = np.stack([linear_sum_assignment(matrix)[1] for matrix in costs])
+    return torch.from_numpy(out.reshape(costs.shape[:2]).astype(np.int64, copy=False)).to(c.device)
 
 
 def _lapx_available() -> bool:
-    return importlib.util.find_spec("lap") is not None and hasattr(_import_lap(), "lapjvr_batch")
+    return hasattr(_import_lap(), "lapjvr_batch")
 
 
 @functools.lru_cache(maxsize=1)
 def _import_lap():
+    if importlib.util.find_spec("lap") is None:
+        return None
     try:
         import lap
-    except ImportError:  # pragma: no cover - depends on the environment
+    except ImportError:  # pragma: no cover - a broken install
         return None
     return lap
 

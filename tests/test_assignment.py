@@ -115,7 +115,7 @@ def test_rectangular(shape):
     rows, cols = shape
     g = torch.Generator().manual_seed(rows * 10 + cols)
     c = torch.randn(20, rows, cols, generator=g, dtype=torch.float64)
-    for solver in ("auto", "scipy", "enumerate"):
+    for solver in ("auto", "scipy", "enumerate") + (("lapx",) if HAVE_LAPX else ()):
         perm = max_trace_assignment(c, solver=solver)
         assert perm.shape == (20, rows)
         matched = perm[perm >= 0].reshape(20, min(rows, cols))
