@@ -103,15 +103,18 @@ def chamfer_score(c: Tensor, alpha: float = 16.0) -> Tensor:
     Returns:
         ``(...)`` scores.
     """
-    scaled = c * alpha
-    rows = torch.logsumexp(scaled, dim=-1).mean(-1)
-    cols = torch.logsumexp(scaled, dim=-2).mean(-1)
-    return (rows + cols) / (2.0 * alpha)
+    x = _entries_first(c) * alpha
+    # Stable log-sum-exp with the max detached: the gradient of log sum exp(x - m) + m is the softmax for any m.
+    row_max = x.detach().amax(1, keepdim=True)
+    col_max = x.detach().amax(0, keepdim=True)
+    rows = (x - row_max).exp().sum(1).log().add(row_max.squeeze(1)).mean(0)
+    cols = (x - col_max).exp().sum(0).log().add(col_max.squeeze(0)).mean(0)
+    return ((rows + cols) / (2.0 * alpha)).reshape(c.shape[:-2])
 
 
 def mil_score(c: Tensor) -> Tensor:
     """MIL similarity (PVSE): the largest of the ``K x K'`` cosines. ``c: (..., K, K')`` -> ``(...)``."""
-    return c.amax(dim=(-2, -1))
+    return _entries_first(c).amax(dim=(0, 1)).reshape(c.shape[:-2])
 
 
 def topk_score(c: Tensor, k: int | None = None) -> Tensor:
@@ -156,14 +159,21 @@ def sinkhorn_score(c: Tensor, tau: float = 0.05, iters: int = 10) -> Tensor:
         ``(...)`` scores.
     """
     rows, cols = c.shape[-2], c.shape[-1]
-    logits = c / tau
+    x = _entries_first(c)
+    logits = x / tau
     log_a, log_b = -math.log(rows), -math.log(cols)
-    g = torch.zeros(*c.shape[:-2], 1, cols, dtype=c.dtype, device=c.device)
+    g = torch.zeros(1, cols, x.shape[-1], dtype=c.dtype, device=c.device)
     for _ in range(iters):
-        f = log_a - torch.logsumexp(logits + g, dim=-1, keepdim=True)
-        g = log_b - torch.logsumexp(logits + f, dim=-2, keepdim=True)
+        f = log_a - torch.logsumexp(logits + g, dim=1, keepdim=True)
+        g = log_b - torch.logsumexp(logits + f, dim=0, keepdim=True)
     plan = torch.exp(logits + f + g)
-    return (plan * torch.expm1(c)).sum(dim=(-2, -1))
+    return (plan * torch.expm1(x)).sum(dim=(0, 1)).reshape(c.shape[:-2])
+
+
+def _entries_first(c: Tensor) -> Tensor:
+    """``(..., K, K') -> (K, K', N)`` contiguous: reductions over set elements then run over outer dimensions,
+    vectorised across the ``N`` pairs, which on CPU is several times faster than reducing a 4-wide inner axis."""
+    return c.movedim((-2, -1), (0, 1)).reshape(c.shape[-2], c.shape[-1], -1)
 
 
 # ----------------------------------------------------------------------------------------- registry
