@@ -5,12 +5,16 @@ that maximises the summed score (eq. 2 of the paper: ``pi* = argmax_pi tr(S(V, p
 long tensor ``(..., R)``: row ``r`` is matched to column ``perm[..., r]``. Rectangular matrices match
 ``min(R, C)`` pairs; when ``R > C`` the unmatched rows hold ``-1``.
 
-Two exact solvers, chosen per problem size (numbers in ``benchmarks/RESULTS.md``):
+Exact solvers, chosen per problem size by ``solver="auto"`` (numbers in ``benchmarks/RESULTS.md``):
 
 * ``"enumerate"`` -- every injective row-to-column map at once: the matrices, laid out as columns
   ``(R*C, N)``, are multiplied by a cached ``(P, R*C)`` one-hot table of the ``P = C!/(C-R)!`` maps, and the
   best map is read off with a max. One GEMM plus a few passes over ``(P, N)``; it stays on the input's device,
-  so it also runs on a GPU without a host round trip. Used while ``P <= ENUMERATION_MAX_MAPS`` (K <= 6).
+  so it also runs on a GPU without a host round trip. Used while ``P <= ENUMERATION_MAX_MAPS`` (K <= 5).
+* ``"split"`` -- meet-in-the-middle enumeration for square K x K: the first ``K // 2`` rows take some column
+  set S and the rest its complement, each half in its best order; scoring all (S, order) pairs of both halves
+  needs ``2 * C(K, K//2) * (K//2)!``-ish rows instead of ``K!`` (240 instead of 720 at K = 6). Same device
+  story as enumeration. Used for K <= ``SPLIT_MAX_K``.
 * ``"scipy"`` -- ``scipy.optimize.linear_sum_assignment`` in a loop over matrices (a compiled
   shortest-augmenting-path solver, O(K^3) per matrix, about 1 us of call overhead). Used for larger K.
 * ``"lapx"`` -- ``lap.lapjvr_batch`` from the optional ``lapx`` package, a batched compiled solver; ``auto``
@@ -38,9 +42,12 @@ import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
 
-#: Largest number of injective maps ``C!/(C-R)!`` that ``auto`` enumerates (6! = 720, i.e. K <= 6). Above it a
-#: compiled solver is faster on a 2-core CPU at B = 128 (see benchmarks/RESULTS.md, "Similarity").
-ENUMERATION_MAX_MAPS = 720
+#: Largest number of injective maps ``C!/(C-R)!`` that ``auto`` enumerates in full (5! = 120, i.e. K <= 5).
+ENUMERATION_MAX_MAPS = 120
+
+#: Largest K (columns) that ``auto`` solves by meet-in-the-middle enumeration; above it a compiled solver wins.
+#: Both switch-overs were measured on a 2-core CPU at B = 128 (benchmarks/RESULTS.md, "Similarity").
+SPLIT_MAX_K = 6
 
 #: Upper bound on the ``(P, N)`` enumeration buffer, in elements, so memory stays bounded for any batch.
 _ENUMERATION_CHUNK_ELEMENTS = 1 << 22
@@ -85,40 +92,105 @@ def num_maps(rows: int, cols: int) -> int:
 # --------------------------------------------------------------------------------------------- solvers
 
 
-def _enumerate_columns(columns: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Best injective map per problem from column layout.
+def _first_max(totals: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along dim 0 of ``(P, n)`` (overwrites ``totals``); NaN columns give 0.
 
-    Args:
-        columns: ``(rows*cols, N)`` scores; column ``n`` is matrix ``n`` flattened row-major.
-
-    Returns:
-        ``(N, rows)`` long: the column matched to each row.
+    Avoids ``argmax(0)``, which is several times slower on CPU than these passes: maximal entries become their
+    weight ``P - p``, others 0, and the largest surviving weight names the first maximal row.
     """
-    work_dtype = columns.dtype if columns.dtype in (torch.float32, torch.float64) else torch.float32
-    columns = columns.to(work_dtype)
-    table = _one_hot_table(rows, cols, columns.device, work_dtype)
-    weights = _descending_weights(table.shape[0], columns.device, work_dtype)
-    maps = _map_table(rows, cols, columns.device)
-    p, n = table.shape[0], columns.shape[1]
-    chunk = max(1, _ENUMERATION_CHUNK_ELEMENTS // p)
-    best = torch.empty(n, dtype=torch.long, device=columns.device)
-    for start in range(0, n, chunk):
-        totals = table @ columns[:, start : start + chunk]  # (P, n): objective of every map
-        top = totals.amax(0)
-        # Without a (slow on CPU) argmax over dim 0: maximal maps become their weight, others 0;
-        # the largest surviving weight names the first maximal map.
-        marked = totals.sub_(top).sign_().add_(1).mul_(weights)
-        best[start : start + chunk] = p - marked.amax(0).long()
-    best.clamp_(0, p - 1)  # NaN scores: any valid map
-    return F.embedding(best, maps)
+    p = totals.shape[0]
+    top = totals.amax(0)
+    marked = totals.sub_(top).sign_().add_(1).mul_(weights[-p:])
+    return (p - marked.amax(0).long()).clamp_(0, p - 1)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _columns(c: torch.Tensor) -> torch.Tensor:
+    """``(..., R, C) -> (R*C, N)``: column ``n`` is matrix ``n`` flattened row-major.
+
+    For the permuted GEMM output of set_similarity this is one cheap copy with long contiguous runs, and the
+    reductions then run over the outer dimension, vectorised across matrices.
+    """
+    rows, cols = c.shape[-2:]
+    return c.movedim((-2, -1), (0, 1)).reshape(rows * cols, -1).to(_work_dtype(c.dtype))
 
 
 def _solve_enumerate(c: torch.Tensor) -> torch.Tensor:
-    """(..., R, C) with R <= C -> (N, R) by enumeration."""
+    """(..., R, C) with R <= C -> (N, R): score all ``C!/(C-R)!`` injective maps with one GEMM, keep the best."""
     rows, cols = c.shape[-2:]
-    # Column layout straight from any strides: for the permuted GEMM output of set_similarity this is one
-    # cheap copy with long contiguous runs, and the reductions below then run over the outer dimension.
-    return _enumerate_columns(c.movedim((-2, -1), (0, 1)).reshape(rows * cols, -1), rows, cols)
+    columns = _columns(c)
+    table = _one_hot_table(rows, cols, columns.device, columns.dtype)
+    weights = _descending_weights(table.shape[0], columns.device, columns.dtype)
+    n = columns.shape[1]
+    chunk = max(1, _ENUMERATION_CHUNK_ELEMENTS // table.shape[0])
+    best = torch.empty(n, dtype=torch.long, device=columns.device)
+    for start in range(0, n, chunk):
+        best[start : start + chunk] = _first_max(table @ columns[:, start : start + chunk], weights)
+    return F.embedding(best, _map_table(rows, cols, columns.device))
+
+
+@dataclass(frozen=True)
+class _SplitTables:
+    """Meet-in-the-middle tables for square K x K: the first ``h`` rows go to a column set S, the rest to its
+    complement. ``first``/``second``: one-hot ``(n_sets * orders, rows_part * K)`` over the entries of each
+    half; ``first_cols``/``second_cols``: the matched column of every row for every (set, order)."""
+
+    h: int
+    n_sets: int
+    first: torch.Tensor
+    first_cols: torch.Tensor
+    second: torch.Tensor
+    second_cols: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _split_tables(k: int, device: torch.device, dtype: torch.dtype) -> _SplitTables:
+    h = k // 2
+    sets = list(itertools.combinations(range(k), h))
+    parts = []
+    for targets in (sets, [tuple(c for c in range(k) if c not in s) for s in sets]):
+        size = len(targets[0])
+        cols = [[t[i] for i in order] for t in targets for order in itertools.permutations(range(size))]
+        cols = torch.tensor(cols, dtype=torch.long, device=device).reshape(len(cols), size)
+        table = torch.zeros(cols.shape[0], size * k, dtype=dtype, device=device)
+        table.scatter_(1, cols + torch.arange(size, device=device) * k, 1.0)
+        parts += [table, cols]
+    return _SplitTables(h, len(sets), *parts)
+
+
+def _solve_split(c: torch.Tensor) -> torch.Tensor:
+    """(..., K, K) -> (N, K) by meet-in-the-middle enumeration.
+
+    The best permutation sends the first ``h = K // 2`` rows onto some column set S and the others onto its
+    complement, each half in its best order. So: score every (S, order) of each half with one GEMM, keep the best
+    order per S, add the halves, pick S. That is ``2 * C(K, h) * h!``-ish rows instead of ``K!`` (240 vs 720 at
+    K = 6), with the same exact answer.
+    """
+    rows, k = c.shape[-2:]
+    if rows < k:  # constant padding rows change no matching's relative score
+        return _solve_split(F.pad(c, (0, 0, 0, k - rows)))[:, :rows]
+    columns = _columns(c)
+    t = _split_tables(k, columns.device, columns.dtype)
+    orders_a, orders_b = t.first.shape[0] // t.n_sets, t.second.shape[0] // t.n_sets
+    weights = _descending_weights(max(t.n_sets, orders_a, orders_b), columns.device, columns.dtype)
+    n = columns.shape[1]
+    chunk = max(1, _ENUMERATION_CHUNK_ELEMENTS // (t.first.shape[0] + t.second.shape[0]))
+    out = torch.empty(n, k, dtype=torch.long, device=columns.device)
+    for start in range(0, n, chunk):
+        block = columns[:, start : start + chunk]
+        m = block.shape[1]
+        first = (t.first @ block[: t.h * k]).view(t.n_sets, orders_a, m)
+        second = (t.second @ block[t.h * k :]).view(t.n_sets, orders_b, m)
+        best_set = _first_max(first.amax(1) + second.amax(1), weights)
+        picked = best_set.view(1, 1, m)
+        order_a = _first_max(first.gather(0, picked.expand(1, orders_a, m)).squeeze(0), weights)
+        order_b = _first_max(second.gather(0, picked.expand(1, orders_b, m)).squeeze(0), weights)
+        out[start : start + chunk, : t.h] = F.embedding(best_set * orders_a + order_a, t.first_cols)
+        out[start : start + chunk, t.h :] = F.embedding(best_set * orders_b + order_b, t.second_cols)
+    return out
 
 
 def _solve_scipy(c: torch.Tensor) -> torch.Tensor:
@@ -187,8 +259,9 @@ class Solver:
 SOLVERS: dict[str, Solver] = {
     s.name: s
     for s in (
-        Solver("enumerate", "all injective maps at once as one GEMM + max (fast for K <= 6, any device)",
-               _solve_enumerate),
+        Solver("enumerate", "all injective maps at once as one GEMM + max (K <= 5; any device)", _solve_enumerate),
+        Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K = 6; any device)",
+               _solve_split),
         Solver("scipy", "scipy.optimize.linear_sum_assignment looped over matrices (CPU)",
                lambda c: _greedy_certified(c, _solve_scipy)),
         Solver("lapx", "lap.lapjvr_batch from the optional lapx package (CPU, batched)",
@@ -202,6 +275,8 @@ def resolve_solver(rows: int, cols: int, solver: str = "auto") -> Solver:
     if solver == "auto":
         if num_maps(rows, cols) <= ENUMERATION_MAX_MAPS:
             return SOLVERS["enumerate"]
+        if cols <= SPLIT_MAX_K:
+            return SOLVERS["split"]
         return SOLVERS["lapx"] if _lapx_available() else SOLVERS["scipy"]
     if solver not in SOLVERS:
         raise MaxMatchError(

@@ -13,6 +13,7 @@ from maxmatch_cli import assignment
 from maxmatch_cli.assignment import (
     ENUMERATION_MAX_MAPS,
     SOLVERS,
+    SPLIT_MAX_K,
     assignment_objective,
     max_trace_assignment,
     num_maps,
@@ -36,7 +37,7 @@ def scipy_objective(c: torch.Tensor) -> np.ndarray:
 def solvers_for(k: int) -> list[str]:
     names = ["auto", "scipy"] + (["lapx"] if HAVE_LAPX else [])
     if num_maps(k, k) <= 5040:  # enumeration stays cheap enough for a test up to K = 7
-        names.append("enumerate")
+        names += ["enumerate", "split"]
     return names
 
 
@@ -115,7 +116,7 @@ def test_rectangular(shape):
     rows, cols = shape
     g = torch.Generator().manual_seed(rows * 10 + cols)
     c = torch.randn(20, rows, cols, generator=g, dtype=torch.float64)
-    for solver in ("auto", "scipy", "enumerate") + (("lapx",) if HAVE_LAPX else ()):
+    for solver in ("auto", "scipy", "enumerate", "split") + (("lapx",) if HAVE_LAPX else ()):
         perm = max_trace_assignment(c, solver=solver)
         assert perm.shape == (20, rows)
         matched = perm[perm >= 0].reshape(20, min(rows, cols))
@@ -124,16 +125,18 @@ def test_rectangular(shape):
         np.testing.assert_allclose(assignment_objective(c, perm).numpy(), scipy_objective(c), atol=1e-9)
 
 
-def test_enumeration_chunks_agree(monkeypatch):
-    c = random_matrices(4, 50, seed=4)
-    whole = max_trace_assignment(c, solver="enumerate")
-    monkeypatch.setattr(assignment, "_ENUMERATION_CHUNK_ELEMENTS", 24 * 7)  # chunks of 7, the last one short
-    assert torch.equal(max_trace_assignment(c, solver="enumerate"), whole)
+@pytest.mark.parametrize("solver,k,chunk_elements", [("enumerate", 4, 24 * 7), ("split", 6, 240 * 7)])
+def test_enumeration_chunks_agree(monkeypatch, solver, k, chunk_elements):
+    c = random_matrices(k, 50, seed=4)
+    whole = max_trace_assignment(c, solver=solver)
+    monkeypatch.setattr(assignment, "_ENUMERATION_CHUNK_ELEMENTS", chunk_elements)  # chunks of 7, last one short
+    assert torch.equal(max_trace_assignment(c, solver=solver), whole)
 
 
 def test_first_maximal_map_on_ties():
     # every permutation ties: enumeration returns the first map, the identity
     assert max_trace_assignment(torch.zeros(3, 4, 4), solver="enumerate").tolist() == [[0, 1, 2, 3]] * 3
+    assert max_trace_assignment(torch.zeros(2, 6, 6), solver="split").tolist() == [list(range(6))] * 2
 
 
 def test_greedy_certificate_skips_the_solver(monkeypatch):
@@ -160,9 +163,12 @@ def test_non_finite_scores_give_valid_permutations():
 
 
 def test_switch_over_and_tables():
-    assert resolve_solver(6, 6).name == "enumerate" and num_maps(6, 6) == ENUMERATION_MAX_MAPS
-    assert resolve_solver(7, 7).name in {"scipy", "lapx"}
-    assert resolve_solver(3, 8).name == "enumerate"  # 8*7*6 = 336 injective maps
+    assert resolve_solver(5, 5).name == "enumerate" and num_maps(5, 5) == ENUMERATION_MAX_MAPS
+    assert resolve_solver(SPLIT_MAX_K, SPLIT_MAX_K).name == "split"
+    assert resolve_solver(SPLIT_MAX_K + 1, SPLIT_MAX_K + 1).name in {"scipy", "lapx"}
+    assert resolve_solver(4, 7).name in {"scipy", "lapx"}  # 840 maps, not square
+    assert resolve_solver(2, 8).name == "enumerate"  # 8*7 = 56 injective maps
+    assert resolve_solver(5, 6).name == "split"  # 720 maps: padded to 6 x 6
     table = permutation_table(4)
     assert table.shape == (24, 4) and len({tuple(r) for r in table.tolist()}) == 24
     assert permutation_table(4) is table  # cached
