@@ -115,15 +115,28 @@ def render(records: list[dict], env: dict) -> None:
                         f"{env['cpu_count']} CPUs, {env['torch_threads']} threads, {env['date']}")
     for col in ("B", "K", "kind", "solver", "fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x"):
         table.add_column(col, justify="left" if col in ("kind", "solver") else "right")
-    by_key = {(r["B"], r["K"], r["kind"], r["mode"]): r for r in records}
-    for (b, k, kind, mode), fwd in by_key.items():
-        if mode != "fwd":
-            continue
-        step = by_key[(b, k, kind, "fwd+bwd")]
-        solver = resolve_solver(k, k).name if kind == "maxmatch" else ""
+    for b, k, kind, solver, fwd, step in _rows(records):
         table.add_row(str(b), str(k), kind, solver, f"{fwd['median_ms']:.2f}", f"{fwd['ratio']:.2f}",
                       f"{step['median_ms']:.2f}", f"{step['ratio']:.2f}")
     Console().print(table)
+
+
+def _rows(records: list[dict]):
+    """(B, K, kind, solver, fwd record, fwd+bwd record) per measured kind, in measurement order."""
+    by_key = {(r["B"], r["K"], r["kind"], r["mode"]): r for r in records}
+    for (b, k, kind, mode), fwd in by_key.items():
+        if mode == "fwd":
+            solver = resolve_solver(k, k).name if kind == "maxmatch" else ""
+            yield b, k, kind, solver, fwd, by_key[(b, k, kind, "fwd+bwd")]
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| B | K | kind | solver | fwd ms | fwd x floor | fwd+bwd ms | fwd+bwd x floor |",
+             "|---:|---:|---|---|---:|---:|---:|---:|"]
+    for b, k, kind, solver, fwd, step in _rows(records):
+        lines.append(f"| {b} | {k} | {kind} | {solver} | {fwd['median_ms']:.2f} | {fwd['ratio']:.2f} | "
+                     f"{step['median_ms']:.2f} | {step['ratio']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs")
     parser.add_argument("--quick", action="store_true", help="B=128, K in {4, 8}, 5 repeats")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     args = parser.parse_args(argv)
 
     batches = args.batch or ([128] if args.quick else [128, 200])
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done B={b} K={k} (maps {num_maps(k, k)})", file=sys.stderr, flush=True)
     env["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     render(records, env)
+    if args.markdown:
+        print(markdown(records))
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "records": records}, indent=1))
     return 0

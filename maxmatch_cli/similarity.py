@@ -78,17 +78,15 @@ class _MatchedExpm1MeanFn(torch.autograd.Function):
     def forward(ctx, c: Tensor, perm: Tensor) -> Tensor:
         index = perm.unsqueeze(-1)
         scaled = torch.expm1(c.gather(-1, index).squeeze(-1))
-        ctx.save_for_backward(index, scaled)
-        ctx.layout = (c.shape, c.stride(), c.dtype, c.device)
+        ctx.save_for_backward(c, index, scaled)
         return scaled.mean(-1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        index, scaled = ctx.saved_tensors
-        shape, stride, dtype, device = ctx.layout
+        c, index, scaled = ctx.saved_tensors
         local = (scaled + 1.0) * (grad / scaled.shape[-1]).unsqueeze(-1)  # d expm1(x)/dx = exp(x)
-        grad_c = torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
-        return grad_c.scatter_(-1, index, local.unsqueeze(-1).to(dtype)), None
+        grad_c = torch.zeros_like(c, memory_format=torch.preserve_format)  # c's strides when dense
+        return grad_c.scatter_(-1, index, local.unsqueeze(-1).to(grad_c.dtype)), None
 
 
 def chamfer_score(c: Tensor, alpha: float = 16.0) -> Tensor:

@@ -170,6 +170,15 @@ def test_maxmatch_gradient_equals_brute_force_with_same_assignment(k_img, k_txt,
     torch.testing.assert_close(got, (img.grad, txt.grad), rtol=1e-10, atol=1e-12)
 
 
+def test_maxmatch_score_gradient_on_expanded_input():
+    base = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
+    maxmatch_score(base.expand(3, 4, 4)).sum().backward()
+    expanded_grad = base.grad.clone()
+    base.grad = None
+    maxmatch_score(base).sum().backward()
+    torch.testing.assert_close(expanded_grad, 3 * base.grad)
+
+
 def test_maxmatch_gradient_only_on_matched_entries():
     c = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
     maxmatch_score(c).sum().backward()
