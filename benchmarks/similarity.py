@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="B=128, K in {4, 8}, 5 repeats")
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
 
     batches = args.batch or ([128] if args.quick else [128, 200])
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown kinds {unknown}; choose from {list(SIMILARITIES)}")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment()
     records = []
     for b in batches:
