@@ -35,7 +35,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.assignment import ENUMERATION_MAX_MAPS, num_maps, resolve_solver  # noqa: E402
+from maxmatch_cli.assignment import (  # noqa: E402
+    ENUMERATION_MAX_MAPS,
+    SOLVERS,
+    SPLIT_MAX_K,
+    max_trace_assignment,
+    num_maps,
+    resolve_solver,
+)
+from maxmatch_cli.errors import MaxMatchError  # noqa: E402
 from maxmatch_cli.similarity import SIMILARITIES, set_similarity  # noqa: E402
 
 
@@ -93,6 +101,25 @@ def measure(batch: int, k: int, dim: int, kinds: list[str], repeats: int, warmup
     return records
 
 
+def measure_solvers(batch: int, ks: list[int], repeats: int) -> list[dict]:
+    """Time every applicable assignment solver alone on the B x B cosine matrices of random sets."""
+    records = []
+    for k in ks:
+        g = torch.Generator().manual_seed(k)
+        c = torch.randn(batch * k, batch * k, generator=g).view(batch, k, batch, k).permute(0, 2, 1, 3)
+        for name in SOLVERS:
+            if (name == "enumerate" and k > 6) or (name == "split" and k > 8):
+                continue  # K! rows (or the split's) would take seconds
+            try:
+                max_trace_assignment(c, solver=name)
+            except MaxMatchError:  # lapx not installed
+                continue
+            times = [_timed(lambda: max_trace_assignment(c, solver=name)) for _ in range(repeats)]
+            records.append({"B": batch, "K": k, "solver": name, "median_ms": 1e3 * statistics.median(times),
+                            "min_ms": 1e3 * min(times)})
+    return records
+
+
 def environment() -> dict:
     return {
         "date": dt.date.today().isoformat(),
@@ -103,6 +130,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "enumeration_max_maps": ENUMERATION_MAX_MAPS,
+        "split_max_k": SPLIT_MAX_K,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -151,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--solvers", action="store_true",
+                        help="time the assignment solvers alone (K = 4..8 and 10, 16) instead of the similarities")
     args = parser.parse_args(argv)
 
     batches = args.batch or ([128] if args.quick else [128, 200])
@@ -164,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
+    if args.solvers:
+        rows = []
+        for b in batches:
+            rows += measure_solvers(b, args.k or [4, 5, 6, 7, 8, 10, 16], repeats)
+        for r in rows:
+            print(f"B={r['B']:4d} K={r['K']:2d} {r['solver']:10s} median {r['median_ms']:8.2f} ms  "
+                  f"min {r['min_ms']:8.2f} ms")
+        if args.json:
+            args.json.write_text(json.dumps({"environment": env, "solvers": rows}, indent=1))
+        return 0
     records = []
     for b in batches:
         for k in ks:
