@@ -198,9 +198,14 @@ def _solve_scipy(c: torch.Tensor) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment
 
     # Negated once here rather than per call (maximize=True copies every matrix); rows come back sorted.
-    costs = np.negative(c.detach().to("cpu", torch.float64).numpy())
+    costs = np.negative(_finite_cpu64(c))
     out = np.stack([linear_sum_assignment(matrix)[1] for matrix in costs])
     return torch.from_numpy(out.reshape(costs.shape[:2]).astype(np.int64, copy=False)).to(c.device)
+
+
+def _finite_cpu64(c: torch.Tensor) -> np.ndarray:
+    """float64 NumPy copy with NaN -> 0 and +-inf -> +-1e30: compiled solvers reject or mis-handle non-finite."""
+    return torch.nan_to_num(c.detach().to("cpu", torch.float64), nan=0.0, posinf=1e30, neginf=-1e30).numpy()
 
 
 def _lapx_available() -> bool:
@@ -227,7 +232,7 @@ def _solve_lapx(c: torch.Tensor) -> torch.Tensor:
             hint="pip install 'lapx>=0.9', or use solver='scipy'",
         )
     n, rows, cols = c.shape
-    costs = np.ascontiguousarray(-c.detach().to("cpu", torch.float64).numpy())
+    costs = np.ascontiguousarray(np.negative(_finite_cpu64(c)))
     _, col_lists = lap.lapjvr_batch(costs, extend_cost=rows != cols, return_cost=False)
     return torch.from_numpy(np.stack(col_lists).reshape(n, rows)).to(c.device)
 
@@ -260,7 +265,7 @@ SOLVERS: dict[str, Solver] = {
     s.name: s
     for s in (
         Solver("enumerate", "all injective maps at once as one GEMM + max (K <= 5; any device)", _solve_enumerate),
-        Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K = 6; any device)",
+        Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K <= 6; any device)",
                _solve_split),
         Solver("scipy", "scipy.optimize.linear_sum_assignment looped over matrices (CPU)",
                lambda c: _greedy_certified(c, _solve_scipy)),
@@ -294,8 +299,8 @@ def max_trace_assignment(c: torch.Tensor, solver: str = "auto") -> torch.Tensor:
 
     Args:
         c: ``(..., R, C)`` real scores (detached inside; gradients never flow through the choice).
-        solver: ``"auto"`` (enumeration while ``C!/(C-R)! <= 720``, else lapx if installed, else scipy),
-            or a name from :data:`SOLVERS`.
+        solver: ``"auto"`` (full enumeration while ``C!/(C-R)! <= ENUMERATION_MAX_MAPS``, split enumeration
+            while ``C <= SPLIT_MAX_K``, else lapx if installed, else scipy), or a name from :data:`SOLVERS`.
 
     Returns:
         ``(..., R)`` long on ``c``'s device: ``perm[..., r]`` is the column matched to row ``r``; ``-1`` marks
