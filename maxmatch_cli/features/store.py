@@ -893,8 +893,8 @@ class StoreWriter:
         if self.with_sizes and sizes is None:
             raise ValueError("this store keeps image sizes: pass sizes=")
 
-        if fixed and isinstance(features, np.ndarray) and features.ndim == 3:
-            block = _to_float16(features)
+        if fixed:
+            block = _to_float16(features if isinstance(features, np.ndarray) and features.ndim == 3 else np.stack(items))
         else:
             block = _to_float16(np.concatenate(items) if items else np.zeros((0, self.feature_dim)))
         if block is None:
