@@ -120,18 +120,62 @@ def extract_features_cmd(
     synthetic: Annotated[Optional[str], typer.Option(
         "--synthetic", help="Generate the built-in synthetic dataset: 'demo' or 'tiny'.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --synthetic.")] = 0,
+    from_precomp: Annotated[Optional[Path], typer.Option(
+        "--from-precomp", help="SCAN / VSE-infinity precomp folder ({split}_ims.npy, {split}_caps.txt).")] = None,
+    dataset: Annotated[str, typer.Option(help="coco (train/dev/test/testall) or f30k, for --from-precomp.")] = "coco",
+    split: Annotated[Optional[list[str]], typer.Option(
+        "--split", help="Import only this precomp split (repeatable; default: all found).")] = None,
+    from_butd_tsv: Annotated[Optional[list[Path]], typer.Option(
+        "--from-butd-tsv", help="bottom-up-attention TSV file (repeatable; shards in any order).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder to extract features from.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(
+        "--captions", help="Karpathy split json (dataset_coco.json / dataset_flickr30k.json): captions and splits.")] = None,
+    kind: Annotated[str, typer.Option(help="--images: grid (ResNet cells) or region (Faster R-CNN boxes).")] = "grid",
+    backbone: Annotated[Optional[str], typer.Option(
+        help="resnet152 | resnext101_32x8d (grid); fasterrcnn_resnet50_fpn[_v2] (region).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Grid: crop size (224 -> 7x7 cells); region: shorter side for the detector (default 600).")] = None,
+    num_boxes: Annotated[int, typer.Option(help="Region: boxes per image (0 = adaptive min..max).")] = 36,
+    min_boxes: Annotated[int, typer.Option(help="Region, adaptive: fewest boxes.")] = 10,
+    max_boxes: Annotated[int, typer.Option(help="Region, adaptive: most boxes.")] = 100,
+    score_threshold: Annotated[float, typer.Option(help="Region, adaptive: detection score threshold.")] = 0.2,
+    weights: Annotated[Optional[str], typer.Option(
+        help="Model checkpoint (.pth); default: the torch hub cache. Never downloaded.")] = None,
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(help="--images: images per forward pass.")] = 16,
+    num_workers: Annotated[Optional[int], typer.Option(help="--images: decoding workers.")] = None,
+    skip_unreadable: Annotated[bool, typer.Option(
+        help="--images: leave unreadable images out (listed in the metadata) instead of stopping.")] = False,
+    allow_missing: Annotated[bool, typer.Option(
+        help="--from-butd-tsv: leave out json images that no TSV row provides instead of stopping.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Build a feature cache (HDF5 schema v1) that `train` and `evaluate` read.
 
-    Example: [bold]maxmatch extract-features --synthetic demo --out demo/features.h5[/]
-    """
-    from maxmatch_cli.features.store import open_store
-    from maxmatch_cli.features.synthetic import generate_synthetic
+    Re-running an interrupted extraction with the same arguments resumes it; re-running a finished one does
+    nothing. Under torchrun, --images extraction is split over the ranks and merged.
 
-    if synthetic is None:
-        raise MaxMatchError("no source given", hint="use --synthetic demo (real-data importers: see --help)")
-    path = generate_synthetic(out, preset=synthetic, seed=seed)
-    _print_store_info(open_store(path).describe())
+    Examples:
+      [bold]maxmatch extract-features --synthetic demo --out demo/features.h5[/]
+      [bold]maxmatch extract-features --from-precomp data/coco_precomp --dataset coco --out coco.h5[/]
+      [bold]maxmatch extract-features --from-butd-tsv trainval_36/*.tsv --captions dataset_coco.json --out coco_butd.h5[/]
+      [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
+    """
+    from maxmatch_cli.features.extract import extract_features
+    from maxmatch_cli.features.store import describe_store, store_state
+
+    before = store_state(out) if out.exists() and not overwrite else "missing"
+    path = extract_features(
+        out, synthetic=synthetic, seed=seed, from_precomp=from_precomp, dataset=dataset, splits=split,
+        from_butd_tsv=from_butd_tsv, images=images, captions=captions, kind=kind, backbone=backbone,
+        image_size=image_size, num_boxes=num_boxes, min_boxes=min_boxes, max_boxes=max_boxes,
+        score_threshold=score_threshold, weights=weights, device=device, batch_size=batch_size,
+        num_workers=num_workers, skip_unreadable=skip_unreadable, allow_missing=allow_missing, overwrite=overwrite,
+    )
+    if before == "complete":
+        console.print(f"{path} is already complete (same arguments): nothing to do.")
+    if path.exists():  # on torchrun ranks other than 0 only a shard was written
+        _print_store_info(describe_store(path))
 
 
 def _print_store_info(info: dict) -> None:
@@ -157,9 +201,29 @@ def features_info_cmd(file: Annotated[Path, typer.Argument(help="An HDF5 feature
 
     Example: [bold]maxmatch features info demo/features.h5[/]
     """
-    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.features.store import describe_store
 
-    _print_store_info(open_store(file).describe())
+    _print_store_info(describe_store(file))
+
+
+@features_app.command("merge")
+@guarded
+def features_merge_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="Finished stores to merge (e.g. OUT.shards/rank-*.h5).")],
+    out: Annotated[Path, typer.Option("--out", help="Merged HDF5 feature cache to write.")],
+    captions: Annotated[Optional[Path], typer.Option(
+        "--captions", help="Karpathy json giving image order, captions and splits (for extraction shards).")] = None,
+    keep_shards: Annotated[bool, typer.Option(help="Keep the shard files after merging.")] = False,
+) -> None:
+    """Merge per-rank shards (or compatible caches) into one, checking no image is lost or doubled.
+
+    Example: [bold]maxmatch features merge coco_grid.h5.shards/rank-*.h5 --captions dataset_coco.json --out coco_grid.h5[/]
+    """
+    from maxmatch_cli.features.merge import merge_shards
+    from maxmatch_cli.features.store import describe_store
+
+    path = merge_shards(shards, out, captions=captions, remove_shards=not keep_shards)
+    _print_store_info(describe_store(path))
 
 
 @app.command("train")

@@ -150,6 +150,14 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Fe
     return FeatureStore(path, allow_incomplete=allow_incomplete)
 
 
+def describe_store(path: str | os.PathLike) -> dict[str, Any]:
+    """:meth:`FeatureStore.describe` of a finished store, or of an unfinished one (``complete`` false)."""
+    path = Path(path)
+    target = partial_path(path) if not path.exists() and partial_path(path).exists() else path
+    with open_store(target, allow_incomplete=True) as store:
+        return store.describe()
+
+
 def _hdf5_open_error(path: Path, exc: Exception) -> MaxMatchError:
     detail = str(exc)
     if "truncated" in detail:
@@ -541,6 +549,7 @@ class FeatureStore:
             "path": str(self.path),
             "schema_version": self.schema_version,
             "complete": self.complete,
+            **({} if self.complete else {"images_written": self.n_images}),
             "feature_kind": self.feature_kind,
             "source": self.source,
             "created_with": self.created_with,

@@ -1,0 +1,85 @@
+"""One entry point for ``maxmatch extract-features``: pick the source, check the options, run the importer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from maxmatch_cli.errors import MaxMatchError
+
+
+def extract_features(
+    out: str | os.PathLike,
+    *,
+    synthetic: str | None = None,
+    seed: int = 0,
+    from_precomp: str | os.PathLike | None = None,
+    dataset: str = "coco",
+    splits: list[str] | None = None,
+    from_butd_tsv: list[str | os.PathLike] | None = None,
+    images: str | os.PathLike | None = None,
+    captions: str | os.PathLike | None = None,
+    kind: str = "grid",
+    backbone: str | None = None,
+    image_size: int | None = None,
+    num_boxes: int = 36,
+    min_boxes: int = 10,
+    max_boxes: int = 100,
+    score_threshold: float = 0.2,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    skip_unreadable: bool = False,
+    allow_missing: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build a feature store from exactly one source; see each importer for the details.
+
+    Sources: ``synthetic`` (demo data), ``from_precomp`` (SCAN folder, with ``dataset``), ``from_butd_tsv``
+    (TSV files, with ``captions``), ``images`` (an image folder, with ``captions``, ``kind`` grid or region).
+
+    Returns:
+        The output path (already complete when an identical earlier run finished: nothing is redone).
+    """
+    sources = {"--synthetic": synthetic, "--from-precomp": from_precomp, "--from-butd-tsv": from_butd_tsv,
+               "--images": images}
+    given = [name for name, value in sources.items() if value]
+    if len(given) != 1:
+        raise MaxMatchError(
+            "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
+            hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
+                 "JSON | --images DIR --captions JSON [--kind grid|region]",
+        )
+    if (from_butd_tsv or images) and not captions:
+        raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "
+                            "dataset_flickr30k.json).", hint="pass --captions PATH")
+    if synthetic:
+        from maxmatch_cli.features.synthetic import generate_synthetic
+
+        return generate_synthetic(out, preset=synthetic, seed=seed, overwrite=overwrite, progress=progress or None)
+    if from_precomp:
+        from maxmatch_cli.features.precomp import import_precomp
+
+        return import_precomp(from_precomp, out, dataset=dataset, splits=splits, overwrite=overwrite,
+                              progress=progress)
+    if from_butd_tsv:
+        from maxmatch_cli.features.butd_tsv import import_butd_tsv
+
+        return import_butd_tsv(list(from_butd_tsv), out, captions=captions, allow_missing=allow_missing,
+                               overwrite=overwrite, progress=progress)
+    from maxmatch_cli.features.images import ExtractConfig, extract_from_images
+
+    if kind not in ("grid", "region"):
+        raise MaxMatchError(f"unknown --kind '{kind}'.", hint="use --kind grid or --kind region")
+    config = ExtractConfig(
+        kind=kind,
+        backbone=backbone or ("resnet152" if kind == "grid" else "fasterrcnn_resnet50_fpn"),
+        image_size=image_size or (224 if kind == "grid" else 600),
+        num_boxes=num_boxes, min_boxes=min_boxes, max_boxes=max_boxes, score_threshold=score_threshold,
+        skip_unreadable=skip_unreadable,
+    )
+    return extract_from_images(images, captions, out, config=config, weights=weights, device=device,  # type: ignore[arg-type]
+                               batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
+                               progress=progress)
