@@ -25,7 +25,7 @@ from maxmatch_cli.checkpoint import atomic_write, load_checkpoint, provenance, s
 from maxmatch_cli.data import EpochSampler, PairDataset, build_tokenizer
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
-from maxmatch_cli.losses import total_loss
+from maxmatch_cli.losses import LossWeights, mmd_loss, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.recipes import Recipe, to_toml
 from maxmatch_cli.similarity import set_similarity
@@ -75,8 +75,9 @@ def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Te
 
     Single process: one (B, B) similarity matrix. Under torchrun: local images against every rank's captions
     and every rank's images against the local captions, so the negative pool does not shrink with the world
-    size. The triplet sum is scaled by the world size because DDP averages gradients over ranks: the update then
-    equals the single-process one on the concatenated batch.
+    size. The triplet sum is scaled by the world size because DDP averages gradients over ranks; the mean terms
+    (CON, GD, ISD, Div) need no scaling, and MMD, which is no mean over samples, is computed on the gathered sets.
+    The update then equals the single-process one on the concatenated batch (tests/test_distributed.py).
     """
     img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)  # forward() so DDP syncs grads
     kind = recipe.loss.similarity
@@ -94,11 +95,20 @@ def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Te
     all_img = dist.gather_with_grad(img.sets)
     sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (B, W·B)
     sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts)  # (W·B, B), image rows
-    return total_loss(sims_i2t, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
-                      image_ids=batch.image_index, sims_t2i=sims_t2i,
-                      all_image_ids=dist.gather_no_grad(batch.image_index),
-                      offset=dist.rank() * batch.image_index.shape[0], tri_weight=float(dist.world_size()),
-                      **weights)
+    loss, log = total_loss(sims_i2t, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
+                           image_ids=batch.image_index, sims_t2i=sims_t2i,
+                           all_image_ids=dist.gather_no_grad(batch.image_index),
+                           offset=dist.rank() * batch.image_index.shape[0], tri_weight=float(dist.world_size()),
+                           **{**weights, "mmd_weight": 0.0})
+    if l.mmd_weight:
+        # MMD compares the batch's image and text element clouds; it has cross-rank pairs, so the mean of per-rank
+        # MMDs is not the global MMD. Every rank computes the global value on the gathered sets ((W·B·K)² distances,
+        # the same order as the similarity matrix); the gather's backward sums over ranks and DDP averages, which
+        # gives exactly the single-process gradient.
+        mmd = mmd_loss(all_img.flatten(0, 1), all_txt.flatten(0, 1), LossWeights.from_kwargs(**weights).mmd_gamma)
+        loss = loss + l.mmd_weight * mmd
+        log = {**{k: v for k, v in log.items() if k != "total"}, "mmd": mmd.detach(), "total": loss.detach()}
+    return loss, log
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
