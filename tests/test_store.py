@@ -459,3 +459,20 @@ def test_dataloader_workers_read_lazily(tmp_path):
         pids.update(pid.tolist())
     np.testing.assert_allclose(np.concatenate(got), feats, rtol=1e-3, atol=1e-3)
     assert len(pids) == 2
+
+
+def test_read_paths_agree_float16_and_lzf(tmp_path):
+    plain, packed = tmp_path / "plain.h5", tmp_path / "lzf.h5"
+    feats, *_ = _write_fixed(plain)
+    _write_fixed(packed, compression="lzf")
+    a, b = open_store(plain), open_store(packed)
+    a.image_features(0)
+    b.image_features(0)
+    assert a._direct and not b._direct  # one chunk read without HDF5 selection vs the general path
+    for i in range(9):
+        np.testing.assert_array_equal(a.image_features(i), b.image_features(i))
+        half = a.image_features(i, dtype=np.float16)
+        assert half.dtype == np.float16 and half.flags.writeable
+        np.testing.assert_array_equal(half, feats[i].astype(np.float16))
+        np.testing.assert_array_equal(a.image_features(i), feats[i].astype(np.float16).astype(np.float32))
+    assert b.describe()["compression"] == "lzf"

@@ -58,6 +58,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ SCHEMA_VERSION = 1
 FEATURE_KINDS = ("region", "grid")
 LAYOUTS = ("fixed", "flat")
 PARTIAL_SUFFIX = ".partial"
+_HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 # Rows per chunk in the flat layout: about one image's worth of regions (BUTD: 10-100 boxes).
 _FLAT_CHUNK_ROWS = 48
@@ -238,6 +240,13 @@ class FeatureStore:
                 raise _hdf5_open_error(self.path, exc) from None
             self._pid = os.getpid()
             self._features = self._file.get("images/features")  # None until validated (foreign files)
+            feats = self._features
+            self._direct = (
+                isinstance(feats, h5py.Dataset) and feats.ndim == 3 and feats.dtype == np.dtype("<f2")
+                and feats.chunks == (1, *feats.shape[1:]) and not feats.compression and not feats.shuffle
+                and not feats.fletcher32 and sys.byteorder == "little"
+            )
+            self._chunk_bytes = int(np.prod(feats.shape[1:])) * 2 if self._direct else 0
         return self._file
 
     def _load_metadata(self, f: h5py.File) -> None:
@@ -460,21 +469,41 @@ class FeatureStore:
         if not 0 <= i < self.n_images:
             raise IndexError(f"image index {i} out of range for {self.n_images} images in {self.path}")
 
-    def image_features(self, i: int) -> np.ndarray:
-        """Local features of image ``i`` as float32 ``(R_i, D)``; one chunk read in the fixed layout."""
+    def image_features(self, i: int, dtype: type = np.float32) -> np.ndarray:
+        """Local features of image ``i`` as ``(R_i, D)``; one chunk read in the fixed layout.
+
+        Args:
+            i: image index.
+            dtype: ``np.float32`` (default) or ``np.float16`` (as stored, no conversion).
+        """
         i = int(i)
         self._check_index(i)
         self._h5()
         feats = self._features
         try:
             if self._offsets is None:
-                return feats[i].astype(np.float32)
-            return feats[self._offsets[i] : self._offsets[i + 1]].astype(np.float32)
+                raw = self._read_chunk(i) if self._direct else None
+                half = feats[i] if raw is None else raw
+            else:
+                half = feats[self._offsets[i] : self._offsets[i + 1]]
         except OSError as exc:
             raise MaxMatchError(
                 f"{self.path}: reading the features of image {i} failed ({exc}); the file is damaged.",
                 hint="re-create or re-copy the feature file",
             ) from None
+        if half.dtype == dtype:
+            return half if half.flags.writeable else half.copy()
+        if half.dtype == np.float16 and dtype == np.float32:
+            # A table lookup converts float16 to float32 exactly and faster than numpy's astype.
+            return _HALF_TO_FLOAT.take(half.view(np.uint16))
+        return half.astype(dtype)
+
+    def _read_chunk(self, i: int) -> np.ndarray | None:
+        """The stored chunk of image ``i`` without HDF5's selection machinery (about half the cost of ds[i])."""
+        mask, data = self._features.id.read_direct_chunk((i, 0, 0))
+        if mask or len(data) != self._chunk_bytes:
+            return None
+        return np.frombuffer(data, dtype="<f2").reshape(self.regions_per_image, self.feature_dim)
 
     def image_features_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Features of several images, zero-padded to the longest.
