@@ -10,10 +10,10 @@ Exact solvers, chosen per problem size by ``solver="auto"`` (numbers in ``benchm
 * ``"enumerate"`` -- every injective row-to-column map at once: the matrices, laid out as columns
   ``(R*C, N)``, are multiplied by a cached ``(P, R*C)`` one-hot table of the ``P = C!/(C-R)!`` maps, and the
   best map is read off with a max. One GEMM plus a few passes over ``(P, N)``; it stays on the input's device,
-  so it also runs on a GPU without a host round trip. Used while ``P <= ENUMERATION_MAX_MAPS`` (K <= 5).
+  so it also runs on a GPU without a host round trip. Used while ``P <= ENUMERATION_MAX_MAPS`` (K <= 4).
 * ``"split"`` -- meet-in-the-middle enumeration for square K x K: the first ``K // 2`` rows take some column
   set S and the rest its complement, each half in its best order; scoring all (S, order) pairs of both halves
-  needs ``2 * C(K, K//2) * (K//2)!``-ish rows instead of ``K!`` (240 instead of 720 at K = 6). Same device
+  needs ``C(K, h) * (h! + (K-h)!)`` rows (``h = K // 2``) instead of ``K!``: 80 vs 120 at K = 5, 240 vs 720 at K = 6. Same device
   story as enumeration. Used for K <= ``SPLIT_MAX_K``.
 * ``"scipy"`` -- ``scipy.optimize.linear_sum_assignment`` in a loop over matrices (a compiled
   shortest-augmenting-path solver, O(K^3) per matrix, about 1 us of call overhead). Used for larger K.
@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
 
-#: Largest number of injective maps ``C!/(C-R)!`` that ``auto`` enumerates in full (5! = 120, i.e. K <= 5).
-ENUMERATION_MAX_MAPS = 120
+#: Largest number of injective maps ``C!/(C-R)!`` that ``auto`` enumerates in full (square: K <= 4; at K = 5
+#: the split enumeration below is already faster).
+ENUMERATION_MAX_MAPS = 60
 
 #: Largest K (columns) that ``auto`` solves by meet-in-the-middle enumeration; above it a compiled solver wins.
 #: Both switch-overs were measured on a 2-core CPU at B = 128 (benchmarks/RESULTS.md, "Similarity").
@@ -166,8 +167,8 @@ def _solve_split(c: torch.Tensor) -> torch.Tensor:
 
     The best permutation sends the first ``h = K // 2`` rows onto some column set S and the others onto its
     complement, each half in its best order. So: score every (S, order) of each half with one GEMM, keep the best
-    order per S, add the halves, pick S. That is ``2 * C(K, h) * h!``-ish rows instead of ``K!`` (240 vs 720 at
-    K = 6), with the same exact answer.
+    order per S, add the halves, pick S. That is ``C(K, h) * (h! + (K-h)!)`` rows instead of ``K!`` (240 vs 720
+    at K = 6), with the same exact answer.
     """
     rows, k = c.shape[-2:]
     if rows < k:  # constant padding rows change no matching's relative score
@@ -264,7 +265,7 @@ class Solver:
 SOLVERS: dict[str, Solver] = {
     s.name: s
     for s in (
-        Solver("enumerate", "all injective maps at once as one GEMM + max (K <= 5; any device)", _solve_enumerate),
+        Solver("enumerate", "all injective maps at once as one GEMM + max (K <= 4; any device)", _solve_enumerate),
         Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K <= 6; any device)",
                _solve_split),
         Solver("scipy", "scipy.optimize.linear_sum_assignment looped over matrices (CPU)",
