@@ -11,10 +11,10 @@ Exact solvers, chosen per problem size by ``solver="auto"`` (numbers in ``benchm
   ``(R*C, N)``, are multiplied by a cached ``(P, R*C)`` one-hot table of the ``P = C!/(C-R)!`` maps, and the
   best map is read off with a max. One GEMM plus a few passes over ``(P, N)``; it stays on the input's device,
   so it also runs on a GPU without a host round trip. Used while ``P <= ENUMERATION_MAX_MAPS`` (K <= 4).
-* ``"split"`` -- meet-in-the-middle enumeration for square K x K: the first ``K // 2`` rows take some column
-  set S and the rest its complement, each half in its best order; scoring all (S, order) pairs of both halves
-  needs ``C(K, h) * (h! + (K-h)!)`` rows (``h = K // 2``) instead of ``K!``: 80 vs 120 at K = 5, 240 vs 720 at K = 6. Same device
-  story as enumeration. Used for K <= ``SPLIT_MAX_K``.
+* ``"split"`` -- meet-in-the-middle enumeration for square K x K: the first ``h = K // 2`` rows take some
+  column set S and the rest its complement, each half in its best order; scoring all (S, order) pairs of both
+  halves needs ``C(K, h) * (h! + (K-h)!)`` rows instead of ``K!`` (80 vs 120 at K = 5, 240 vs 720 at K = 6).
+  Same device story as enumeration. Used up to K = ``SPLIT_MAX_K`` (rectangular inputs are padded).
 * ``"scipy"`` -- ``scipy.optimize.linear_sum_assignment`` in a loop over matrices (a compiled
   shortest-augmenting-path solver, O(K^3) per matrix, about 1 us of call overhead). Used for larger K.
 * ``"lapx"`` -- ``lap.lapjvr_batch`` from the optional ``lapx`` package, a batched compiled solver; ``auto``
