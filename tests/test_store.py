@@ -476,3 +476,27 @@ def test_read_paths_agree_float16_and_lzf(tmp_path):
         np.testing.assert_array_equal(half, feats[i].astype(np.float16))
         np.testing.assert_array_equal(a.image_features(i), feats[i].astype(np.float16).astype(np.float32))
     assert b.describe()["compression"] == "lzf"
+
+
+def test_full_disk_is_reported_and_resumable(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "f.h5"
+    feats, _, _ = _fixed_data(6)
+    kw = dict(feature_kind="region", source="t", feature_dim=D, regions_per_image=5, n_images=6, args_fingerprint="z")
+    w = StoreWriter(path, **kw)
+    w.write_images(feats[:2])
+    w.flush()
+
+    def full(n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(w, "_ensure_capacity", full)
+    with pytest.raises(MaxMatchError, match="disk is full") as err:
+        with w:
+            w.write_images(feats[2:4])
+    assert "resumes" in err.value.hint and partial_path(path).exists()
+    with StoreWriter.open_or_resume(path, **kw) as again:
+        assert again.n_written == 2
+        again.write_images(feats[2:])
+    np.testing.assert_allclose(open_store(path).image_features(5), feats[5], rtol=1e-3, atol=1e-3)
