@@ -48,10 +48,10 @@ ENUMERATION_MAX_MAPS = 60
 
 #: Largest K (columns) that ``auto`` solves by meet-in-the-middle enumeration; above it a compiled solver wins.
 #: Both switch-overs were measured on a 2-core CPU at B = 128 (benchmarks/RESULTS.md, "Similarity").
-SPLIT_MAX_K = 6
+SPLIT_MAX_K = 7
 
 #: Upper bound on the ``(P, N)`` enumeration buffer, in elements, so memory stays bounded for any batch.
-_ENUMERATION_CHUNK_ELEMENTS = 1 << 22
+_ENUMERATION_CHUNK_ELEMENTS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -266,7 +266,7 @@ SOLVERS: dict[str, Solver] = {
     s.name: s
     for s in (
         Solver("enumerate", "all injective maps at once as one GEMM + max (K <= 4; any device)", _solve_enumerate),
-        Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K <= 6; any device)",
+        Solver("split", "meet-in-the-middle enumeration: best half-matchings per column set (K = 5..7; any device)",
                _solve_split),
         Solver("scipy", "scipy.optimize.linear_sum_assignment looped over matrices (CPU)",
                lambda c: _greedy_certified(c, _solve_scipy)),
