@@ -168,7 +168,8 @@ def test_switch_over_and_tables():
     assert resolve_solver(5, 5).name == "split"
     assert resolve_solver(SPLIT_MAX_K, SPLIT_MAX_K).name == "split"
     assert resolve_solver(SPLIT_MAX_K + 1, SPLIT_MAX_K + 1).name in {"scipy", "lapx"}
-    assert resolve_solver(4, 7).name in {"scipy", "lapx"}  # 840 maps, not square
+    assert resolve_solver(4, SPLIT_MAX_K).name == "split"  # padded to square
+    assert resolve_solver(3, SPLIT_MAX_K + 1).name in {"scipy", "lapx"}  # too wide to pad cheaply
     assert resolve_solver(2, 8).name == "enumerate"  # 8*7 = 56 injective maps
     assert resolve_solver(5, 6).name == "split"  # 720 maps: padded to 6 x 6
     table = permutation_table(4)
