@@ -183,7 +183,19 @@ def _print_store_info(info: dict) -> None:
 
     from maxmatch_cli.report import key_value_table
 
-    console.print(key_value_table({k: v for k, v in info.items() if k != "splits"}, title=f"{info.get('path', '')}"))
+    def short(value) -> str:
+        # Metadata can hold whole class lists; show the scalar facts and name the rest.
+        if isinstance(value, dict):
+            parts = [f"{k}={v}" if isinstance(v, (str, int, float, bool)) else f"{k}=…" for k, v in value.items()]
+            value = ", ".join(parts)
+        text = str(value)
+        return text if len(text) <= 160 else text[:157] + "…"
+
+    info = dict(info)
+    if isinstance(info.get("size_bytes"), int):
+        info["size_bytes"] = f"{info['size_bytes']:,} ({info['size_bytes'] / 2**20:,.1f} MiB)"
+    console.print(key_value_table({k: short(v) for k, v in info.items() if k != "splits"},
+                                  title=f"{info.get('path', '')}"))
     splits = info.get("splits", {})
     table = Table(title="splits", title_justify="left")
     table.add_column("split", style="bold")

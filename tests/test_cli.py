@@ -125,15 +125,23 @@ def test_corrupt_inputs(tmp_path, trained):
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_beats_chance(tiny_h5, tmp_path):
+def test_small_end_to_end_beats_chance(tmp_path):
+    """generate -> train -> evaluate on a small synthetic set; recall must be far above chance."""
+    from maxmatch_cli.features.synthetic import generate_synthetic
+
+    data = generate_synthetic(tmp_path / "small.h5", preset="tiny", n_train=400, n_dev=50, n_test=100,
+                              feature_dim=64, n_regions=12)
     out = tmp_path / "run"
-    result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=15",
-                    *TINY, "--set", "optim.lr=2e-3", "--out", out)
+    # The pipeline, not hardest-negative mining, is under test: sum over all negatives, cosine schedule.
+    result = invoke("train", "--recipe", "demo", "--set", f"data.path={data}", "--set", "train.epochs=10",
+                    *TINY, "--set", "model.image_feature_dim=64", "--set", "train.batch_size=32",
+                    "--set", "optim.lr=2e-3", "--set", "loss.hardest_negatives=false",
+                    "--set", "loss.warmup_epochs=0", "--set", "optim.schedule=cosine", "--out", out)
     assert result.exit_code == 0, result.output
     m = tmp_path / "m.json"
     result = invoke("evaluate", out, "--split", "test", "--json", m)
     assert result.exit_code == 0, result.output
-    metrics = json.loads(m.read_text())["metrics"]
-    n_images = json.loads(m.read_text())["n_images"]
-    chance_r1 = 100.0 / n_images
-    assert metrics["i2t_r1"] > 3 * chance_r1 and metrics["t2i_r1"] > 3 * chance_r1, metrics
+    report = json.loads(m.read_text())
+    chance_r1 = 100.0 / report["n_images"]
+    assert report["metrics"]["i2t_r1"] > 5 * chance_r1, report["metrics"]
+    assert report["metrics"]["t2i_r1"] > 5 * chance_r1, report["metrics"]
