@@ -13,7 +13,7 @@ runner = CliRunner()
 TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",
         "--set", "model.set_heads=2", "--set", "model.set_head_dim=16", "--set", "model.set_ff_dim=64",
         "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "data.vocab_min_count=1",
-        "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32"]
+        "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32", "--set", "loss.warmup_epochs=1"]
 
 
 def invoke(*args):
