@@ -230,7 +230,7 @@ def _solve_lapx(c: torch.Tensor) -> torch.Tensor:
     if lap is None or not hasattr(lap, "lapjvr_batch"):
         raise MaxMatchError(
             "assignment solver 'lapx' needs the lapx package (lap.lapjvr_batch)",
-            hint="pip install 'lapx>=0.9', or use solver='scipy'",
+            hint="pip install 'lapx>=0.11', or use solver='scipy'",
         )
     n, rows, cols = c.shape
     costs = np.ascontiguousarray(np.negative(_finite_cpu64(c)))
