@@ -116,7 +116,7 @@ def mil_score(c: Tensor) -> Tensor:
 
 
 def topk_score(c: Tensor, k: int | None = None) -> Tensor:
-    """Inference variant (DESIGN 3.4): mean of ``exp(x) - 1`` over the ``k`` largest of the ``K x K'`` entries.
+    """Inference variant (paper §3.4): mean of ``exp(x) - 1`` over the ``k`` largest of the ``K x K'`` entries.
 
     Unlike MaxMatch, no one-to-one constraint: one element may take part in several of the ``k`` entries.
 
