@@ -32,6 +32,14 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")]
 CsvOption = Annotated[Optional[Path], typer.Option("--csv", help="Also write the results as CSV here.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+CacheOption = Annotated[bool, typer.Option(
+    "--cache/--no-cache", help="Reuse the split's embeddings cached next to the checkpoint (encode once).")]
+DataOption = Annotated[Optional[str], typer.Option("--data", help="Feature cache (default: the recipe's).")]
+SplitOption = Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: eval.split).")]
+ProtocolOption = Annotated[Optional[str], typer.Option(
+    "--protocol", help="auto, full, coco1k or coco5k (default: eval.protocol).")]
+SimilarityOption = Annotated[Optional[str], typer.Option(
+    "--similarity", help="Set similarity at test time (default: the training one).")]
 
 
 def guarded(func):
@@ -284,6 +292,7 @@ def evaluate_cmd(
     device: DeviceOption = "auto",
     json_path: JsonOption = None,
     csv_path: CsvOption = None,
+    cache: CacheOption = True,
 ) -> None:
     """Recall@K and RSUM of a checkpoint, as in the paper's tables.
 
@@ -293,7 +302,7 @@ def evaluate_cmd(
     from maxmatch_cli.report import recall_table
 
     result = evaluate_checkpoint(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
-                                 device=device, json_path=json_path, csv_path=csv_path)
+                                 device=device, json_path=json_path, csv_path=csv_path, cache=cache)
     rows = [(f"{result.protocol} ({result.n_images:,} images)", result.metrics)]
     if result.folds_mean is not None:
         rows.append((f"coco1k (mean of {len(result.folds)} folds)", result.folds_mean))
@@ -302,6 +311,74 @@ def evaluate_cmd(
     console.print(recall_table(rows, title=f"Recall@K (%) · {checkpoint} · similarity {result.similarity}"))
     if json_path:
         console.print(f"wrote {json_path}")
+
+
+@app.command("ensemble")
+@guarded
+def ensemble_cmd(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints (files or run folders).")],
+    data: DataOption = None,
+    split: SplitOption = None,
+    protocol: ProtocolOption = None,
+    similarity: SimilarityOption = None,
+    device: DeviceOption = "auto",
+    json_path: JsonOption = None,
+    csv_path: CsvOption = None,
+    cache: CacheOption = True,
+) -> None:
+    """Average the similarities of several checkpoints (paper §4.2: two seeds) and report each and the ensemble.
+
+    Every checkpoint keeps its own recipe, vocabulary and similarity; all must see the same images and captions.
+
+    Example: [bold]maxmatch ensemble runs/seed0 runs/seed1 --split test --json ensemble.json[/]
+    """
+    from maxmatch_cli.evaluate import ensemble_checkpoints
+    from maxmatch_cli.report import recall_table
+
+    result = ensemble_checkpoints(checkpoints, data=data, split=split, protocol=protocol, similarity=similarity,
+                                  device=device, json_path=json_path, csv_path=csv_path, cache=cache)
+    ens = result.ensemble
+    labels = [f"{path} ({m.similarity})" for path, m in zip(result.checkpoints, result.members)]
+    rows = [*zip(labels, (m.metrics for m in result.members)), (f"ensemble of {len(labels)}", ens.metrics)]
+    console.print(recall_table(rows, title=f"Recall@K (%) · {ens.protocol} ({ens.n_images:,} images)"))
+    if ens.folds_mean is not None:
+        rows = [*zip(labels, (m.folds_mean for m in result.members)), (f"ensemble of {len(labels)}", ens.folds_mean)]
+        console.print(recall_table(rows, title=f"Recall@K (%) · coco1k (mean of {len(ens.folds)} folds)"))
+    for path in (json_path, csv_path):
+        if path:
+            console.print(f"wrote {path}")
+
+
+@app.command("analyze-collapse")
+@guarded
+def analyze_collapse_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (or run folder) from `maxmatch train`.")],
+    data: DataOption = None,
+    split: SplitOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder (default: collapse-<checkpoint>-<split> next to the checkpoint).")] = None,
+    protocol: ProtocolOption = None,
+    similarity: SimilarityOption = None,
+    device: DeviceOption = "auto",
+    cache: CacheOption = True,
+) -> None:
+    """Set-collapse analyses: circular variance, per-slot ablation (Table 4), pair heatmaps (Figure 4) and
+    per-element retrieval with its diversity (§4.5); writes collapse.json and CSV files (PNG with matplotlib).
+
+    Example: [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test --out analysis/[/]
+    """
+    from maxmatch_cli.collapse import analyze_collapse
+    from maxmatch_cli.report import collapse_tables
+
+    report = analyze_collapse(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
+                              out_dir=out, device=device, cache=cache)
+    console.rule(f"[bold]{report.checkpoint}[/] · {report.split} · {report.n_images:,} images, "
+                 f"{report.n_captions:,} captions, K={report.K}")
+    for table in collapse_tables(report):
+        console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"wrote {', '.join(report.files)} to {report.out_dir}")
 
 
 def main() -> None:

@@ -1,13 +1,27 @@
-"""Set-collapse diagnostics."""
+"""Set-collapse diagnostics.
+
+:func:`circular_variance` (public, stable) and the analyses behind ``maxmatch analyze-collapse``: circular
+variance summaries and the per-slot ablation (paper §4.4, Table 4), the K x K pair heatmaps (Figure 4) and
+per-element retrieval with its diversity (§4.5). :func:`analyze_collapse` runs them all on a checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maxmatch_cli.checkpoint import atomic_write
 from maxmatch_cli.errors import MaxMatchError
 
-__all__ = ["circular_variance"]
+__all__ = ["CollapseReport", "analyze_collapse", "circular_variance", "pair_heatmaps", "slot_ablation",
+           "slot_retrieval", "variance_summary"]
 
 
 def circular_variance(sets: torch.Tensor) -> torch.Tensor:
@@ -29,3 +43,302 @@ def circular_variance(sets: torch.Tensor) -> torch.Tensor:
         sets = sets.float()
     mean = F.normalize(sets, dim=-1).mean(dim=1)
     return 1.0 - mean.pow(2).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- set analyses (§4.4, §4.5)
+#
+# All functions below take the embeddings of one split in the evaluation layout: images (N, K, D) and captions
+# (N * captions_per_image, K, D), caption j describing image j // captions_per_image.
+
+
+def variance_summary(sets: torch.Tensor) -> dict[str, float | None]:
+    """Circular variance of a modality's sets: mean, median and ``log(mean)`` (the paper's log(Var.), Table 4).
+
+    ``log_mean`` is None when the mean is 0 (every set fully collapsed).
+    """
+    cv = circular_variance(sets).double()
+    mean = float(cv.mean())
+    return {"mean": mean, "median": float(cv.median()), "min": float(cv.min()), "max": float(cv.max()),
+            "log_mean": math.log(mean) if mean > 0 else None}
+
+
+def slot_ablation(images: torch.Tensor, captions: torch.Tensor, kind: str = "maxmatch", protocol: str = "full",
+                  captions_per_image: int = 5, device: torch.device | str = "cpu", block_size: int = 256,
+                  **options: Any) -> dict[str, Any]:
+    """Table 4: retrieval with every element, with only image element k (captions whole), and with only text
+    element k (images whole), scored by ``kind`` on the reduced sets (K' = 1 on one side).
+
+    Returns:
+        ``{"full": metrics, "image": [{"slot": k (1-based), **metrics}], "text": [...]}`` with the metrics of
+        :func:`maxmatch_cli.evaluate.metrics_for` under ``protocol`` (its main ``metrics``).
+    """
+    from maxmatch_cli.evaluate import metrics_for, score
+
+    device = torch.device(device)
+
+    def metrics(img: torch.Tensor, txt: torch.Tensor) -> dict[str, float]:
+        sims = score(img, txt, kind, device, block_size, **options)
+        return metrics_for(sims, protocol, captions_per_image).metrics
+
+    out: dict[str, Any] = {"full": metrics(images, captions), "image": [], "text": []}
+    for k in range(images.shape[1]):
+        out["image"].append({"slot": k + 1, **metrics(images[:, k: k + 1], captions)})
+    for k in range(captions.shape[1]):
+        out["text"].append({"slot": k + 1, **metrics(images, captions[:, k: k + 1])})
+    return out
+
+
+@torch.no_grad()
+def _element_top1(queries: torch.Tensor, gallery: torch.Tensor, device: torch.device, block_size: int) -> torch.Tensor:
+    """For each element of each query set, the gallery set holding its most similar element.
+
+    ``queries (Q, K, D)``, ``gallery (G, K', D)`` -> ``(Q, K)`` long gallery indices (ties: the lowest index).
+    """
+    from maxmatch_cli.similarity import set_similarity
+
+    q, k, dim = queries.shape
+    flat = queries.reshape(q * k, 1, dim)
+    gal = gallery.to(device)
+    out = torch.empty(q * k, dtype=torch.long)
+    rows = max(1, block_size * k)
+    for start in range(0, q * k, rows):
+        block = flat[start: start + rows].to(device)
+        # "mil" on a one-element query is the best-matched gallery element (§4.5)
+        out[start: start + block.shape[0]] = set_similarity(block, gal, "mil").argmax(dim=1).cpu()
+    return out.view(q, k)
+
+
+def _distinct_per_row(x: torch.Tensor) -> torch.Tensor:
+    s = x.sort(dim=1).values
+    return 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
+
+
+def slot_retrieval(images: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 5,
+                   device: torch.device | str = "cpu", block_size: int = 256) -> dict[str, Any]:
+    """§4.5: retrieve with each query element alone against the best-matched element of every gallery set.
+
+    Image-to-text: element k of an image retrieves the caption whose set holds its most similar element;
+    text-to-image likewise. Per direction: R@1 (%) of each element alone, R@1 of the best element ("any", an
+    oracle), and diversity: the mean number of distinct items the K elements of a query retrieve (1 for a
+    collapsed set, K when every element finds another item); image-to-text also counts distinct images.
+
+    Returns:
+        ``{"i2t": {"r1": [K floats], "r1_any", "distinct", "distinct_images"}, "t2i": {"r1", "r1_any",
+        "distinct"}, "K": K}``.
+    """
+    device = torch.device(device)
+    n_images = images.shape[0]
+    i2t_top = _element_top1(images, captions, device, block_size)  # (N, K) caption indices
+    i2t_hit = (i2t_top // captions_per_image) == torch.arange(n_images).unsqueeze(1)
+    t2i_top = _element_top1(captions, images, device, block_size)  # (5N, K) image indices
+    t2i_hit = t2i_top == (torch.arange(captions.shape[0]) // captions_per_image).unsqueeze(1)
+
+    def summary(hit: torch.Tensor, top: torch.Tensor) -> dict[str, Any]:
+        return {"r1": (100.0 * hit.double().mean(0)).tolist(), "r1_any": 100.0 * float(hit.any(1).double().mean()),
+                "distinct": float(_distinct_per_row(top).double().mean())}
+
+    i2t = summary(i2t_hit, i2t_top)
+    i2t["distinct_images"] = float(_distinct_per_row(i2t_top // captions_per_image).double().mean())
+    return {"K": images.shape[1], "i2t": i2t, "t2i": summary(t2i_hit, t2i_top)}
+
+
+@torch.no_grad()
+def pair_heatmaps(images: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 5,
+                  block_size: int = 1024) -> dict[str, torch.Tensor]:
+    """Figure 4: the K x K cosine matrix between each image set and each of its own captions' sets, averaged.
+
+    ``raw[k, l]`` averages the cosine of image element k and text element l in their stored order. ``aligned``
+    first reorders each caption's elements by the MaxMatch assignment, so that column k holds the text element
+    matched to image element k: the diagonal then averages the matched cosines, the rest the unmatched ones.
+
+    Returns:
+        ``{"raw": (K, K), "aligned": (K, K)}`` float64 on the CPU.
+    """
+    from maxmatch_cli.assignment import max_trace_assignment
+
+    n, k_img, dim = images.shape
+    if captions.shape[0] != n * captions_per_image:
+        raise MaxMatchError(f"{captions.shape[0]} caption sets do not fit {n} images x {captions_per_image}",
+                            hint="captions must be grouped by image, captions_per_image each")
+    k_txt = captions.shape[1]
+    if k_img != k_txt:
+        raise MaxMatchError(f"image sets have {k_img} elements and text sets {k_txt}",
+                            hint="the heatmaps need sets of one size K")
+    img = F.normalize(images.float(), dim=-1)
+    txt = F.normalize(captions.float(), dim=-1).view(n, captions_per_image, k_txt, dim)
+    raw = torch.zeros(k_img, k_txt, dtype=torch.float64)
+    aligned = torch.zeros_like(raw)
+    for start in range(0, n, block_size):
+        c = torch.einsum("nkd,ncld->nckl", img[start: start + block_size], txt[start: start + block_size])
+        c = c.reshape(-1, k_img, k_txt)
+        perm = max_trace_assignment(c)  # (M, K): text element matched to image element k
+        raw += c.double().sum(0)
+        aligned += c.gather(-1, perm.unsqueeze(-2).expand_as(c)).double().sum(0)
+    pairs = n * captions_per_image
+    return {"raw": raw / pairs, "aligned": aligned / pairs}
+
+
+def heatmap_contrast(heatmap: torch.Tensor) -> dict[str, float]:
+    """Mean of the diagonal and of the off-diagonal entries of a square heatmap."""
+    k = heatmap.shape[0]
+    diag = float(heatmap.diagonal().mean())
+    off = float((heatmap.sum() - heatmap.diagonal().sum()) / (k * k - k)) if k > 1 else float("nan")
+    return {"diagonal": diag, "off_diagonal": off}
+
+
+# ----------------------------------------------------------------------------------------- the whole report
+
+
+@dataclass
+class CollapseReport:
+    """Everything ``maxmatch analyze-collapse`` computes (see :func:`analyze_collapse`)."""
+
+    checkpoint: str
+    data: str
+    split: str
+    similarity: str
+    protocol: str
+    n_images: int
+    n_captions: int
+    K: int
+    variance: dict[str, dict[str, float | None]]
+    ablation: dict[str, Any]
+    heatmaps: dict[str, list[list[float]]]
+    contrast: dict[str, dict[str, float]]
+    retrieval: dict[str, Any]
+    out_dir: str = ""
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str | None = None,
+                     protocol: str | None = None, similarity: str | None = None, out_dir: Path | None = None,
+                     device: str = "auto", cache: bool = True, show_progress: bool = True) -> CollapseReport:
+    """Set-collapse analyses of a checkpoint on a split, written to ``out_dir``.
+
+    Encodes the split (or reads the embedding cache), then computes the circular variance of both modalities,
+    the per-slot ablation with the checkpoint's similarity (or ``similarity``), the pair heatmaps and
+    per-element retrieval. Writes ``collapse.json`` (everything), ``circular_variance.csv``,
+    ``slot_ablation.csv``, ``heatmap_raw.csv``, ``heatmap_aligned.csv``, ``slot_retrieval.csv`` and, when
+    matplotlib is importable, ``heatmaps.png``.
+
+    Args:
+        checkpoint: checkpoint file or run folder.
+        data: feature file (default: the recipe's).
+        split: split (default: ``eval.split``).
+        protocol: protocol of the ablation's metrics (default: ``eval.protocol``).
+        similarity: similarity of the ablation (default: the checkpoint's test-time similarity).
+        out_dir: output folder (default: ``collapse-<checkpoint stem>-<split>`` next to the checkpoint).
+        device: auto, cpu, cuda or cuda:N.
+        cache: use the embedding cache.
+        show_progress: progress bars while encoding.
+
+    Returns:
+        :class:`CollapseReport`, with the files written.
+    """
+    from maxmatch_cli.checkpoint import load_checkpoint
+    from maxmatch_cli.evaluate import checkpoint_embeddings, similarity_options
+    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.train import resolve_device
+
+    ckpt = load_checkpoint(checkpoint)
+    recipe = ckpt.recipe
+    store = open_store(data or recipe.data.path)
+    split = split or recipe.eval.split
+    protocol = protocol or recipe.eval.protocol
+    kind = similarity or recipe.eval.similarity or recipe.loss.similarity
+    cpi = recipe.data.captions_per_image
+    dev = resolve_device(device)
+    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
+    images, captions = emb.images, emb.captions
+    ablation = slot_ablation(images, captions, kind, protocol, cpi, dev, recipe.eval.block_size,
+                             **similarity_options(recipe, kind))
+    maps = pair_heatmaps(images, captions, cpi)
+    report = CollapseReport(
+        checkpoint=str(ckpt.path), data=str(store.path), split=split, similarity=kind,
+        protocol=ablation_protocol(protocol, images.shape[0]), n_images=images.shape[0],
+        n_captions=captions.shape[0], K=images.shape[1],
+        variance={"image": variance_summary(images), "text": variance_summary(captions)}, ablation=ablation,
+        heatmaps={name: m.tolist() for name, m in maps.items()},
+        contrast={name: heatmap_contrast(m) for name, m in maps.items()},
+        retrieval=slot_retrieval(images, captions, cpi, dev, recipe.eval.block_size))
+    out = Path(out_dir) if out_dir is not None else ckpt.path.parent / f"collapse-{ckpt.path.stem}-{split}"
+    write_collapse_report(report, out)
+    return report
+
+
+def ablation_protocol(protocol: str, n_images: int) -> str:
+    """The protocol ``auto`` resolves to (as :func:`maxmatch_cli.evaluate.metrics_for` does)."""
+    return ("coco5k" if n_images == 5000 else "full") if protocol == "auto" else protocol
+
+
+def _matrix_csv(m: list[list[float]]) -> str:
+    head = "," + ",".join(f"text{l + 1}" for l in range(len(m[0])))
+    return "\n".join([head, *(f"image{k + 1}," + ",".join(f"{v:.6f}" for v in row) for k, row in enumerate(m))]) + "\n"
+
+
+def _collapse_csvs(report: CollapseReport) -> dict[str, str]:
+    from maxmatch_cli.metrics import METRIC_KEYS
+
+    var = ["modality,mean,median,min,max,log_mean"]
+    for name, v in report.variance.items():
+        log_mean = "" if v["log_mean"] is None else f"{v['log_mean']:.6f}"
+        var.append(f"{name},{v['mean']:.6f},{v['median']:.6f},{v['min']:.6f},{v['max']:.6f},{log_mean}")
+    abl = ["set,slot," + ",".join(METRIC_KEYS)]
+    rows = [("all", "all", report.ablation["full"])]
+    rows += [(side, str(r["slot"]), r) for side in ("image", "text") for r in report.ablation[side]]
+    abl += [f"{side},{slot}," + ",".join(f"{m[key]:.4f}" for key in METRIC_KEYS) for side, slot, m in rows]
+    ret = ["direction,measure,value"]
+    for direction in ("i2t", "t2i"):
+        r = report.retrieval[direction]
+        ret += [f"{direction},r1_element{k + 1},{v:.4f}" for k, v in enumerate(r["r1"])]
+        ret += [f"{direction},{key},{r[key]:.4f}" for key in ("r1_any", "distinct", "distinct_images") if key in r]
+    return {"circular_variance.csv": "\n".join(var) + "\n", "slot_ablation.csv": "\n".join(abl) + "\n",
+            "heatmap_raw.csv": _matrix_csv(report.heatmaps["raw"]),
+            "heatmap_aligned.csv": _matrix_csv(report.heatmaps["aligned"]), "slot_retrieval.csv": "\n".join(ret) + "\n"}
+
+
+def _heatmap_png(report: CollapseReport, path: Path) -> bool:
+    """Draw both heatmaps side by side; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4), constrained_layout=True)
+    for ax, (name, title) in zip(axes, (("raw", "stored order"), ("aligned", "MaxMatch-aligned"))):
+        m = np.asarray(report.heatmaps[name])
+        im = ax.imshow(m, cmap="viridis", vmin=min(0.0, float(m.min())), vmax=1.0)
+        for (k, l), v in np.ndenumerate(m):
+            ax.text(l, k, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+        ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
+        ax.set_yticks(range(m.shape[0]), [f"V{k + 1}" for k in range(m.shape[0])])
+        ax.set_title(f"{title}")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine (image set vs its captions)")
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+    return True
+
+
+def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
+    """Write the CSV files, the PNG (when matplotlib is importable) and ``collapse.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    report.out_dir = str(out_dir)
+    report.files = []
+    for name, text in _collapse_csvs(report).items():
+        atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text))
+        report.files.append(name)
+    if _heatmap_png(report, out_dir / "heatmaps.png"):
+        report.files.append("heatmaps.png")
+    elif not any("matplotlib" in note for note in report.notes):
+        report.notes.append("matplotlib is not installed: heatmaps written as CSV only "
+                            "(pip install matplotlib for heatmaps.png)")
+    report.files.append("collapse.json")
+    atomic_write(out_dir / "collapse.json", lambda tmp: tmp.write_text(json.dumps(report.to_json(), indent=2)))

@@ -3,11 +3,20 @@
 Protocols (DESIGN §4): ``full`` scores all images of the split against all their captions (Flickr30K 1K test,
 or any split); ``coco5k`` is ``full`` on the 5,000-image COCO test; ``coco1k`` averages the metrics over 5 folds
 of 1,000 consecutive images. ``auto`` reports coco5k with the 1K folds for a 5,000-image split, else full.
+
+Embeddings are encoded once per (checkpoint, feature file, split) and cached in a safetensors file under
+``embeddings/`` next to the checkpoint (:func:`checkpoint_embeddings`); the cache is keyed by the checkpoint's
+size and mtime, the feature file's fingerprint, the split and the package version, so a retrained checkpoint or a
+changed feature file is re-encoded. ``ensemble`` (paper §4.2) averages the similarity matrices of several
+checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,10 +149,106 @@ def load_for_eval(ckpt: Checkpoint, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def check_features(ckpt: Checkpoint, store) -> None:
+    """Refuse a feature file whose feature size differs from the one the checkpoint was trained on."""
+    model = ckpt.recipe.model
+    if model.image_encoder != "cnn" and store.feature_dim != model.image_feature_dim:
+        raise MaxMatchError(f"checkpoint {ckpt.path} takes {model.image_feature_dim}-dimensional features but "
+                            f"{store.path} holds {store.feature_dim}-dimensional ones",
+                            hint="pass the feature file it was trained on (--data), or features of that kind")
+
+
+EMBEDDINGS_FORMAT = "maxmatch-embeddings"
+
+
+def _cache_key(ckpt: Checkpoint, store, split: str) -> dict[str, Any]:
+    """Everything the cached embeddings depend on; a cache file whose key differs is stale."""
+    from maxmatch_cli import __version__
+
+    stat = Path(ckpt.path).stat()
+    return {"format": EMBEDDINGS_FORMAT, "package_version": __version__, "checkpoint": str(Path(ckpt.path).resolve()),
+            "checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns,
+            "data_fingerprint": store.fingerprint(), "split": split,
+            "captions_per_image": ckpt.recipe.data.captions_per_image, "max_len": ckpt.recipe.data.max_caption_len}
+
+
+def embeddings_cache_path(ckpt: Checkpoint, store, split: str, cache_dir: Path | None = None) -> Path:
+    """``<checkpoint folder>/embeddings/<stem>.<split>.<hash>.safetensors`` (or under ``cache_dir``).
+
+    The name depends on the checkpoint path, feature file and split only, so a retrained checkpoint overwrites
+    its stale cache instead of adding one.
+    """
+    ident = json.dumps([str(Path(ckpt.path).resolve()), store.fingerprint(), split])
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    safe_split = re.sub(r"[^A-Za-z0-9_-]", "_", split)
+    folder = Path(cache_dir) if cache_dir is not None else Path(ckpt.path).parent / "embeddings"
+    return folder / f"{Path(ckpt.path).stem}.{safe_split}.{digest}.safetensors"
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> Embeddings | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("key") != json.dumps(key, sort_keys=True):
+            return None
+        t = load_file(str(path))
+        return Embeddings(t["images"], t["captions"], t["image_indices"].numpy(), t["caption_indices"].numpy())
+    except Exception:  # a missing, truncated or foreign file is simply re-encoded
+        return None
+
+
+def _write_cache(path: Path, key: dict[str, Any], emb: Embeddings) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"images": emb.images.contiguous(), "captions": emb.captions.contiguous(),
+               "image_indices": torch.from_numpy(np.asarray(emb.image_indices, dtype=np.int64)),
+               "caption_indices": torch.from_numpy(np.asarray(emb.caption_indices, dtype=np.int64))}
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)}))
+    except (MaxMatchError, OSError):
+        pass  # a read-only checkpoint folder or a full disk only costs the re-encoding next time
+
+
+def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.device, *, cache: bool = True,
+                          cache_dir: Path | None = None, show_progress: bool = True) -> Embeddings:
+    """A split's set embeddings under a checkpoint, encoded once and then read from the cache.
+
+    Args:
+        ckpt: a loaded checkpoint (its recipe and vocabulary rebuild the model).
+        store: an open feature store.
+        split: split name.
+        device: where to encode.
+        cache: read and write the cache (:func:`embeddings_cache_path`); float32, so cached and fresh
+            embeddings are identical.
+        cache_dir: cache folder instead of ``embeddings/`` next to the checkpoint.
+        show_progress: progress bars while encoding.
+
+    Returns:
+        :class:`Embeddings` on the CPU.
+    """
+    check_features(ckpt, store)
+    split_layout(store, split, ckpt.recipe.data.captions_per_image)  # a clear error before loading the model
+    path = embeddings_cache_path(ckpt, store, split, cache_dir) if cache else None
+    key = _cache_key(ckpt, store, split) if cache else None
+    if path is not None and (cached := _read_cache(path, key)) is not None:
+        return cached
+    model, tokenizer = load_for_eval(ckpt, device)
+    recipe = ckpt.recipe
+    emb = encode_split(model, store, split, tokenizer, recipe.data.captions_per_image, device,
+                       batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
+                       show_progress=show_progress)
+    if path is not None:
+        _write_cache(path, key, emb)
+    return emb
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str | None = None,
                         protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                         json_path: Path | None = None, csv_path: Path | None = None,
-                        show_progress: bool = True) -> EvalResult:
+                        show_progress: bool = True, cache: bool = True) -> EvalResult:
     """Evaluate a checkpoint on a split; writes the JSON of DESIGN §5 (and a one-row CSV) when asked."""
     from maxmatch_cli.features.store import open_store
     from maxmatch_cli.train import resolve_device
@@ -154,10 +259,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     split = split or recipe.eval.split
     kind = similarity or recipe.eval.similarity or recipe.loss.similarity
     dev = resolve_device(device)
-    model, tokenizer = load_for_eval(ckpt, dev)
-    emb = encode_split(model, store, split, tokenizer, recipe.data.captions_per_image, dev,
-                       batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
-                       show_progress=show_progress)
+    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
     sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
                  **similarity_options(recipe, kind))
     result = metrics_for(sims, protocol or recipe.eval.protocol, recipe.data.captions_per_image)
@@ -173,3 +275,133 @@ def write_result(result: EvalResult, json_path: Path | None, csv_path: Path | No
         keys = list(result.metrics)
         rows = ["protocol," + ",".join(keys), result.protocol + "," + ",".join(f"{result.metrics[k]:.4f}" for k in keys)]
         atomic_write(Path(csv_path), lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------- ensembles (§4.2)
+
+
+@dataclass
+class EnsembleResult:
+    """Metrics of the averaged similarities (``ensemble``) and of each member alone."""
+
+    ensemble: EvalResult
+    members: list[EvalResult]
+    checkpoints: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.ensemble.to_json()
+        out["members"] = [{"checkpoint": path, **m.to_json()} for path, m in zip(self.checkpoints, self.members)]
+        return out
+
+
+def _agreed(ckpts: Sequence[Checkpoint], value, what: str, flag: str | None):
+    values = [value(c.recipe) for c in ckpts]
+    if any(v != values[0] for v in values):
+        listed = ", ".join(f"{c.path}: {v}" for c, v in zip(ckpts, values))
+        raise MaxMatchError(f"the checkpoints disagree on {what} ({listed})",
+                            hint=f"pass {flag} to choose one" if flag else "ensemble checkpoints of one dataset")
+    return values[0]
+
+
+def _split_identity(store, split: str, captions_per_image: int) -> tuple[np.ndarray, list[str]]:
+    images, captions = split_layout(store, split, captions_per_image)
+    return np.asarray(store.image_ids)[images], store.captions_text(captions)
+
+
+def _first_difference(a, b) -> str:
+    if len(a) != len(b):
+        return f"{len(a):,} vs {len(b):,} entries"
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"first difference at position {i}: {a[i]!r} vs {b[i]!r}"
+
+
+def check_aligned(first: tuple[Path, Any], other: tuple[Path, Any], split: str, captions_per_image: int) -> None:
+    """Raise unless two (checkpoint, store) pairs see the same images and captions, in the same order."""
+    (ckpt_a, store_a), (ckpt_b, store_b) = first, other
+    if Path(store_a.path).resolve() == Path(store_b.path).resolve():
+        return
+    (ids_a, caps_a), (ids_b, caps_b) = (_split_identity(s, split, captions_per_image) for s in (store_a, store_b))
+    for what, a, b in (("image ids", ids_a.tolist(), ids_b.tolist()), ("captions", caps_a, caps_b)):
+        if a != b:
+            raise MaxMatchError(
+                f"split '{split}' of {store_b.path} (for {ckpt_b}) does not line up with {store_a.path} "
+                f"(for {ckpt_a}): {what} differ, {_first_difference(a, b)}",
+                hint="ensemble checkpoints on the same images and captions: pass --data FILE for all of them, "
+                     "or feature files of the same dataset split")
+
+
+def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, split: str | None = None,
+                         protocol: str | None = None, similarity: str | None = None, device: str = "auto",
+                         json_path: Path | None = None, csv_path: Path | None = None, show_progress: bool = True,
+                         cache: bool = True) -> EnsembleResult:
+    """Average the similarity matrices of several checkpoints (paper §4.2: two seeds) and report Recall@K.
+
+    Each checkpoint is rebuilt from its own recipe and vocabulary, reads ``data`` or its own recipe's feature
+    file, and scores with ``similarity`` or its own test-time similarity; the ensemble score is the plain mean of
+    the members' scores (so mixing similarities of different ranges, e.g. maxmatch and chamfer, weighs them
+    unequally). All members must see the same images and captions of ``split``, in the same order.
+
+    Args:
+        checkpoints: two or more checkpoint files or run folders.
+        data: feature file for every member (default: each recipe's ``data.path``).
+        split, protocol: as for :func:`evaluate_checkpoint`; default the recipes' (which must then agree).
+        similarity: one similarity for every member (default: each checkpoint's).
+        device: auto, cpu, cuda or cuda:N.
+        json_path, csv_path: also write the results there (JSON: DESIGN §5 keys plus ``members``).
+        show_progress: progress bars.
+        cache: use the embedding cache (:func:`checkpoint_embeddings`).
+
+    Returns:
+        :class:`EnsembleResult`.
+    """
+    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.train import resolve_device
+
+    if len(checkpoints) < 2:
+        raise MaxMatchError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}",
+                            hint="pass two or more checkpoints (e.g. two seeds), or use `maxmatch evaluate`")
+    ckpts = [load_checkpoint(c) for c in checkpoints]
+    split = split or _agreed(ckpts, lambda r: r.eval.split, "eval.split", "--split")
+    protocol = protocol or _agreed(ckpts, lambda r: r.eval.protocol, "eval.protocol", "--protocol")
+    cpi = _agreed(ckpts, lambda r: r.data.captions_per_image, "data.captions_per_image", None)
+    stores: dict[Path, Any] = {}
+    members = []
+    for ckpt in ckpts:
+        path = Path(data or ckpt.recipe.data.path)
+        if path.resolve() not in stores:
+            stores[path.resolve()] = open_store(path)
+        store = stores[path.resolve()]
+        check_features(ckpt, store)
+        members.append((ckpt, store))
+        check_aligned((members[0][0].path, members[0][1]), (ckpt.path, store), split, cpi)
+    dev = resolve_device(device)
+    total, results = None, []
+    for ckpt, store in members:
+        recipe = ckpt.recipe
+        kind = similarity or recipe.eval.similarity or recipe.loss.similarity
+        emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
+        sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
+                     **similarity_options(recipe, kind))
+        result = metrics_for(sims, protocol, cpi)
+        result.similarity = kind
+        results.append(result)
+        total = sims if total is None else total.add_(sims)
+    total /= len(members)
+    ensemble = metrics_for(total, protocol, cpi)
+    kinds = list(dict.fromkeys(r.similarity for r in results))
+    ensemble.similarity = kinds[0] if len(kinds) == 1 else "mean(" + ", ".join(kinds) + ")"
+    out = EnsembleResult(ensemble, results, [str(c.path) for c in ckpts])
+    if json_path:
+        atomic_write(Path(json_path), lambda tmp: tmp.write_text(json.dumps(out.to_json(), indent=2)))
+    if csv_path:
+        keys = list(ensemble.metrics)
+        rows = ["model,similarity,protocol," + ",".join(keys)]
+        for label, r in [*zip(out.checkpoints, results), ("ensemble", ensemble)]:
+            rows.append(",".join([_csv_field(label), _csv_field(r.similarity), r.protocol,
+                                  *(f"{r.metrics[k]:.4f}" for k in keys)]))
+        atomic_write(Path(csv_path), lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+    return out
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text

@@ -8,34 +8,12 @@ from typer.testing import CliRunner
 from maxmatch_cli.cli import app
 
 runner = CliRunner()
-
-# A model small enough to train in seconds on 2 CPU cores.
-TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",
-        "--set", "model.set_heads=2", "--set", "model.set_head_dim=16", "--set", "model.set_ff_dim=64",
-        "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "data.vocab_min_count=1",
-        "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32", "--set", "loss.warmup_epochs=1"]
+# The fixtures tiny_h5, trained and tiny_overrides (the tiny model's --set list) live in conftest.py.
 
 
 def invoke(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result
-
-
-@pytest.fixture(scope="module")
-def tiny_h5(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    result = invoke("extract-features", "--synthetic", "tiny", "--out", path)
-    assert result.exit_code == 0, result.output
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_h5, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
-                    "--set", "train.max_steps=6", *TINY, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def test_help_lists_commands():
@@ -89,9 +67,9 @@ def test_evaluate_writes_json(trained, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_resume_continues(trained, tiny_h5):
+def test_resume_continues(trained, tiny_h5, tiny_overrides):
     result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
-                    "--set", "train.max_steps=8", *TINY, "--out", trained, "--resume")
+                    "--set", "train.max_steps=8", *tiny_overrides, "--out", trained, "--resume")
     assert result.exit_code == 0, result.output
     assert "8 steps" in result.output
 
@@ -125,7 +103,7 @@ def test_corrupt_inputs(tmp_path, trained):
 
 
 @pytest.mark.slow
-def test_small_end_to_end_beats_chance(tmp_path):
+def test_small_end_to_end_beats_chance(tmp_path, tiny_overrides):
     """generate -> train -> evaluate on a small synthetic set; recall must be far above chance."""
     from maxmatch_cli.features.synthetic import generate_synthetic
 
@@ -134,7 +112,7 @@ def test_small_end_to_end_beats_chance(tmp_path):
     out = tmp_path / "run"
     # The pipeline, not hardest-negative mining, is under test: sum over all negatives, cosine schedule.
     result = invoke("train", "--recipe", "demo", "--set", f"data.path={data}", "--set", "train.epochs=10",
-                    *TINY, "--set", "model.image_feature_dim=64", "--set", "train.batch_size=32",
+                    *tiny_overrides, "--set", "model.image_feature_dim=64", "--set", "train.batch_size=32",
                     "--set", "optim.lr=2e-3", "--set", "loss.hardest_negatives=false",
                     "--set", "loss.warmup_epochs=0", "--set", "optim.schedule=cosine", "--out", out)
     assert result.exit_code == 0, result.output

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny synthetic feature file and a model trained on it in seconds, made once per session."""
+
+import pytest
+from typer.testing import CliRunner
+
+from maxmatch_cli.cli import app
+
+# A model small enough to train in seconds on 2 CPU cores.
+TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",
+        "--set", "model.set_heads=2", "--set", "model.set_head_dim=16", "--set", "model.set_ff_dim=64",
+        "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "data.vocab_min_count=1",
+        "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32", "--set", "loss.warmup_epochs=1"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """The --set overrides of the tiny model (a fresh list for each use)."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    result = _invoke("extract-features", "--synthetic", "tiny", "--out", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_h5, tmp_path_factory):
+    """A run folder trained for 6 steps. Tests that write next to its checkpoints should copy them first."""
+    out = tmp_path_factory.mktemp("run")
+    result = _invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
+                     "--set", "train.max_steps=6", *TINY, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
