@@ -138,7 +138,9 @@ def extract_features_cmd(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image folder to extract features from.")] = None,
     captions: Annotated[Optional[Path], typer.Option(
         "--captions", help="Karpathy split json (dataset_coco.json / dataset_flickr30k.json): captions and splits.")] = None,
-    kind: Annotated[str, typer.Option(help="--images: grid (ResNet cells) or region (Faster R-CNN boxes).")] = "grid",
+    kind: Annotated[str, typer.Option(
+        help="--images: grid (ResNet cells), region (Faster R-CNN boxes) or pixels (index the image files for "
+             "end-to-end CNN training: model.image_encoder=cnn).")] = "grid",
     backbone: Annotated[Optional[str], typer.Option(
         help="resnet152 | resnext101_32x8d (grid); fasterrcnn_resnet50_fpn[_v2] (region).")] = None,
     image_size: Annotated[Optional[int], typer.Option(
@@ -168,6 +170,7 @@ def extract_features_cmd(
       [bold]maxmatch extract-features --from-precomp data/coco_precomp --dataset coco --out coco.h5[/]
       [bold]maxmatch extract-features --from-butd-tsv trainval_36/*.tsv --captions dataset_coco.json --out coco_butd.h5[/]
       [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
+      [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind pixels --out coco_images.h5[/]
     """
     from maxmatch_cli.features.extract import extract_features
     from maxmatch_cli.features.store import describe_store, store_state

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from maxmatch_cli.checkpoint import Checkpoint, atomic_write, load_checkpoint
-from maxmatch_cli.data import CaptionDataset, ImageDataset, TextTokenizer, build_tokenizer, split_layout
+from maxmatch_cli.data import (CaptionDataset, ImageDataset, ImageSource, TextTokenizer, build_image_source,
+                               build_tokenizer, check_image_input, split_layout)
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.metrics import coco_1k_folds, retrieval_metrics
 from maxmatch_cli.progress import make_progress
@@ -71,15 +72,19 @@ def similarity_options(recipe: Recipe, kind: str) -> dict[str, Any]:
 @torch.no_grad()
 def encode_split(model, store, split: str, tokenizer: TextTokenizer, captions_per_image: int, device: torch.device,
                  batch_size: int = 256, max_len: int = 64, max_images: int | None = None, num_workers: int = 0,
-                 show_progress: bool = True) -> Embeddings:
-    """Encode each image and each caption of a split once (model in eval mode)."""
+                 show_progress: bool = True, image_source: ImageSource | None = None) -> Embeddings:
+    """Encode each image and each caption of a split once (model in eval mode).
+
+    ``image_source`` is where images come from (:func:`~maxmatch_cli.data.build_image_source`; default: the
+    store's features); image files for a CNN need it, with the recipe's image size.
+    """
     images, captions = split_layout(store, split, captions_per_image)
     if max_images is not None and max_images < len(images):
         images, captions = images[:max_images], captions[: max_images * captions_per_image]
     was_training = model.training
     model.eval()
-    img_loader = DataLoader(ImageDataset(store, images), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=ImageDataset.collate)
+    img_ds = ImageDataset(store, images, image_source)
+    img_loader = DataLoader(img_ds, batch_size=batch_size, num_workers=num_workers, collate_fn=img_ds.collate)
     cap_ds = CaptionDataset(store.captions_text(captions), tokenizer, max_len)
     cap_loader = DataLoader(cap_ds, batch_size=batch_size, num_workers=0, collate_fn=cap_ds.collate)
     img_out, cap_out = [], []
@@ -87,7 +92,8 @@ def encode_split(model, store, split: str, tokenizer: TextTokenizer, captions_pe
         task = progress.add_task("encoding images", total=len(images), unit="img", status="",
                                  visible=show_progress)
         for feats, mask in img_loader:
-            img_out.append(model.encode_images(feats.to(device), mask.to(device)).sets.float().cpu())
+            mask = None if mask is None else mask.to(device)  # None: pixels
+            img_out.append(model.encode_images(feats.to(device), mask).sets.float().cpu())
             progress.advance(task, feats.shape[0])
         task = progress.add_task("encoding captions", total=len(captions), unit="cap", status="",
                                  visible=show_progress)
@@ -152,6 +158,7 @@ def load_for_eval(ckpt: Checkpoint, device: torch.device):
 def check_features(ckpt: Checkpoint, store) -> None:
     """Refuse a feature file whose feature size differs from the one the checkpoint was trained on."""
     model = ckpt.recipe.model
+    check_image_input(store, model.image_encoder)
     if model.image_encoder != "cnn" and store.feature_dim != model.image_feature_dim:
         raise MaxMatchError(f"checkpoint {ckpt.path} takes {model.image_feature_dim}-dimensional features but "
                             f"{store.path} holds {store.feature_dim}-dimensional ones",
@@ -237,9 +244,11 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
         return cached
     model, tokenizer = load_for_eval(ckpt, device)
     recipe = ckpt.recipe
+    cnn = recipe.model.image_encoder == "cnn"  # decoding image files is worth worker processes, stored features not
     emb = encode_split(model, store, split, tokenizer, recipe.data.captions_per_image, device,
                        batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
-                       show_progress=show_progress)
+                       show_progress=show_progress, num_workers=recipe.data.num_workers if cnn else 0,
+                       image_source=build_image_source(store, recipe, train=False))
     if path is not None:
         _write_cache(path, key, emb)
     return emb

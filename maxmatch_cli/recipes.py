@@ -55,6 +55,8 @@ class DataConfig:
     """DataLoader worker processes (0 reads in the main process)."""
     image_size: int = 224
     """Input resolution for end-to-end CNN image encoders (raw images only)."""
+    image_root: str = ""
+    """Image folder for model.image_encoder='cnn'; empty uses the one recorded in the image-file store."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.region_dropout < 1.0, "data.region_dropout", "must be in [0, 1)")
@@ -62,6 +64,7 @@ class DataConfig:
         _check(self.captions_per_image >= 1, "data.captions_per_image", "must be >= 1")
         _check(self.max_caption_len >= 4, "data.max_caption_len", "must be >= 4")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.image_size >= 32, "data.image_size", "must be >= 32 (the CNN downsamples 32x)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class ModelConfig:
     image_mlp: bool = True
     """Add the two-layer MLP (D->D/2->D, BatchNorm, ReLU) as a residual after the image projection (App. B)."""
     cnn_backbone: str = "resnet152"
-    """Torchvision backbone for image_encoder='cnn': 'resnet152' or 'resnext101_32x8d'."""
+    """Torchvision backbone for image_encoder='cnn': 'resnet152', 'resnext101_32x8d' or 'resnet18' (smoke runs)."""
     cnn_weights: str = ""
     """Local path to the backbone's weights (never downloaded); empty uses the torch hub cache; 'random' = untrained."""
     cnn_freeze_epochs: int = 0
@@ -113,7 +116,7 @@ class ModelConfig:
         _check(self.embed_dim >= 1, "model.embed_dim", "must be >= 1")
         _check(self.num_embeds >= 1, "model.num_embeds", "must be >= 1")
         _one_of(self.image_encoder, ("region", "grid", "cnn"), "model.image_encoder")
-        _one_of(self.cnn_backbone, ("resnet152", "resnext101_32x8d"), "model.cnn_backbone")
+        _one_of(self.cnn_backbone, ("resnet152", "resnext101_32x8d", "resnet18"), "model.cnn_backbone")
         _one_of(self.text_encoder, ("bigru", "bert"), "model.text_encoder")
         _one_of(self.set_head, ("setdiv", "pvse"), "model.set_head")
         _check(self.set_depth >= 1, "model.set_depth", "must be >= 1")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from maxmatch_cli import distributed as dist
 from maxmatch_cli.checkpoint import atomic_write, load_checkpoint, provenance, save_checkpoint
-from maxmatch_cli.data import EpochSampler, PairDataset, build_tokenizer
+from maxmatch_cli.data import EpochSampler, PairDataset, build_image_source, build_tokenizer
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
 from maxmatch_cli.losses import LossWeights, mmd_loss, total_loss
@@ -134,7 +134,8 @@ class TrainResult:
 def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, float]:
     emb = encode_split(model, store, recipe.data.val_split, tokenizer, recipe.data.captions_per_image, device,
                        batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
-                       max_images=recipe.train.val_max_images, show_progress=False)
+                       max_images=recipe.train.val_max_images, show_progress=False,
+                       image_source=build_image_source(store, recipe, train=False))
     kind = recipe.eval.similarity or recipe.loss.similarity
     sims = score(emb.images, emb.captions, kind, device, recipe.eval.block_size, **similarity_options(recipe, kind))
     return metrics_for(sims, "full", recipe.data.captions_per_image).metrics
@@ -175,6 +176,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     if recipe.data.val_split and recipe.data.val_split not in store.splits:
         raise MaxMatchError(f"validation split '{recipe.data.val_split}' is not in {store.path} "
                             f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
+    # Stored features, or image files for a CNN; checks that the store fits the encoder before the model is built.
+    image_source = build_image_source(store, recipe, train=True)
     if recipe.model.image_encoder != "cnn" and store.feature_dim != recipe.model.image_feature_dim:
         raise MaxMatchError(f"{store.path} holds {store.feature_dim}-dimensional features but the recipe's "
                             f"model.image_feature_dim is {recipe.model.image_feature_dim}",
@@ -198,7 +201,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     core = dist.unwrap(model)
 
     dataset = PairDataset(store, recipe.data.train_split, tokenizer, recipe.data.max_caption_len, train=True,
-                          region_dropout=recipe.data.region_dropout, word_dropout=recipe.data.word_dropout)
+                          word_dropout=recipe.data.word_dropout, image_source=image_source)
     sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=dist.rank(),
                            world_size=dist.world_size())
     loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=dataset.collate,

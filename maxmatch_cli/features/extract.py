@@ -38,7 +38,8 @@ def extract_features(
     """Build a feature store from exactly one source; see each importer for the details.
 
     Sources: ``synthetic`` (demo data), ``from_precomp`` (SCAN folder, with ``dataset``), ``from_butd_tsv``
-    (TSV files, with ``captions``), ``images`` (an image folder, with ``captions``, ``kind`` grid or region).
+    (TSV files, with ``captions``), ``images`` (an image folder, with ``captions``, ``kind`` grid or region;
+    ``kind`` pixels indexes the image files for end-to-end CNN training instead of extracting features).
 
     Returns:
         The output path (already complete when an identical earlier run finished: nothing is redone).
@@ -50,7 +51,7 @@ def extract_features(
         raise MaxMatchError(
             "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
             hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
-                 "JSON | --images DIR --captions JSON [--kind grid|region]",
+                 "JSON | --images DIR --captions JSON [--kind grid|region|pixels]",
         )
     if (from_butd_tsv or images) and not captions:
         raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "
@@ -69,10 +70,21 @@ def extract_features(
 
         return import_butd_tsv(list(from_butd_tsv), out, captions=captions, allow_missing=allow_missing,
                                overwrite=overwrite, progress=progress)
+    if kind not in ("grid", "region", "pixels"):
+        raise MaxMatchError(f"unknown --kind '{kind}'.", hint="use --kind grid, region or pixels")
+    if kind == "pixels":
+        from maxmatch_cli.features.pixels import index_images
+
+        unused = [flag for flag, value in (("--backbone", backbone), ("--weights", weights),
+                                           ("--image-size", image_size)) if value]
+        if unused:
+            raise MaxMatchError(f"--kind pixels extracts no features, so {', '.join(unused)} does not apply.",
+                                hint="the CNN, its weights and the input size come from the training recipe "
+                                     "(model.cnn_backbone, model.cnn_weights, data.image_size)")
+        return index_images(images, captions, out, skip_unreadable=skip_unreadable,  # type: ignore[arg-type]
+                            overwrite=overwrite, progress=progress)
     from maxmatch_cli.features.images import ExtractConfig, extract_from_images
 
-    if kind not in ("grid", "region"):
-        raise MaxMatchError(f"unknown --kind '{kind}'.", hint="use --kind grid or --kind region")
     config = ExtractConfig(
         kind=kind,
         backbone=backbone or ("resnet152" if kind == "grid" else "fasterrcnn_resnet50_fpn"),

@@ -36,6 +36,16 @@ Root attributes
 
 Other groups (e.g. ``synthetic/`` with the generator's object table) may be present; readers ignore them.
 
+Image-file stores (``feature_kind = "pixels"``)
+    For end-to-end training of a CNN (``model.image_encoder = "cnn"``) the store holds no features, only an index
+    of the image files: ``layout`` is ``"files"``, ``feature_dim`` is 3 (RGB channels) and a root attribute
+    ``image_root`` (str) names the image folder as an absolute path when the index was made. ``images/`` holds
+    ``files`` (N,) UTF-8 paths relative to ``image_root`` instead of ``features``, plus ``ids`` and ``sizes``
+    as above; ``captions/`` and ``splits/`` are as above. Training decodes ``image_root/files[i]`` on the fly
+    (``data.image_root`` in a recipe overrides the root, e.g. for a copy on local scratch). Made by
+    ``maxmatch extract-features --images DIR --captions JSON --kind pixels``. This is an addition to schema v1:
+    stores of the other kinds are unchanged, and a reader that predates it refuses the file by its kind.
+
 Writing and resuming
 --------------------
 :class:`StoreWriter` writes ``<path>.partial`` and renames it to ``<path>`` only after ``complete`` is set and
@@ -70,8 +80,9 @@ from maxmatch_cli import __version__
 from maxmatch_cli.errors import MaxMatchError
 
 SCHEMA_VERSION = 1
-FEATURE_KINDS = ("region", "grid")
-LAYOUTS = ("fixed", "flat")
+FEATURE_KINDS = ("region", "grid", "pixels")
+LAYOUTS = ("fixed", "flat", "files")
+PIXELS = "pixels"  # the kind of image-file stores (no features)
 PARTIAL_SUFFIX = ".partial"
 _HALF_TO_FLOAT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
@@ -286,17 +297,26 @@ class FeatureStore:
         self.created_with = str(attrs.get("created_with", ""))
         self.args_fingerprint = str(attrs.get("args_fingerprint", ""))
         self.metadata: dict[str, Any] = json.loads(attrs.get("metadata", "{}") or "{}")
-        if self.feature_kind not in FEATURE_KINDS or self.layout not in LAYOUTS:
+        if (self.feature_kind not in FEATURE_KINDS or self.layout not in LAYOUTS
+                or (self.feature_kind == PIXELS) != (self.layout == "files")):
             raise MaxMatchError(
                 f"{path} has feature_kind={self.feature_kind!r}, layout={self.layout!r}; expected one of "
-                f"{FEATURE_KINDS} and {LAYOUTS}.",
+                f"{FEATURE_KINDS} and {LAYOUTS} (layout 'files' with kind 'pixels' only).",
                 hint="re-create it with maxmatch extract-features",
             )
 
-        feats = f["images/features"]
-        n_alloc = self._check_features(feats)
+        self.image_files: np.ndarray | None = None  # relative paths, image-file stores only
+        self.image_root: str | None = str(attrs["image_root"]) if self.feature_kind == PIXELS else None
+        if self.feature_kind == PIXELS:
+            self.regions_per_image, self._offsets = None, None
+            files = f["images/files"]
+            n_alloc = len(files)
+        else:
+            n_alloc = self._check_features(f["images/features"])
         n = n_alloc if self.complete else min(self.n_written, n_alloc)
         self.n_images = n
+        if self.feature_kind == PIXELS:
+            self.image_files = np.asarray(files.asstr()[:n], dtype=object)
         ids = f["images/ids"]
         self.image_ids = (ids.asstr()[:n] if h5py.check_string_dtype(ids.dtype) else ids[:n]).copy()
         if self.complete and len(ids) != n:
@@ -397,6 +417,9 @@ class FeatureStore:
         self.close()
 
     def __repr__(self) -> str:
+        if self.image_files is not None:
+            return (f"FeatureStore({str(self.path)!r}, pixels, {self.n_images} image files under {self.image_root}, "
+                    f"{self.n_captions} captions, splits={self.splits})")
         return (
             f"FeatureStore({str(self.path)!r}, {self.feature_kind}, {self.n_images} images x "
             f"{self.max_regions} x {self.feature_dim}, {self.n_captions} captions, splits={self.splits})"
@@ -446,14 +469,18 @@ class FeatureStore:
 
     @property
     def region_counts(self) -> np.ndarray:
-        """(N,) int64: number of regions (or grid cells) of each image."""
+        """(N,) int64: number of regions (or grid cells) of each image (0 in an image-file store)."""
+        if self.image_files is not None:
+            return np.zeros(self.n_images, dtype=np.int64)
         if self._offsets is None:
             return np.full(self.n_images, self.regions_per_image, dtype=np.int64)
         return np.diff(self._offsets)
 
     @property
     def max_regions(self) -> int:
-        """The largest number of regions of any image (R for the fixed layout)."""
+        """The largest number of regions of any image (R for the fixed layout; 0 in an image-file store)."""
+        if self.image_files is not None:
+            return 0
         if self._offsets is None:
             return int(self.regions_per_image)
         return int(self.region_counts.max(initial=0))
@@ -461,6 +488,8 @@ class FeatureStore:
     def n_regions(self, i: int) -> int:
         """Number of regions of image ``i``."""
         self._check_index(i)
+        if self.image_files is not None:
+            return 0
         if self._offsets is None:
             return int(self.regions_per_image)
         return int(self._offsets[i + 1] - self._offsets[i])
@@ -478,6 +507,11 @@ class FeatureStore:
         """
         i = int(i)
         self._check_index(i)
+        if self.image_files is not None:
+            raise MaxMatchError(
+                f"{self.path} indexes image files (feature_kind 'pixels'); it holds no features.",
+                hint="train on it with model.image_encoder=cnn, or extract features with --kind grid|region",
+            )
         self._h5()
         feats = self._features
         try:
@@ -517,6 +551,13 @@ class FeatureStore:
         for row, i in enumerate(indices):
             out[row, : counts[row]] = self.image_features(i)
         return out, counts
+
+    def image_path(self, i: int, root: str | os.PathLike | None = None) -> Path:
+        """The file of image ``i`` in an image-file store: ``root`` (default: ``image_root``) / its relative path."""
+        self._check_index(i)
+        if self.image_files is None:
+            raise ValueError(f"{self.path} holds features, not image files")
+        return Path(root or self.image_root or "") / self.image_files[int(i)]
 
     def image_boxes(self, i: int) -> np.ndarray | None:
         """Boxes of image ``i`` as float32 ``(R_i, 4)`` (x1, y1, x2, y2), or ``None`` if none are stored."""
@@ -561,7 +602,9 @@ class FeatureStore:
         for j in sorted({0, self.n_captions // 2, self.n_captions - 1}):
             if 0 <= j < self.n_captions:
                 h.update(texts.asstr()[j].encode())
-        if self.n_images:
+        if self.image_files is not None:  # the image files themselves are not hashed: their paths name them
+            h.update("\n".join(self.image_files).encode())
+        elif self.n_images:
             for i in np.unique(np.linspace(0, self.n_images - 1, num=min(8, self.n_images)).astype(int)):
                 rows = self._features[i] if self._offsets is None else self._features[
                     self._offsets[i] : self._offsets[i + 1]
@@ -572,6 +615,8 @@ class FeatureStore:
 
     def describe(self) -> dict[str, Any]:
         """A summary for ``maxmatch features info``: schema, source, sizes, splits, feature shape, disk size."""
+        if self.image_files is not None:
+            return self._describe_files()
         feats = self._h5()["images/features"]
         counts = self.region_counts
         return {
@@ -603,6 +648,30 @@ class FeatureStore:
                     "captions": int(len(b)),
                     "captions_per_image": self._split_cpi[name],
                 }
+                for name, (a, b) in sorted(self._splits.items())
+            },
+            "size_bytes": self.path.stat().st_size,
+            "fingerprint": self.fingerprint(),
+            "metadata": self.metadata,
+        }
+
+    def _describe_files(self) -> dict[str, Any]:
+        """:meth:`describe` of an image-file store: the image root and file count instead of feature shapes."""
+        return {
+            "path": str(self.path),
+            "schema_version": self.schema_version,
+            "complete": self.complete,
+            "feature_kind": self.feature_kind,
+            "source": self.source,
+            "created_with": self.created_with,
+            "layout": self.layout,
+            "n_images": self.n_images,
+            "n_captions": self.n_captions,
+            "image_root": self.image_root,
+            "image_files": f"{self.n_images} paths relative to image_root",
+            "has_image_sizes": self.image_sizes is not None,
+            "splits": {
+                name: {"images": int(len(a)), "captions": int(len(b)), "captions_per_image": self._split_cpi[name]}
                 for name, (a, b) in sorted(self._splits.items())
             },
             "size_bytes": self.path.stat().st_size,
@@ -653,7 +722,8 @@ class StoreWriter:
 
     Args:
         path: final path of the store.
-        feature_kind: ``"region"`` or ``"grid"``.
+        feature_kind: ``"region"``, ``"grid"`` or ``"pixels"`` (an image-file store: layout ``"files"``,
+            written with :meth:`write_files`, ``feature_dim`` 3).
         source: where the features come from, e.g. ``"butd-tsv"``.
         feature_dim: D.
         regions_per_image: R for the fixed layout (every image has R rows); ``None`` selects the flat layout
@@ -673,6 +743,7 @@ class StoreWriter:
         flush_every: flush and record progress at least every this many images.
         chunk_rows: rows per HDF5 chunk in the flat layout (default 48; the typical region count per image
             makes most images one chunk read).
+        image_root: the image folder of an image-file store (stored as the ``image_root`` attribute).
     """
 
     def __init__(
@@ -694,6 +765,7 @@ class StoreWriter:
         compression: str | None = None,
         flush_every: int = 256,
         chunk_rows: int = _FLAT_CHUNK_ROWS,
+        image_root: str | os.PathLike | None = None,
     ):
         if feature_kind not in FEATURE_KINDS:
             raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}")
@@ -703,7 +775,13 @@ class StoreWriter:
             raise ValueError("compression must be None or 'lzf' (gzip makes every read ~25x slower)")
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self.layout = "fixed" if regions_per_image is not None else "flat"
+        if feature_kind == PIXELS:
+            if image_root is None or regions_per_image is not None or with_boxes:
+                raise ValueError("an image-file store takes image_root, and no regions_per_image or boxes")
+            self.layout = "files"
+        else:
+            self.layout = "fixed" if regions_per_image is not None else "flat"
+        self.image_root = None if image_root is None else str(image_root)
         self.feature_kind = feature_kind
         self.source = source
         self.feature_dim = int(feature_dim)
@@ -773,12 +851,17 @@ class StoreWriter:
         a["n_images_expected"] = -1 if self.n_images is None else int(self.n_images)
         a["n_written"] = 0
         a["complete"] = False
+        if self.image_root is not None:
+            a["image_root"] = self.image_root
 
         n0 = self.n_images or 0
         D = self.feature_dim
         images = f.create_group("images")
         common = dict(dtype=np.float16, compression=self.compression, track_times=False)
-        if self.layout == "fixed":
+        if self.layout == "files":
+            images.create_dataset("files", shape=(n0,), maxshape=(None,), chunks=(4096,), dtype=_STR,
+                                  track_times=False)
+        elif self.layout == "fixed":
             R = int(self.regions_per_image)
             images.create_dataset("features", shape=(n0, R, D), maxshape=(None, R, D), chunks=(1, R, D), **common)
             if self.with_boxes:
@@ -827,7 +910,7 @@ class StoreWriter:
                 "n_images": int(a["n_images_expected"]),
             }
             n_written = int(a["n_written"])
-            feats = f["images/features"]
+            feats = f["images/files" if self.layout == "files" else "images/features"]
         except (OSError, KeyError) as exc:
             # A kill during a write can leave the HDF5 metadata unreadable; nothing in it can be trusted.
             try:
@@ -872,14 +955,14 @@ class StoreWriter:
 
     def _truncate_images(self, f: h5py.File, n: int) -> None:
         images = f["images"]
-        for name in ("ids", "sizes"):
+        for name in ("ids", "sizes", "files"):
             if name in images:
                 images[name].resize(n, axis=0)
         if self.layout == "fixed":
             images["features"].resize(n, axis=0)
             if "boxes" in images:
                 images["boxes"].resize(n, axis=0)
-        else:
+        elif self.layout == "flat":
             images["offsets"].resize(n + 1, axis=0)
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -901,6 +984,8 @@ class StoreWriter:
             boxes: like ``features`` with 4 columns (required if ``with_boxes``).
             sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
         """
+        if self.layout == "files":
+            raise ValueError("an image-file store holds no features: use write_files()")
         f = self._file
         fixed = self.layout == "fixed"
         if isinstance(features, np.ndarray) and features.ndim == 3:
@@ -987,6 +1072,47 @@ class StoreWriter:
             sizes=None if size is None else [size],
         )
 
+    def write_files(
+        self,
+        files: Sequence[str],
+        *,
+        ids: Sequence[int] | Sequence[str] | np.ndarray,
+        sizes: np.ndarray | Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Append images of an image-file store (``feature_kind="pixels"``).
+
+        Args:
+            files: ``B`` paths relative to the store's ``image_root``.
+            ids: ``B`` image ids.
+            sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
+        """
+        if self.layout != "files":
+            raise ValueError("write_files() is for image-file stores (feature_kind='pixels')")
+        B = len(files)
+        if len(ids) != B or (sizes is not None and len(sizes) != B):
+            raise ValueError("files, ids and sizes must have the same length")
+        if self.with_sizes and sizes is None:
+            raise ValueError("this store keeps image sizes: pass sizes=")
+        if B == 0:
+            return
+        start, end = self.n_written, self.n_written + B
+        images = self._file["images"]
+        try:
+            self._ensure_capacity(end)
+            images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
+            if self.id_kind == "str":
+                images["ids"][start:end] = np.array([str(x) for x in ids], dtype=object)
+            else:
+                images["ids"][start:end] = np.asarray(ids, dtype=np.int64)
+            if self.with_sizes:
+                images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        self.n_written = end
+        self._since_flush += B
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
     def _ensure_capacity(self, n: int) -> None:
         images = self._file["images"]
         current = len(images["ids"])
@@ -997,14 +1123,14 @@ class StoreWriter:
                 f"more images than the {self.n_images} announced for {self.path.name}.",
                 hint="this is a bug in the importer; please report it",
             )
-        for name in ("ids", "sizes"):
+        for name in ("ids", "sizes", "files"):
             if name in images:
                 images[name].resize(n, axis=0)
         if self.layout == "fixed":
             images["features"].resize(n, axis=0)
             if "boxes" in images:
                 images["boxes"].resize(n, axis=0)
-        else:
+        elif self.layout == "flat":
             images["offsets"].resize(n + 1, axis=0)
 
     def _write_error(self, exc: OSError) -> MaxMatchError:

@@ -57,6 +57,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         how_to_get="python -c \"import torch; torch.hub.load('facebookresearch/WSL-Images', "
                    "'resnext101_32x8d_wsl')\"",
     ),
+    # Not in the paper: a small trunk (11.7M parameters, 512 channels) for smoke runs and tests on a CPU.
+    "resnet18": BackboneSpec(
+        build=torchvision.models.resnet18,
+        files=_names(torchvision.models.ResNet18_Weights),
+        channels=512,
+        how_to_get="python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"",
+    ),
 }
 
 
