@@ -41,5 +41,6 @@ def make_progress(transient: bool = False) -> Progress:
         TextColumn("{task.fields[status]}"),
         console=console,
         transient=transient,
-        disable=os.environ.get("MAXMATCH_NO_PROGRESS") == "1",
+        # A transient bar outside a terminal would only leave blank lines in the log.
+        disable=os.environ.get("MAXMATCH_NO_PROGRESS") == "1" or (transient and not console.is_terminal),
     )
