@@ -615,11 +615,7 @@ class FeatureStore:
 
     def describe(self) -> dict[str, Any]:
         """A summary for ``maxmatch features info``: schema, source, sizes, splits, feature shape, disk size."""
-        if self.image_files is not None:
-            return self._describe_files()
-        feats = self._h5()["images/features"]
-        counts = self.region_counts
-        return {
+        info: dict[str, Any] = {
             "path": str(self.path),
             "schema_version": self.schema_version,
             "complete": self.complete,
@@ -630,45 +626,28 @@ class FeatureStore:
             "layout": self.layout,
             "n_images": self.n_images,
             "n_captions": self.n_captions,
-            "feature_shape": list(feats.shape),
-            "feature_dtype": str(feats.dtype),
-            "feature_dim": self.feature_dim,
-            "chunks": list(feats.chunks) if feats.chunks else None,
-            "compression": feats.compression,
-            "regions_per_image": {
-                "min": int(counts.min()) if len(counts) else 0,
-                "max": int(counts.max(initial=0)),
-                "mean": float(counts.mean()) if len(counts) else 0.0,
-            },
-            "has_boxes": self.has_boxes,
-            "has_image_sizes": self.image_sizes is not None,
-            "splits": {
-                name: {
-                    "images": int(len(a)),
-                    "captions": int(len(b)),
-                    "captions_per_image": self._split_cpi[name],
-                }
-                for name, (a, b) in sorted(self._splits.items())
-            },
-            "size_bytes": self.path.stat().st_size,
-            "fingerprint": self.fingerprint(),
-            "metadata": self.metadata,
         }
-
-    def _describe_files(self) -> dict[str, Any]:
-        """:meth:`describe` of an image-file store: the image root and file count instead of feature shapes."""
-        return {
-            "path": str(self.path),
-            "schema_version": self.schema_version,
-            "complete": self.complete,
-            "feature_kind": self.feature_kind,
-            "source": self.source,
-            "created_with": self.created_with,
-            "layout": self.layout,
-            "n_images": self.n_images,
-            "n_captions": self.n_captions,
-            "image_root": self.image_root,
-            "image_files": f"{self.n_images} paths relative to image_root",
+        if self.image_files is not None:
+            # An image-file store: the image root and file count instead of feature shapes.
+            info["image_root"] = self.image_root
+            info["image_files"] = f"{self.n_images} paths relative to image_root"
+        else:
+            feats = self._h5()["images/features"]
+            counts = self.region_counts
+            info.update({
+                "feature_shape": list(feats.shape),
+                "feature_dtype": str(feats.dtype),
+                "feature_dim": self.feature_dim,
+                "chunks": list(feats.chunks) if feats.chunks else None,
+                "compression": feats.compression,
+                "regions_per_image": {
+                    "min": int(counts.min()) if len(counts) else 0,
+                    "max": int(counts.max(initial=0)),
+                    "mean": float(counts.mean()) if len(counts) else 0.0,
+                },
+                "has_boxes": self.has_boxes,
+            })
+        info.update({
             "has_image_sizes": self.image_sizes is not None,
             "splits": {
                 name: {"images": int(len(a)), "captions": int(len(b)), "captions_per_image": self._split_cpi[name]}
@@ -677,7 +656,8 @@ class FeatureStore:
             "size_bytes": self.path.stat().st_size,
             "fingerprint": self.fingerprint(),
             "metadata": self.metadata,
-        }
+        })
+        return info
 
 
 # --------------------------------------------------------------------------------------------------------------
