@@ -426,7 +426,7 @@ def list_recipes() -> dict[str, str]:
     """Shipped recipe names mapped to their one-line descriptions."""
     out = {}
     folder = recipes_dir()
-    for path in sorted(folder.glob(f"*{RECIPE_SUFFIX}")):
+    for path in sorted(folder.glob(f"*{RECIPE_SUFFIX}"), key=lambda p: p.stem):
         try:
             with path.open("rb") as fh:
                 meta = tomllib.load(fh).get("recipe", {})
