@@ -111,8 +111,13 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, recipe: Recipe, vocab_json: str | None,
                     prov: dict[str, Any], train_state: dict[str, Any] | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write a checkpoint atomically; with ``optimizer`` it can resume training."""
+                    optimizer: torch.optim.Optimizer | None = None,
+                    rng_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint atomically; with ``optimizer`` it can resume training.
+
+    ``rng_state`` (names ``torch``, ``cudaN``) is stored instead of the current RNG states: the trainer passes the
+    states at the last step boundary, so a checkpoint taken mid-step still resumes exactly.
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -126,10 +131,13 @@ def save_checkpoint(path: Path, model: torch.nn.Module, recipe: Recipe, vocab_js
         optim_tensors, optim_meta = _flatten_optim(optimizer.state_dict())
         tensors.update(optim_tensors)
         meta["optim"] = json.dumps(optim_meta)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda{i}"] = s
+        if rng_state is not None:
+            tensors.update({f"rng.{name}": state for name, state in rng_state.items()})
+        else:
+            tensors["rng.torch"] = torch.get_rng_state()
+            if torch.cuda.is_available():
+                for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                    tensors[f"rng.cuda{i}"] = state
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return Path(path)
 

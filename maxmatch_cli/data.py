@@ -448,7 +448,7 @@ class EpochSampler(Sampler[int]):
         return iter(perm[self.rank:: self.world_size].tolist())
 
     def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.batch_size
+        return max(self.steps_per_epoch - self.start_step, 0) * self.batch_size  # a resume past the end: empty
 
 
 def split_layout(store, split: str, captions_per_image: int) -> tuple[np.ndarray, np.ndarray]:

@@ -226,13 +226,14 @@ class TrainConfig:
     val_every: int = 1
     """Epochs between validations."""
     val_max_images: int = 1000
-    """Validate on at most this many images of the validation split (and their captions)."""
+    """Validate on at most this many images of the validation split (and their captions); 0 = all of them."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (negatives come from the batch)")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", "must be >= 1")
+        _check(self.val_max_images >= 0, "train.val_max_images", "must be >= 0 (0 = the whole split)")
 
 
 @dataclass(frozen=True)

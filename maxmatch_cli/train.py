@@ -4,7 +4,10 @@ Each step encodes a batch of (image, caption) pairs into sets, scores every imag
 the recipe's set similarity, and minimises eq. 5. Under torchrun each process encodes its share of the global
 batch; set embeddings are gathered with gradients so hardest negatives are mined over the global batch
 (see :mod:`maxmatch_cli.distributed`). Validation RSUM picks ``best.safetensors``; ``last.safetensors`` carries
-the optimiser and RNG state so ``--resume`` continues exactly where a run stopped (also after Ctrl-C).
+the optimiser and RNG state so ``--resume`` continues exactly where a run stopped (also after Ctrl-C): weights,
+optimiser, step, learning rate and data order always; the random draws too at an epoch boundary, and mid-epoch
+with ``data.num_workers=0`` (DataLoader workers restart their augmentation streams). Under torchrun the
+checkpoint holds rank 0's RNG state; the other ranks derive their own streams from it (tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from maxmatch_cli import distributed as dist
 from maxmatch_cli.checkpoint import atomic_write, load_checkpoint, provenance, save_checkpoint
-from maxmatch_cli.data import EpochSampler, PairDataset, build_image_source, build_tokenizer
+from maxmatch_cli.data import EpochSampler, PairDataset, build_image_source, build_tokenizer, split_layout
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
 from maxmatch_cli.losses import LossWeights, mmd_loss, total_loss
@@ -80,6 +86,23 @@ def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Te
     The update then equals the single-process one on the concatenated batch (tests/test_distributed.py).
     """
     img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)  # forward() so DDP syncs grads
+    # Under AMP the encoders run in bf16/fp16, but the similarities and losses run in float32: bf16 cosines are
+    # multiples of 2^-8 near 1, so the exact assignment would pick among ties and hardest-negative mining among equal
+    # scores. The K x K cosine GEMM is cheap next to the encoders.
+    if _autocast_enabled(batch.tokens.device.type):
+        with torch.autocast(batch.tokens.device.type, enabled=False):
+            return _loss_from_sets(img.to(torch.float32), txt.to(torch.float32), batch, recipe, hardest)
+    return _loss_from_sets(img, txt, batch, recipe, hardest)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     kind = recipe.loss.similarity
     opts = similarity_options(recipe, kind)
     l = recipe.loss
@@ -111,6 +134,51 @@ def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Te
     return loss, log
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a training step draws from: the CPU's (data augmentation with num_workers=0, dropout on the
+    CPU) and the training GPU's (dropout on the GPU), named as in a checkpoint's ``rng.`` tensors."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        states[f"cuda{index}"] = torch.cuda.get_rng_state(index)
+    return states
+
+
+def _set_rng_state(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore a checkpoint's states (rank 0's), then give the other ranks their own streams."""
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if f"cuda{index}" in states:
+            torch.cuda.set_rng_state(states[f"cuda{index}"], index)
+    _decorrelate_ranks()
+
+
+def _decorrelate_ranks() -> None:
+    """Every rank holds the same RNG state (one seed, or rank 0's checkpoint); without this each rank would draw the
+    same dropout masks and, through the DataLoader workers' seeds, the same word and region dropout as every
+    other rank. Ranks other than 0 reseed from a draw plus their rank; rank 0, and so a single process, keeps its
+    stream."""
+    if dist.rank():
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + dist.rank())
+
+
+@contextmanager
+def _sigint_ignored():
+    """Ignore Ctrl-C while the interrupted run is saved: torchrun forwards the SIGINT it receives to every worker,
+    so a worker gets a second one right after the terminal's, which would abort the save (torchrun still kills
+    workers that take longer than its shutdown timeout)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+    else:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
@@ -134,7 +202,7 @@ class TrainResult:
 def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, float]:
     emb = encode_split(model, store, recipe.data.val_split, tokenizer, recipe.data.captions_per_image, device,
                        batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
-                       max_images=recipe.train.val_max_images, show_progress=False,
+                       max_images=recipe.train.val_max_images or None, show_progress=False,
                        image_source=build_image_source(store, recipe, train=False))
     kind = recipe.eval.similarity or recipe.loss.similarity
     sims = score(emb.images, emb.captions, kind, device, recipe.eval.block_size, **similarity_options(recipe, kind))
@@ -165,6 +233,11 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
             console.print(f"[yellow]warning:[/] ignoring recipe values that differ from the checkpoint's "
                           f"({', '.join(differing)}); resuming with the checkpoint's recipe")
         recipe, vocab_json, state = resumed, ckpt.vocab_json, {**state, **ckpt.train_state}
+        saved_world = ckpt.provenance.get("world_size", 1)
+        if saved_world != dist.world_size():
+            console.print(f"[yellow]warning:[/] the checkpoint was trained by {saved_world} process(es), this run has "
+                          f"{dist.world_size()}: train.batch_size is per process, so the global batch, the steps per "
+                          f"epoch and the data order change from here on")
     if not recipe.data.path:
         raise MaxMatchError("the recipe names no feature file (data.path is empty)",
                             hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
@@ -176,6 +249,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     if recipe.data.val_split and recipe.data.val_split not in store.splits:
         raise MaxMatchError(f"validation split '{recipe.data.val_split}' is not in {store.path} "
                             f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
+    if recipe.data.val_split:  # a layout the evaluation cannot read fails now, not after the first epoch
+        split_layout(store, recipe.data.val_split, recipe.data.captions_per_image)
     # Stored features, or image files for a CNN; checks that the store fits the encoder before the model is built.
     image_source = build_image_source(store, recipe, train=True)
     if recipe.model.image_encoder != "cnn" and store.feature_dim != recipe.model.image_feature_dim:
@@ -187,16 +262,24 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                                 captions=store.captions_text(train_caps), min_count=recipe.data.vocab_min_count)
     vocab_json = tokenizer.to_json() if hasattr(tokenizer, "to_json") else None
     model = build_model(recipe.model, getattr(tokenizer, "words", None), pretrained=ckpt is None).to(device)
+    if ckpt is None:
+        _decorrelate_ranks()  # after the weights, which are the same on every rank
     o = recipe.optim
     optimizer = torch.optim.AdamW(model.param_groups(o.lr, o.lr_scale_set, o.lr_scale_text, o.lr_scale_cnn,
                                                      o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
+    resume_rng = None
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state)
         optimizer.load_state_dict(ckpt.optim_state)
-        if "torch" in ckpt.rng_state:
-            torch.set_rng_state(ckpt.rng_state["torch"])
+        # The RNG states are those at the checkpoint's step boundary. At an epoch boundary they come before the
+        # epoch's DataLoader iterator is made (which draws a seed from the CPU generator), so they are restored
+        # now; mid-epoch, after it (below), as in the run that was interrupted.
+        if state["step_in_epoch"] == 0:
+            _set_rng_state(ckpt.rng_state, device)
+        else:
+            resume_rng = ckpt.rng_state
     model = dist.wrap(model, device)
     core = dist.unwrap(model)
 
@@ -215,10 +298,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     prov = provenance(store.fingerprint(), {"world_size": dist.world_size()})
     is_main = dist.rank() == 0
 
-    def save(path: Path, with_optim: bool) -> None:
+    def save(path: Path, with_optim: bool, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """``rng``: the RNG states to resume from (default: the current ones)."""
         if is_main:
             save_checkpoint(path, core, recipe, vocab_json, prov, train_state=state,
-                            optimizer=optimizer if with_optim else None)
+                            optimizer=optimizer if with_optim else None,
+                            rng_state=(rng or _rng_state(device)) if with_optim else None)
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +311,9 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     start_time, interrupted, start_step = time.time(), False, state["global_step"]
     history_path = out_dir / "metrics.jsonl"
     last_metrics = None
+    # RNG states at the current step boundary: what a checkpoint taken before the next step completes must hold
+    # (a Ctrl-C lands mid-step, after the next batch has drawn its dropout).
+    step_rng = resume_rng if resume_rng is not None else _rng_state(device)
     try:
         with make_progress() as progress:
             global_bs = recipe.train.batch_size * dist.world_size()
@@ -239,7 +327,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                 sampler.set_epoch(epoch, state["step_in_epoch"])
                 model.train()
                 running: dict[str, float] = {}
-                for batch in loader:
+                step_rng = _rng_state(device)
+                batches = iter(loader)
+                if resume_rng is not None:
+                    _set_rng_state(resume_rng, device)
+                    step_rng, resume_rng = resume_rng, None
+                for batch in batches:
                     batch = batch.to(device)
                     factor = lr_factor(state["global_step"], total_steps, steps_per_epoch, recipe)
                     for group in optimizer.param_groups:
@@ -254,6 +347,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     if o.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                     optimizer.step()
+                    step_rng = _rng_state(device)
                     state["global_step"] += 1
                     state["step_in_epoch"] += 1
                     for k, v in parts.items():
@@ -292,10 +386,13 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                 if is_main:
                     with history_path.open("a") as fh:
                         fh.write(json.dumps(record) + "\n")
-                save(last_path, with_optim=True)
+                # Mid-epoch (max_steps reached) a resumed run restarts from this step, so the validation's draws
+                # must not be in the saved states.
+                save(last_path, with_optim=True, rng=None if epoch_done else step_rng)
     except KeyboardInterrupt:
         interrupted = True
-        save(last_path, with_optim=True)
+        with _sigint_ignored():
+            save(last_path, with_optim=True, rng=step_rng)
         console.print(f"[yellow]interrupted[/] at step {state['global_step']}; saved {last_path} "
                       f"(continue with --resume)")
     if is_main and not recipe.data.val_split and not interrupted:
