@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,21 +50,28 @@ def guarded(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except MaxMatchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.message}")
-            if exc.hint:
-                err_console.print(f"[yellow]hint:[/] {exc.hint}")
-            raise typer.Exit(2) from None
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}")
-            err_console.print("[yellow]hint:[/] check the path, its permissions and the free disk space")
+        except (MaxMatchError, OSError) as exc:
+            if os.environ.get("MAXMATCH_DEBUG") == "1":
+                raise
+            _report(exc)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _report(exc: Exception) -> None:
+    """One message naming the input and the fix."""
+    if isinstance(exc, MaxMatchError):
+        err_console.print(f"[bold red]error:[/] {exc.message}")
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/] {exc.hint}")
+        return
+    where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+    err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}")
+    err_console.print("[yellow]hint:[/] check the path, its permissions and the free disk space")
 
 
 def _version(value: bool) -> None:
