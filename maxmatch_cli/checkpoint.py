@@ -171,7 +171,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         raise MaxMatchError(f"{path} was written by a newer maxmatch (format {meta['format_version']})",
                             hint="upgrade maxmatch")
     raw = json.loads(meta["recipe"])
-    name, _desc = raw.pop("name", "custom"), raw.get("description", "")
+    name = raw.pop("name", "custom")
     recipe = recipe_from_dict({"recipe": {"description": raw.pop("description", "")}, **raw}, name=name,
                               source=str(path))
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

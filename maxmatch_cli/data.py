@@ -462,12 +462,3 @@ def split_layout(store, split: str, captions_per_image: int) -> tuple[np.ndarray
             f"grouped in image order ({len(images)} images, {len(captions)} captions)",
             hint="set data.captions_per_image to the dataset's count or re-import the features")
     return np.asarray(images), np.asarray(captions)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MaxMatchError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise MaxMatchError(f"{path} is not valid JSON: {exc}") from None

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from maxmatch_cli import distributed as dist
-from maxmatch_cli.checkpoint import atomic_write, load_checkpoint, provenance, save_checkpoint
+from maxmatch_cli.checkpoint import load_checkpoint, provenance, save_checkpoint
 from maxmatch_cli.data import EpochSampler, PairDataset, build_image_source, build_tokenizer, split_layout
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options

@@ -1,7 +1,5 @@
 """Checkpoint format: safetensors + JSON metadata, atomic writes, clear errors, nothing unpickled."""
 
-import json
-
 import pytest
 import torch
 
