@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +106,9 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
     kind = recipe.loss.similarity
     opts = similarity_options(recipe, kind)
     l = recipe.loss
-    weights = dict(margin=l.margin, hardest=hardest, gd_weight=l.gd_weight, gd_margin=l.gd_margin,
-                   isd_weight=l.isd_weight, isd_margin=l.isd_margin, scale=l.scale, mmd_weight=l.mmd_weight,
-                   div_weight=l.div_weight, contrastive_weight=l.contrastive_weight,
-                   contrastive_temperature=l.contrastive_temperature)
+    # LossWeights' fields are named after the recipe's [loss] keys; only `hardest` follows the epoch.
+    weights = {f.name: getattr(l, f.name) for f in fields(LossWeights) if hasattr(l, f.name)}
+    weights["hardest"] = hardest
     if dist.world_size() == 1:
         sims = set_similarity(img.sets, txt.sets, kind=kind, **opts)
         return total_loss(sims, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,

@@ -929,11 +929,12 @@ class StoreWriter:
         else:
             self._rows = n_written * int(self.regions_per_image)
         if self.n_images is None:
-            self._truncate_images(f, n_written)
+            self._resize_images(f, n_written)
         self.resumed = True
         return f
 
-    def _truncate_images(self, f: h5py.File, n: int) -> None:
+    def _resize_images(self, f: h5py.File, n: int) -> None:
+        """Grow or truncate every per-image dataset to ``n`` images."""
         images = f["images"]
         for name in ("ids", "sizes", "files"):
             if name in images:
@@ -1103,15 +1104,7 @@ class StoreWriter:
                 f"more images than the {self.n_images} announced for {self.path.name}.",
                 hint="this is a bug in the importer; please report it",
             )
-        for name in ("ids", "sizes", "files"):
-            if name in images:
-                images[name].resize(n, axis=0)
-        if self.layout == "fixed":
-            images["features"].resize(n, axis=0)
-            if "boxes" in images:
-                images["boxes"].resize(n, axis=0)
-        elif self.layout == "flat":
-            images["offsets"].resize(n + 1, axis=0)
+        self._resize_images(self._file, n)
 
     def _write_error(self, exc: OSError) -> MaxMatchError:
         full = getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc)
@@ -1240,7 +1233,7 @@ class StoreWriter:
                 f"{self.partial}: {self.n_written} images written, {self.n_images} expected.",
                 hint="the importer stopped early; re-run the same command to resume",
             )
-        self._truncate_images(f, self.n_written)
+        self._resize_images(f, self.n_written)
         g = f["captions"]
         if "text" not in g:
             self.set_captions([], [])
