@@ -1,8 +1,12 @@
 """Datasets, vocabulary, tokenisation and batching over a feature store.
 
-Training iterates over the captions of a split: each item is one (image, caption) pair, so an image appears
-once per caption and a batch may hold several captions of the same image (the losses treat those as
-positives, never negatives). Evaluation encodes every image and every caption of a split exactly once.
+Training is image-centric by default (paper App. B: "200 images along with their corresponding captions";
+DivE's training set returns an image with its captions): each item is one image with ``captions_per_image``
+of its captions (:class:`ImageCaptionsDataset`), a batch holds B images and B x c captions, and an epoch is a
+pass over the images. ``data.batching = "pairs"`` iterates over the captions instead (VSE++): each item is one
+(image, caption) pair, so an image appears once per caption and a batch may hold several captions of the same
+image (the losses treat those as positives, never negatives). Evaluation encodes every image and every caption
+of a split exactly once.
 
 The image side of an item comes from an :class:`ImageSource`: stored local features (:class:`StoredFeatures`,
 padded to (B, R, F) with a mask) or, for an end-to-end CNN (``model.image_encoder = "cnn"``) over an image-file
@@ -119,17 +123,21 @@ class BertTokenizerAdapter:
         return list(self.tok(text, truncation=True, max_length=max_len)["input_ids"])
 
     def drop_tokens(self, ids: list[int], rate: float, generator: torch.Generator | None) -> list[int]:
-        """BERT-style corruption of inner tokens with prob. `rate`: [MASK] 80%, random 10%, kept 10%."""
+        """VSE-infinity/DivE caption augmentation for BERT: each inner token with prob. `rate` becomes [MASK] (50%),
+        a random token (10%) or is deleted (40%). DivE draws per word (all word pieces together); this draws per
+        word piece."""
         if rate <= 0 or len(ids) <= 3 or self.mask_id is None:
             return ids
-        out = list(ids)
+        out = [ids[0]]
         draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
-        for i, (p, q) in enumerate(draws, start=1):
-            if p < rate:
-                if q < 0.8:
-                    out[i] = self.mask_id
-                elif q < 0.9:
-                    out[i] = int(torch.randint(1000, self.tok.vocab_size, (1,), generator=generator))
+        for tok, (p, q) in zip(ids[1:-1], draws):
+            if p >= rate:
+                out.append(tok)
+            elif q < 0.5:
+                out.append(self.mask_id)
+            elif q < 0.6:
+                out.append(int(torch.randint(1000, self.tok.vocab_size, (1,), generator=generator)))
+        out.append(ids[-1])
         return out
 
 
@@ -147,20 +155,31 @@ def build_tokenizer(text_encoder: str, vocab_json: str | None = None, bert_path:
 
 @dataclass
 class Batch:
-    """A collated batch. Masks are True for real regions / tokens."""
+    """A collated batch of Bi images and Bt captions. Masks are True for real regions / tokens.
 
-    feats: torch.Tensor  # (B, R, F) float32, or (B, 3, H, W) normalised pixels for a CNN
-    feat_mask: torch.Tensor | None  # (B, R) bool; None for pixels
-    tokens: torch.Tensor  # (B, L) long
-    token_mask: torch.Tensor  # (B, L) bool
-    image_index: torch.Tensor  # (B,) long, global image index in the store
-    caption_index: torch.Tensor  # (B,) long
+    Image-centric batches hold Bi distinct images and Bt = Bi x c captions, caption j of image row j // c;
+    pair batches hold Bi = Bt rows, caption j of row j (the same image may fill several rows).
+    """
+
+    feats: torch.Tensor  # (Bi, R, F) float32, or (Bi, 3, H, W) normalised pixels for a CNN
+    feat_mask: torch.Tensor | None  # (Bi, R) bool; None for pixels
+    tokens: torch.Tensor  # (Bt, L) long
+    token_mask: torch.Tensor  # (Bt, L) bool
+    image_index: torch.Tensor  # (Bi,) long, image index in the store of each image row
+    caption_index: torch.Tensor  # (Bt,) long, caption index in the store
+    caption_owner: torch.Tensor | None = None  # (Bt,) long, image row of each caption; None: caption j <-> row j
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
         return Batch(*(None if t is None else t.to(device, non_blocking=nb)
                        for t in (self.feats, self.feat_mask, self.tokens, self.token_mask, self.image_index,
-                                 self.caption_index)))
+                                 self.caption_index, self.caption_owner)))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, so the copy to the GPU can overlap compute (DataLoader(pin_memory=True) calls it)."""
+        return Batch(*(None if t is None else t.pin_memory()
+                       for t in (self.feats, self.feat_mask, self.tokens, self.token_mask, self.image_index,
+                                 self.caption_index, self.caption_owner)))
 
 
 def pad_regions(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +398,75 @@ class PairDataset(Dataset):
                      torch.tensor([it[3] for it in items]))
 
 
+class ImageCaptionsDataset(Dataset):
+    """Images of one split, each with ``captions_per_image`` of its captions (image-centric training batches).
+
+    An image with more captions than that (some COCO images have 6 or 7) contributes a different draw of them
+    each epoch (seeded by seed, epoch and image, so a resumed run draws the same); one with fewer is an error.
+    Region and word dropout as :class:`PairDataset`.
+    """
+
+    def __init__(self, store, split: str, tokenizer: TextTokenizer, captions_per_image: int = 5, max_len: int = 64,
+                 train: bool = False, word_dropout: float = 0.0, image_source: ImageSource | None = None,
+                 seed: int = 0):
+        self.store = store
+        images, captions = store.split(split)
+        owners = np.asarray(store.caption_image)[captions]
+        by_image: dict[int, list[int]] = {int(i): [] for i in images}
+        for cap, owner in zip(np.asarray(captions).tolist(), owners.tolist()):
+            if owner in by_image:
+                by_image[owner].append(cap)
+        short = [i for i, caps in by_image.items() if len(caps) < captions_per_image]
+        if not by_image or short:
+            raise MaxMatchError(
+                f"split '{split}' of {store.path}: {len(short) if by_image else 'all'} of {len(by_image)} images have "
+                f"fewer than data.captions_per_image={captions_per_image} captions",
+                hint="lower data.captions_per_image, or train on (image, caption) pairs with data.batching=pairs")
+        self.images = np.asarray(list(by_image), dtype=np.int64)
+        self.image_captions = [np.asarray(by_image[int(i)], dtype=np.int64) for i in self.images]
+        self.text_of = dict(zip(np.asarray(captions).tolist(), store.captions_text(captions)))
+        self.captions_per_image = captions_per_image
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.train = train
+        self.word_dropout = word_dropout
+        self.image_source = image_source if image_source is not None else StoredFeatures(store)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _captions(self, i: int) -> np.ndarray:
+        caps = self.image_captions[i]
+        if len(caps) == self.captions_per_image:
+            return caps
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(self.images[i]))
+        pick = torch.randperm(len(caps), generator=g)[: self.captions_per_image].sort().values.numpy()
+        return caps[pick]
+
+    def __getitem__(self, i: int):
+        feats = self.image_source.load(int(self.images[i]))
+        caps = self._captions(i)
+        token_lists = []
+        for cap in caps.tolist():
+            ids = self.tokenizer.encode(self.text_of[cap], self.max_len)
+            if self.train:
+                ids = self.tokenizer.drop_tokens(ids, self.word_dropout, None)
+            token_lists.append(ids)
+        return feats, token_lists, int(self.images[i]), caps.tolist()
+
+    def collate(self, items) -> Batch:
+        feats, mask = self.image_source.collate([it[0] for it in items])
+        tokens, tmask = pad_tokens([ids for it in items for ids in it[1]], self.tokenizer.pad_id)
+        c = self.captions_per_image
+        return Batch(feats, mask, tokens, tmask, torch.tensor([it[2] for it in items]),
+                     torch.tensor([cap for it in items for cap in it[3]]),
+                     torch.arange(len(items)).repeat_interleave(c))
+
+
 class ImageDataset(Dataset):
     """Every image of a list of store indices, once (for encoding at evaluation time).
 
@@ -433,7 +521,7 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start_step = 0, 0
         self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise MaxMatchError(f"the training split has {n} captions, fewer than one global batch "
+            raise MaxMatchError(f"the training split has {n} training items, fewer than one global batch "
                                 f"({batch_size} x {world_size} processes)",
                                 hint="lower train.batch_size or use a larger training split")
 

@@ -53,6 +53,7 @@ __all__ = [
     "intra_set_divergence_loss",
     "mmd_loss",
     "same_image_mask",
+    "set_mmd",
     "total_loss",
     "triplet_loss",
 ]
@@ -183,12 +184,17 @@ def _positive_scores(q: _Queries) -> Tensor:
 # Triplet (eq. 6) and contrastive
 
 
-def _triplet_per_query(q: _Queries, margin: float, hardest: bool) -> Tensor:
+def _triplet_per_query(q: _Queries, margin: float, hardest: bool, mean_negatives: bool = False) -> Tensor:
     cost = (margin + q.scores - _positive_scores(q).unsqueeze(1)).clamp(min=0)
     # Hinge costs are >= 0, so zeroing non-negatives leaves max/sum over negatives only; a query with no
     # negative at all contributes 0.
-    cost = cost.masked_fill(_not_negative(q), 0.0)
-    return cost.max(dim=1).values if hardest else cost.sum(dim=1)
+    excluded = _not_negative(q)
+    cost = cost.masked_fill(excluded, 0.0)
+    if hardest:
+        return cost.max(dim=1).values
+    if mean_negatives:
+        return cost.sum(dim=1) / (~excluded).sum(dim=1).clamp_min(1)
+    return cost.sum(dim=1)
 
 
 def triplet_loss(
@@ -204,7 +210,8 @@ def triplet_loss(
     """Hinge triplet loss over set similarities (paper eq. 6; VSE++).
 
     For every query q with designated positive p: ``max_n [margin + S(q, n) - S(q, p)]_+`` over the negatives n
-    (``hardest=True``), or the sum of the hinge over all negatives (``hardest=False``, the VSE++ warm-up).
+    (``hardest=True``), or over all negatives (``hardest=False``, the warm-up): their sum with reductions "sum" and
+    "none" (VSE++), their mean with "mean" (the mean over all triplets, DivE ``triplet_ranking_loss``).
     Negatives are candidates not marked in ``positives`` and not the designated positive.
 
     Args:
@@ -224,7 +231,8 @@ def triplet_loss(
         (row 0 image queries, row 1 caption queries) for "both".
     """
     reduce = _lookup(_REDUCTIONS, reduction, "reduction")
-    terms = [_triplet_per_query(q, margin, hardest) for q in _queries(sims, positives, direction, pos_index)]
+    terms = [_triplet_per_query(q, margin, hardest, reduction == "mean")
+             for q in _queries(sims, positives, direction, pos_index)]
     if reduction == "none":
         return terms[0] if len(terms) == 1 else torch.stack(terms)
     return sum(reduce(t) for t in terms)
@@ -419,6 +427,9 @@ class LossWeights:
     """lambda_CON, contrastive loss (0.001 for the Faster R-CNN configurations)."""
     margin: float = 0.2
     """delta_1, triplet margin."""
+    triplet_reduction: str = "mean"
+    """'mean' over each direction's queries, the two directions summed (DivE, VSE-infinity's averaged variant),
+    or 'sum' over queries (eq. 6 as printed, VSE++)."""
     hardest: bool = True
     """Hardest negative per query; False sums over all negatives (warm-up)."""
     gd_margin: float = 0.6
@@ -435,8 +446,10 @@ class LossWeights:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "hardest" and value < 0:
+            if isinstance(value, float | int) and not isinstance(value, bool) and value < 0:
                 raise MaxMatchError(f"loss.{f.name} must be >= 0, got {value}")
+        if self.triplet_reduction not in ("mean", "sum"):
+            raise MaxMatchError(f"loss.triplet_reduction must be 'mean' or 'sum', got {self.triplet_reduction!r}")
         if self.contrastive_temperature <= 0:
             raise MaxMatchError(f"loss.contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 
@@ -466,30 +479,57 @@ class LossInputs:
     img_slots: Tensor | None
     txt_slots: Tensor | None
     image_ids: Tensor | None
+    caption_owner: Tensor | None
     sims_t2i: Tensor | None
     all_image_ids: Tensor | None
+    all_caption_ids: Tensor | None
     offset: int
+    caption_offset: int | None
 
     def ranking_calls(self) -> list[dict]:
-        """Keyword arguments of each ranking-loss call: one square call, or i2t + t2i when data-parallel."""
-        local_ids, global_ids = self.image_ids, self.all_image_ids
-        if global_ids is None:
-            global_ids = local_ids
+        """Keyword arguments of the two ranking-loss calls, image queries (i2t) and caption queries (t2i).
 
-        def mask(rows, cols):
-            return None if rows is None else same_image_mask(rows, cols)
-
-        if self.sims_t2i is None:
-            return [dict(sims=self.sims, positives=mask(local_ids, local_ids), direction="both")]
-        local = torch.arange(self.sims.shape[0], device=self.sims.device) + self.offset
+        Every caption is one query in each direction. i2t: the caption's image asks for it against every other
+        caption of the (global) batch, one row of the i2t matrix per caption, so an image with five captions
+        is five queries sharing one hardest negative (DivE/VSE-infinity's image-centric batches). t2i: the
+        caption asks for its image against every other image. With one caption per image and distinct images
+        this is VSE++'s square-matrix loss.
+        """
+        n_img, n_cap = self.sims.shape[0], self.txt_sets.shape[0]
+        device = self.sims.device
+        owner = self.caption_owner
+        if owner is None:
+            if n_img != n_cap:
+                raise MaxMatchError(
+                    f"{n_img} images but {n_cap} captions and no caption_owner",
+                    "pass caption_owner (the local row of each caption's image)",
+                )
+            owner = torch.arange(n_cap, device=device)
+        owner = owner.to(device=device, dtype=torch.long)
+        image_ids = self.image_ids
+        if image_ids is None:  # every image row is its own image
+            image_ids = torch.arange(n_img, device=device) + self.offset
+        caption_ids = image_ids[owner]
+        all_image_ids = image_ids if self.all_image_ids is None else self.all_image_ids
+        all_caption_ids = self.all_caption_ids
+        if all_caption_ids is None:  # one caption per image row (pairs): the gathered rows name the captions too
+            all_caption_ids = all_image_ids if self.caption_owner is None else caption_ids
+        sims_t2i = self.sims if self.sims_t2i is None else self.sims_t2i
+        cap_offset = self.caption_offset
+        if cap_offset is None:
+            cap_offset = self.offset * n_cap // max(n_img, 1)
+        local_captions = torch.arange(n_cap, device=device)
         return [
-            dict(sims=self.sims, positives=mask(local_ids, global_ids), direction="i2t", pos_index=local),
-            dict(sims=self.sims_t2i, positives=mask(global_ids, local_ids), direction="t2i", pos_index=local),
+            dict(sims=self.sims[owner], positives=same_image_mask(caption_ids, all_caption_ids), direction="i2t",
+                 pos_index=local_captions + cap_offset),
+            dict(sims=sims_t2i, positives=same_image_mask(all_image_ids, caption_ids), direction="t2i",
+                 pos_index=owner + self.offset),
         ]
 
 
 def _tri(x: LossInputs, w: LossWeights) -> Tensor:
-    return sum(triplet_loss(margin=w.margin, hardest=w.hardest, **kw) for kw in x.ranking_calls())
+    return sum(triplet_loss(margin=w.margin, hardest=w.hardest, reduction=w.triplet_reduction, **kw)
+               for kw in x.ranking_calls())
 
 
 def _con(x: LossInputs, w: LossWeights) -> Tensor:
@@ -510,8 +550,26 @@ def _isd(x: LossInputs, w: LossWeights) -> Tensor:
     )
 
 
+def set_mmd(img_sets: Tensor, txt_sets: Tensor, gamma: float = 0.5) -> Tensor:
+    """MMD between all image and all text set elements, each L2-normalised first (DivE ``loss.py``).
+
+    Unnormalised LN(E) + LN(global) elements have norm ~sqrt(2 D) (45 at D = 1024): the kernel
+    exp(-gamma ||x - y||) is then ~0 between any two distinct elements, the loss a constant and its gradient
+    ~0. On the unit sphere distances lie in [0, 2] and the kernel in [exp(-2 gamma), 1].
+
+    Args:
+        img_sets: (Bi, K, D) image sets (any scale).
+        txt_sets: (Bt, K, D) text sets (any scale).
+        gamma: kernel rate.
+
+    Returns:
+        Scalar.
+    """
+    return mmd_loss(F.normalize(img_sets.flatten(0, 1), dim=-1), F.normalize(txt_sets.flatten(0, 1), dim=-1), gamma)
+
+
 def _mmd(x: LossInputs, w: LossWeights) -> Tensor:
-    return mmd_loss(x.img_sets.flatten(0, 1), x.txt_sets.flatten(0, 1), w.mmd_gamma)
+    return set_mmd(x.img_sets, x.txt_sets, w.mmd_gamma)
 
 
 def _div(x: LossInputs, w: LossWeights) -> Tensor:
@@ -520,7 +578,8 @@ def _div(x: LossInputs, w: LossWeights) -> Tensor:
             "the diversity loss needs the pre-global slots (img_slots, txt_slots)",
             "pass them to total_loss, or set loss.div_weight = 0",
         )
-    return 0.5 * (diversity_loss(x.img_slots) + diversity_loss(x.txt_slots))
+    # DivE adds the image and the text terms (loss.py, its 'uniformity' term on the normalised slots).
+    return diversity_loss(x.img_slots) + diversity_loss(x.txt_slots)
 
 
 @dataclass(frozen=True)
@@ -537,7 +596,7 @@ LOSS_COMPONENTS: dict[str, LossComponent] = {
     "gd": LossComponent("gd_weight", _gd, "set elements vs their global, mean of image and text (eq. 7)"),
     "isd": LossComponent("isd_weight", _isd, "pairwise element cosines within each set, image + text (eq. 8)"),
     "mmd": LossComponent("mmd_weight", _mmd, "MMD between all image and all text set elements (SetDiv)"),
-    "div": LossComponent("div_weight", _div, "PVSE/SetDiv slot diversity, mean of image and text"),
+    "div": LossComponent("div_weight", _div, "PVSE/SetDiv slot diversity, image + text (DivE)"),
     "con": LossComponent("contrastive_weight", _con, "symmetric InfoNCE over the set similarity"),
 }
 
@@ -552,36 +611,46 @@ def total_loss(
     txt_slots: Tensor | None = None,
     *,
     image_ids: Tensor | None = None,
+    caption_owner: Tensor | None = None,
     sims_t2i: Tensor | None = None,
     all_image_ids: Tensor | None = None,
+    all_caption_ids: Tensor | None = None,
     offset: int = 0,
+    caption_offset: int | None = None,
     **weights,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 5: ``TRI + l_GD GD + l_ISD ISD + l_MMD MMD + l_Div Div + l_CON CON``.
 
-    Components whose weight is 0 are not computed. The ranking terms (TRI, CON) run in one of two modes:
+    Components whose weight is 0 are not computed. A batch holds Bi images and Bt captions; ``caption_owner``
+    names each caption's image row (image-centric batches: Bt = 5 Bi, caption j of image j // 5). Every caption
+    is one query in each direction (see :meth:`LossInputs.ranking_calls`). The ranking terms (TRI, CON) run in
+    one of two modes:
 
-    * in-batch: ``sims`` is the square (B, B) matrix of the batch;
-    * data-parallel (``sims_t2i`` given): ``sims`` is (B, N) local images x gathered captions, ``sims_t2i`` is
-      (N, B) gathered images x local captions (still image rows), and local sample i is global sample
-      ``offset + i``. TRI is then this process's share of the sum over the global batch; CON the mean over its
-      local queries. With one process, (B, B) matrices and offset 0 give the in-batch values.
+    * in-batch: ``sims`` is the (Bi, Bt) matrix of the batch;
+    * data-parallel (``sims_t2i`` given): ``sims`` is (Bi, Nt) local images x gathered captions, ``sims_t2i`` is
+      (Ni, Bt) gathered images x local captions (still image rows); local image i is global image
+      ``offset + i`` and local caption j global caption ``caption_offset + j``. The means (TRI with
+      ``triplet_reduction="mean"``, CON) are then over the local queries, which DDP's gradient averaging turns
+      into the global mean; with ``"sum"`` TRI is this process's share of the global sum.
 
     The set regularisers always use the local tensors.
 
     Args:
         sims: see above; image rows x caption columns.
-        img_sets: (B, K, D) final image sets.
-        txt_sets: (B, K, D) final text sets.
-        img_global: (B, D) image global embeddings (GD reference).
-        txt_global: (B, D) text global embeddings.
-        img_slots: (B, K, D) image slots before the global is added; needed when div_weight > 0.
-        txt_slots: (B, K, D) text slots before the global is added.
-        image_ids: (B,) image id of each local sample; samples sharing an id are positives, never negatives.
-            None: every sample is its own image.
+        img_sets: (Bi, K, D) final image sets.
+        txt_sets: (Bt, K, D) final text sets.
+        img_global: (Bi, D) image global embeddings (GD reference).
+        txt_global: (Bt, D) text global embeddings.
+        img_slots: (Bi, K, D) image slots before the global is added; needed when div_weight > 0.
+        txt_slots: (Bt, K, D) text slots before the global is added.
+        image_ids: (Bi,) image id of each local image row; rows sharing an id (caption-centric batches) are
+            the same image, whose captions are positives, never negatives. None: every row its own image.
+        caption_owner: (Bt,) local row of each caption's image. None: caption j belongs to row j (Bi = Bt).
         sims_t2i: data-parallel only, see above.
-        all_image_ids: data-parallel only, (N,) ids of the gathered batch.
-        offset: data-parallel only, global index of local sample 0 (rank * B).
+        all_image_ids: data-parallel only, (Ni,) ids of the gathered images.
+        all_caption_ids: data-parallel only, (Nt,) image id of each gathered caption.
+        offset: data-parallel only, global index of local image 0 (rank * Bi).
+        caption_offset: data-parallel only, global index of local caption 0; default ``offset * Bt // Bi``.
         **weights: any :class:`LossWeights` field (``margin``, ``hardest``, ``gd_weight``, ...); the rest keep
             their defaults.
 
@@ -592,7 +661,7 @@ def total_loss(
     w = LossWeights.from_kwargs(**weights)
     inputs = LossInputs(
         sims, img_sets, txt_sets, img_global, txt_global, img_slots, txt_slots,
-        image_ids, sims_t2i, all_image_ids, offset,
+        image_ids, caption_owner, sims_t2i, all_image_ids, all_caption_ids, offset, caption_offset,
     )  # fmt: skip
     total = sims.new_zeros(())
     log: dict[str, Tensor] = {}

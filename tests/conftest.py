@@ -8,7 +8,7 @@ from maxmatch_cli.cli import app
 # A model small enough to train in seconds on 2 CPU cores.
 TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",
         "--set", "model.set_heads=2", "--set", "model.set_head_dim=16", "--set", "model.set_ff_dim=64",
-        "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "data.vocab_min_count=1",
+        "--set", "data.num_workers=0", "--set", "train.batch_size=4", "--set", "data.vocab_min_count=1",
         "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32", "--set", "loss.warmup_epochs=1"]
 
 

@@ -7,13 +7,14 @@ equal those of one process on the concatenated batch of N = W * B pairs:
 * the gathered tensors' backward sums every rank's gradient into the owner's slice, and DDP averages over
   ranks, so the update is ``(1 / W) d(sum_r L_r) / d theta``; each term must therefore satisfy
   ``sum_r term_r = W * term_global``;
-* TRI sums over queries: ``sum_r TRI_r = TRI_global``, hence ``tri_weight = W``;
-* CON, GD, ISD and Div are means over local queries / sets: ``sum_r term_r = W * term_global`` as they are;
+* TRI (``triplet_reduction="mean"``, the default), CON, GD, ISD and Div are means over local queries / sets
+  with equal counts per rank: ``sum_r term_r = W * term_global`` as they are (a summed TRI would need
+  ``tri_weight = W``);
 * MMD is not a mean over samples (it has cross-rank pairs), so it is computed on the gathered sets: every rank
   holds the same global value and ``sum_r MMD = W * MMD_global``.
 
-Tested twice: with mocked collectives (a "virtual" second rank in one process) and with a real two-process
-gloo run on CPU wrapped in DDP.
+Tested twice, for pair batches and for image-centric batches (images with several captions each): with mocked
+collectives (a "virtual" second rank in one process) and with a real two-process gloo run on CPU wrapped in DDP.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ VOCAB = [f"w{i}" for i in range(12)]
 # Global batch of 6 captions; samples 2 (rank 0) and 3 (rank 1) are two captions of image 7, so the same-image
 # mask has to work across ranks.
 IMAGE_IDS = [3, 5, 7, 7, 11, 13]
-# (similarity kind, hardest negatives): the paper's setting, and chamfer with the warm-up's sum over negatives.
-CASES = [("maxmatch", True), ("chamfer", False)]
+# (similarity kind, hardest negatives, batch layout): the paper's setting, chamfer with the warm-up's average over
+# all negatives, and pair batches (one caption per row, one image twice).
+CASES = [("maxmatch", True, "images"), ("chamfer", False, "images"), ("maxmatch", True, "pairs")]
+# Image-centric global batch: 4 images x 2 captions; each rank holds 2 images and their 4 captions.
+IMG_IDS, CAPS = [3, 5, 7, 11], 2
 
 
 def tiny_recipe(kind: str = "maxmatch") -> Recipe:
@@ -53,7 +57,7 @@ def tiny_recipe(kind: str = "maxmatch") -> Recipe:
     model = ModelConfig(embed_dim=16, num_embeds=4, image_encoder="region", image_feature_dim=12,
                         image_mlp=False,  # BatchNorm statistics differ between per-rank and global batches
                         text_encoder="bigru", word_dim=8, set_depth=1, set_heads=2, set_head_dim=8,
-                        set_ff_dim=16, set_dropout=0.0)
+                        set_ff_dim=16, set_dropout=0.0, image_dropout=0.0, text_dropout=0.0)
     loss = LossConfig(similarity=kind, chamfer_alpha=4.0, margin=0.2, gd_weight=0.3, isd_weight=0.2,
                       mmd_weight=0.5, div_weight=0.4, contrastive_weight=0.7, contrastive_temperature=0.1)
     return Recipe(model=model, loss=loss)
@@ -64,28 +68,50 @@ def tiny_model(recipe: Recipe) -> torch.nn.Module:
     return build_model(recipe.model, VOCAB, pretrained=False).double().train()
 
 
-def global_batch() -> Batch:
-    """Six synthetic pairs in float64; variable region counts and caption lengths (padding must not matter)."""
+def global_batch(layout: str = "pairs") -> Batch:
+    """Synthetic float64 batch; variable region counts and caption lengths (padding must not matter).
+
+    "pairs": six (image, caption) rows, rows 2 and 3 the same image. "images": four images with two captions
+    each, caption j of image j // 2."""
     g = torch.Generator().manual_seed(1)
-    n, regions, length = len(IMAGE_IDS), 5, 6
-    feats = torch.randn(n, regions, 12, generator=g, dtype=torch.float64)
-    feat_mask = torch.arange(regions).unsqueeze(0) < torch.tensor([5, 4, 3, 3, 5, 2]).unsqueeze(1)
-    tokens = torch.randint(1, len(VOCAB), (n, length), generator=g)
-    token_mask = torch.arange(length).unsqueeze(0) < torch.tensor([6, 3, 5, 5, 4, 2]).unsqueeze(1)
-    # Same image for samples 2 and 3; their captions differ in one word, so caption 3 is nearly as close to
-    # image 2 as its own caption and would be a (hard) negative without the same-image mask.
-    feats[3] = feats[2]
-    tokens[3] = tokens[2]
-    tokens[3, 1] = tokens[2, 1] % (len(VOCAB) - 1) + 1
+    n_img = len(IMAGE_IDS) if layout == "pairs" else len(IMG_IDS)
+    n_cap = len(IMAGE_IDS) if layout == "pairs" else len(IMG_IDS) * CAPS
+    regions, length = 5, 6
+    feats = torch.randn(n_img, regions, 12, generator=g, dtype=torch.float64)
+    feat_mask = torch.arange(regions).unsqueeze(0) < torch.tensor([5, 4, 3, 3, 5, 2][:n_img]).unsqueeze(1)
+    tokens = torch.randint(1, len(VOCAB), (n_cap, length), generator=g)
+    token_mask = torch.arange(length).unsqueeze(0) < torch.tensor([6, 3, 5, 5, 4, 2, 6, 3][:n_cap]).unsqueeze(1)
+    if layout == "pairs":
+        # Same image for samples 2 and 3; their captions differ in one word, so caption 3 is nearly as close to
+        # image 2 as its own caption and would be a (hard) negative without the same-image mask.
+        feats[3] = feats[2]
+        tokens[3] = tokens[2]
+        tokens[3, 1] = tokens[2, 1] % (len(VOCAB) - 1) + 1
+    else:
+        # Image 1's second caption (rank 0) nearly repeats image 2's first caption (rank 1): a cross-rank hard negative.
+        tokens[3] = tokens[4]
+        tokens[3, 1] = tokens[4, 1] % (len(VOCAB) - 1) + 1
+        token_mask[3] = token_mask[4]
     tokens = tokens.masked_fill(~token_mask, 0)
-    ids = torch.tensor(IMAGE_IDS)
-    return Batch(feats, feat_mask, tokens, token_mask, ids, torch.arange(n))
+    if layout == "pairs":
+        return Batch(feats, feat_mask, tokens, token_mask, torch.tensor(IMAGE_IDS), torch.arange(n_cap))
+    return Batch(feats, feat_mask, tokens, token_mask, torch.tensor(IMG_IDS), torch.arange(n_cap),
+                 torch.arange(n_img).repeat_interleave(CAPS))
 
 
 def rank_batch(batch: Batch, r: int) -> Batch:
-    s = slice(r * B, (r + 1) * B)
-    return Batch(batch.feats[s], batch.feat_mask[s], batch.tokens[s], batch.token_mask[s], batch.image_index[s],
-                 batch.caption_index[s])
+    if batch.caption_owner is None:
+        s = slice(r * B, (r + 1) * B)
+        return Batch(batch.feats[s], batch.feat_mask[s], batch.tokens[s], batch.token_mask[s], batch.image_index[s],
+                     batch.caption_index[s])
+    n_img = len(batch.image_index) // WORLD
+    si, sc = slice(r * n_img, (r + 1) * n_img), slice(r * n_img * CAPS, (r + 1) * n_img * CAPS)
+    return Batch(batch.feats[si], batch.feat_mask[si], batch.tokens[sc], batch.token_mask[sc],
+                 batch.image_index[si], batch.caption_index[sc], torch.arange(n_img).repeat_interleave(CAPS))
+
+
+def caption_ids(batch: Batch) -> torch.Tensor:
+    return batch.image_index if batch.caption_owner is None else batch.image_index[batch.caption_owner]
 
 
 def grads_of(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -94,16 +120,16 @@ def grads_of(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tens
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), got)}
 
 
-def single_process(kind: str, hardest: bool):
+def single_process(kind: str, hardest: bool, layout: str = "pairs"):
     """Loss, log and parameter gradients of one process on the concatenated batch."""
     assert dist.world_size() == 1
     recipe = tiny_recipe(kind)
     model = tiny_model(recipe)
-    loss, log = train_mod.loss_on_batch(model, global_batch(), recipe, hardest)
+    loss, log = train_mod.loss_on_batch(model, global_batch(layout), recipe, hardest)
     return loss, log, grads_of(model, loss)
 
 
-def mmd_rounding_bound(recipe: Recipe, gamma: float = 0.5) -> float:
+def mmd_rounding_bound(recipe: Recipe, gamma: float = 0.5, layout: str = "pairs") -> float:
     """Absolute bound on how far two float64 evaluations of the batch's MMD may differ by rounding alone.
 
     The per-rank and single-process runs compute the same MMD from sets that differ by rounding (other batch
@@ -121,7 +147,7 @@ def mmd_rounding_bound(recipe: Recipe, gamma: float = 0.5) -> float:
     """
     eps = torch.finfo(torch.float64).eps
     model = tiny_model(recipe)
-    batch = global_batch()
+    batch = global_batch(layout)
     with torch.no_grad():
         img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)
 
@@ -169,8 +195,10 @@ def _mock_rank(monkeypatch, model, recipe, batch, r, hardest):
         return torch.cat([x, matches[0]] if r == 0 else [matches[0], x], dim=0)
 
     def gather_no_grad(x):
-        assert torch.equal(x, mine.image_index), "only the image ids are gathered without gradient"
-        return batch.image_index.clone()
+        if torch.equal(x, mine.image_index):
+            return batch.image_index.clone()
+        assert torch.equal(x, caption_ids(mine)), "only the image ids of images and captions are gathered"
+        return caption_ids(batch).clone()
 
     calls = []
 
@@ -192,50 +220,55 @@ def _mock_rank(monkeypatch, model, recipe, batch, r, hardest):
     return loss, log, calls[0]
 
 
-@pytest.mark.parametrize("kind,hardest", CASES)
-def test_mocked_ranks_add_up_to_the_global_batch(monkeypatch, kind, hardest):
+@pytest.mark.parametrize("kind,hardest,layout", CASES)
+def test_mocked_ranks_add_up_to_the_global_batch(monkeypatch, kind, hardest, layout):
     torch.set_num_threads(1)
     recipe = tiny_recipe(kind)
-    batch = global_batch()
-    ref_loss, ref_log, ref_grads = single_process(kind, hardest)
+    batch = global_batch(layout)
+    ref_loss, ref_log, ref_grads = single_process(kind, hardest, layout)
 
     model = tiny_model(recipe)
     with torch.no_grad():
         img, txt = model(batch.feats, batch.feat_mask, batch.tokens, batch.token_mask)
     opts = train_mod.similarity_options(recipe, kind)
     sims_global = set_similarity(img.sets, txt.sets, kind=kind, **opts)
-    same_global = same_image_mask(batch.image_index, batch.image_index)
-    assert bool(same_global[2, 3]) and bool(same_global[3, 2])  # the cross-rank same-image pair
+    same_global = same_image_mask(batch.image_index, caption_ids(batch))
+    n_img, n_cap = sims_global.shape[0] // WORLD, sims_global.shape[1] // WORLD
+    if layout == "pairs":
+        assert bool(same_global[2, 3]) and bool(same_global[3, 2])  # the cross-rank same-image pair
 
     losses, logs = [], []
     for r in range(WORLD):
         loss, log, (args, kw) = _mock_rank(monkeypatch, model, recipe, batch, r, hardest)
         losses.append(loss)
         logs.append(log)
-        rows = slice(r * B, (r + 1) * B)
-        # Offsets, the weight that undoes DDP's average, and the global id list.
-        assert kw["offset"] == r * B
-        assert kw["tri_weight"] == float(WORLD)
+        rows, cols = slice(r * n_img, (r + 1) * n_img), slice(r * n_cap, (r + 1) * n_cap)
+        # Offsets, no weight on the mean triplet loss, and the global id lists.
+        assert kw["offset"] == r * n_img and kw["caption_offset"] == r * n_cap
+        assert kw["tri_weight"] == 1.0
         assert torch.equal(kw["all_image_ids"], batch.image_index)
+        assert torch.equal(kw["all_caption_ids"], caption_ids(batch))
         # Local images x all captions, and all images x local captions, equal the slices of the global matrix.
         sims_i2t, sims_t2i = args[0], kw["sims_t2i"]
-        assert sims_i2t.shape == (B, WORLD * B) and sims_t2i.shape == (WORLD * B, B)
+        assert sims_i2t.shape == (n_img, WORLD * n_cap) and sims_t2i.shape == (WORLD * n_img, n_cap)
         torch.testing.assert_close(sims_i2t.detach(), sims_global[rows], rtol=0, atol=1e-12)
-        torch.testing.assert_close(sims_t2i.detach(), sims_global[:, rows], rtol=0, atol=1e-12)
-        # Designated positives point at the global diagonal; same-image positives are the global mask's slices.
-        inputs = LossInputs(sims_i2t, *args[1:7], kw["image_ids"], sims_t2i, kw["all_image_ids"], kw["offset"])
+        torch.testing.assert_close(sims_t2i.detach(), sims_global[:, cols], rtol=0, atol=1e-12)
+        # Designated positives point at the global positions; same-image positives are the global mask's slices.
+        inputs = LossInputs(sims_i2t, *args[1:7], kw["image_ids"], kw["caption_owner"], sims_t2i,
+                            kw["all_image_ids"], kw["all_caption_ids"], kw["offset"], kw["caption_offset"])
         i2t, t2i = inputs.ranking_calls()
         assert (i2t["direction"], t2i["direction"]) == ("i2t", "t2i")
-        assert torch.equal(i2t["pos_index"], torch.arange(B) + r * B)
-        assert torch.equal(t2i["pos_index"], torch.arange(B) + r * B)
-        assert torch.equal(i2t["positives"], same_global[rows])
-        assert torch.equal(t2i["positives"], same_global[:, rows])
+        owner = torch.arange(n_cap) if layout == "pairs" else torch.arange(n_img).repeat_interleave(CAPS)
+        assert torch.equal(i2t["pos_index"], torch.arange(n_cap) + r * n_cap)
+        assert torch.equal(t2i["pos_index"], owner + r * n_img)
+        same_caps = same_image_mask(caption_ids(batch), caption_ids(batch))
+        assert torch.equal(i2t["positives"], same_caps[cols])
+        assert torch.equal(t2i["positives"], same_global[:, cols])
 
-    # Each term's share: summed terms add up, mean terms average, MMD is the global value on every rank.
-    torch.testing.assert_close(sum(l["tri"] for l in logs), ref_log["tri"], rtol=1e-10, atol=1e-12)
-    for name in ("con", "gd", "isd", "div"):
+    # Every term is a mean over equal local shares: the ranks average to the global value; MMD is global on each.
+    for name in ("tri", "con", "gd", "isd", "div"):
         torch.testing.assert_close(sum(l[name] for l in logs) / WORLD, ref_log[name], rtol=1e-10, atol=1e-12)
-    mmd_atol = mmd_rounding_bound(recipe)
+    mmd_atol = mmd_rounding_bound(recipe, layout=layout)
     for log in logs:
         torch.testing.assert_close(log["mmd"], ref_log["mmd"], rtol=0, atol=mmd_atol)
     total = sum(losses) / WORLD
@@ -276,14 +309,14 @@ def _worker(out_dir: Path) -> None:
     assert dist.is_distributed() and dist.world_size() == WORLD
     r = dist.rank()
     result = {}
-    for kind, hardest in CASES:
+    for kind, hardest, layout in CASES:
         recipe = tiny_recipe(kind)
         model = dist.wrap(tiny_model(recipe), torch.device("cpu"))
-        loss, log = train_mod.loss_on_batch(model, rank_batch(global_batch(), r), recipe, hardest)
+        loss, log = train_mod.loss_on_batch(model, rank_batch(global_batch(layout), r), recipe, hardest)
         loss.backward()  # DDP averages the gradients over the ranks here
         grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad).tolist()
                  for n, p in dist.unwrap(model).named_parameters()}
-        result[f"{kind}-{hardest}"] = {"loss": loss.item(), "log": {k: v.item() for k, v in log.items()},
+        result[f"{kind}-{hardest}-{layout}"] = {"loss": loss.item(), "log": {k: v.item() for k, v in log.items()},
                                        "grads": grads}
     dist.barrier()
     (out_dir / f"rank{r}.json").write_text(json.dumps(result))
@@ -336,16 +369,16 @@ def test_gloo_two_processes_match_the_concatenated_batch(tmp_path):
     assert codes == [0] * WORLD, f"worker exit codes {codes} (negative: killed after the timeout)\n{logs}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
-    for kind, hardest in CASES:
-        key = f"{kind}-{hardest}"
-        ref_loss, ref_log, ref_grads = single_process(kind, hardest)
+    for kind, hardest, layout in CASES:
+        key = f"{kind}-{hardest}-{layout}"
+        ref_loss, ref_log, ref_grads = single_process(kind, hardest, layout)
         per_rank = [rk[key] for rk in ranks]
         recipe = tiny_recipe(kind)
-        mmd_atol = mmd_rounding_bound(recipe)
+        mmd_atol = mmd_rounding_bound(recipe, layout=layout)
         # Mean of the rank losses is the global loss; each rank's MMD is the global MMD.
         assert sum(p["loss"] for p in per_rank) / WORLD == pytest.approx(
             float(ref_loss.detach()), rel=1e-10, abs=1e-12 + recipe.loss.mmd_weight * mmd_atol)
-        assert sum(p["log"]["tri"] for p in per_rank) == pytest.approx(float(ref_log["tri"]), rel=1e-10)
+        assert sum(p["log"]["tri"] for p in per_rank) / WORLD == pytest.approx(float(ref_log["tri"]), rel=1e-10)
         for p in per_rank:
             assert p["log"]["mmd"] == pytest.approx(float(ref_log["mmd"]), rel=0, abs=mmd_atol)
         for p in per_rank:  # after DDP's all-reduce every rank holds the global gradient

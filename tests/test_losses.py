@@ -369,11 +369,11 @@ def test_total_loss_is_weighted_sum_of_components():
              contrastive_weight=0.5, margin=0.25, contrastive_temperature=0.2)  # fmt: skip
     total, log = total_loss(**x, image_ids=IMAGE_IDS, **w)
     parts = {
-        "tri": triplet_loss(x["sims"], pos, margin=0.25),
+        "tri": triplet_loss(x["sims"], pos, margin=0.25, reduction="mean"),
         "gd": 0.5 * (global_discriminative_loss(x["img_sets"], x["img_global"]) + global_discriminative_loss(x["txt_sets"], x["txt_global"])),
         "isd": intra_set_divergence_loss(x["img_sets"]) + intra_set_divergence_loss(x["txt_sets"]),
-        "mmd": mmd_loss(x["img_sets"].flatten(0, 1), x["txt_sets"].flatten(0, 1)),
-        "div": 0.5 * (diversity_loss(x["img_slots"]) + diversity_loss(x["txt_slots"])),
+        "mmd": mmd_loss(x["img_sets"].flatten(0, 1), x["txt_sets"].flatten(0, 1)),  # _batch's sets are unit
+        "div": diversity_loss(x["img_slots"]) + diversity_loss(x["txt_slots"]),
         "con": contrastive_loss(x["sims"], pos, temperature=0.2),
     }
     assert set(log) == set(LOSS_COMPONENTS) | {"total"}
@@ -388,6 +388,8 @@ def test_total_loss_is_weighted_sum_of_components():
 def test_total_loss_without_ids_uses_diagonal_positives():
     x = _batch()
     _, log = total_loss(**x, mmd_weight=0, div_weight=0, gd_weight=0, isd_weight=0)
+    torch.testing.assert_close(log["tri"], triplet_loss(x["sims"], None, reduction="mean"))
+    _, log = total_loss(**x, mmd_weight=0, div_weight=0, gd_weight=0, isd_weight=0, triplet_reduction="sum")
     torch.testing.assert_close(log["tri"], triplet_loss(x["sims"], None))
 
 
@@ -413,7 +415,7 @@ def test_total_loss_div_needs_slots():
 def test_total_loss_data_parallel_mode_matches_full_batch():
     x = _batch()
     pos = same_image_mask(IMAGE_IDS, IMAGE_IDS)
-    w = dict(gd_weight=0, isd_weight=0, mmd_weight=0, div_weight=0, contrastive_weight=0.5)
+    w = dict(gd_weight=0, isd_weight=0, mmd_weight=0, div_weight=0, contrastive_weight=0.5, triplet_reduction="sum")
     full_tri = triplet_loss(x["sims"], pos, reduction="none")
     full_con = contrastive_loss(x["sims"], pos, reduction="none")
     tri_sum = 0.0

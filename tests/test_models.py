@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "the", 
 
 def tiny_cfg(**kw) -> ModelConfig:
     base = dict(embed_dim=D, num_embeds=K, image_feature_dim=F, word_dim=8, set_depth=2, set_heads=2,
-                set_head_dim=4, set_ff_dim=24, set_dropout=0.0)
+                set_head_dim=4, set_ff_dim=24, set_dropout=0.0, image_dropout=0.0, text_dropout=0.0)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -198,10 +199,17 @@ def test_param_groups_cover_every_parameter_once():
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in model.parameters()}
     by_name = {g["name"]: g for g in groups}
-    set_ids = {id(p) for p in list(model.image_head.parameters()) + list(model.text_head.parameters())}
+    # DivE: the image factor covers the whole non-CNN image tower; the text side scales only its set head.
+    set_ids = {id(p) for m in (model.image_encoder, model.image_head, model.text_head) for p in m.parameters()}
     assert {id(p) for g in groups if g["name"].startswith("set/") for p in g["params"]} == set_ids
     assert by_name["set/decay"]["lr"] == pytest.approx(1e-4)
     assert by_name["base/decay"]["lr"] == pytest.approx(1e-3)  # Bi-GRU is not a 'text backbone'
+    assert {id(p) for g in groups if g["name"].startswith("base/") for p in g["params"]} == {
+        id(p) for p in model.text_encoder.parameters()}
+    heads_only = build_model(tiny_cfg(image_tower_lr_as_set=False), VOCAB)
+    only = heads_only.param_groups(lr=1e-3, lr_scale_set=0.1)
+    assert {id(p) for g in only if g["name"].startswith("set/") for p in g["params"]} == {
+        id(p) for m in (heads_only.image_head, heads_only.text_head) for p in m.parameters()}
     for g in groups:
         if g["name"].endswith("no_decay"):
             assert g["weight_decay"] == 0 and all(p.ndim <= 1 for p in g["params"])
@@ -355,8 +363,33 @@ def test_region_encoder_formula_and_half_inputs():
     torch.testing.assert_close(enc(x.half(), None).local, enc(x.half().float(), None).local)
 
 
-def test_bigru_local_and_global_match_an_unpadded_run():
+def test_bigru_attends_to_word_embeddings_with_sine_keys():
+    """Paper §3.1 / DivE: the text set head's locals are the word vectors; keys carry a sine position code."""
+    from maxmatch_cli.models.common import sine_positions
+
     model = build_model(tiny_cfg(), VOCAB).eval()
+    enc = model.text_encoder
+    tokens = torch.tensor([[1, 4, 5, 2, 0, 0], [1, 4, 5, 6, 7, 2]])
+    f = enc(tokens, tokens != 0)
+    torch.testing.assert_close(f.local[0, :4], enc.embed(tokens[0, :4]))
+    assert (f.local[0, 4:] == 0).all() and f.local.shape[-1] == enc.embed.embedding_dim
+    # Hand-computed encoding of a 4-token caption: angle 2 pi p / 4, channel 2i: sin(angle / 10000^(2i/8)).
+    pos = f.key_pos[0]
+    for p in range(4):
+        for c in range(8):
+            angle = 2 * math.pi * (p + 1) / 4 / 10000 ** (2 * (c // 2) / 8)
+            assert pos[p, c].item() == pytest.approx(math.sin(angle) if c % 2 == 0 else math.cos(angle), abs=1e-6)
+    assert (pos[4:] == 0).all()
+    # The encoding depends on the caption's own length, not on the batch's padding.
+    torch.testing.assert_close(sine_positions(tokens[:1, :4] != 0, 8)[0], pos[:4])
+    # Keys move with the encoding, values do not: the head's output changes when it is dropped.
+    with_pos = model.text_head(f.local, f.global_, f.mask, f.key_pos).sets
+    without = model.text_head(f.local, f.global_, f.mask, None).sets
+    assert (with_pos - without).abs().max() > 1e-4
+
+
+def test_bigru_gru_locals_match_an_unpadded_run():
+    model = build_model(tiny_cfg(text_local="gru"), VOCAB).eval()
     enc = model.text_encoder
     tokens = torch.tensor([[1, 4, 5, 2, 0, 0], [1, 4, 5, 6, 7, 2]])
     f = enc(tokens, tokens != 0)

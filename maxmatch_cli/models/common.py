@@ -41,11 +41,13 @@ class Features(NamedTuple):
         local: (B, N, D) local features (regions, grid cells or tokens) in the set head's input space.
         global_: (B, D) the pooled global feature.
         mask: (B, N) bool, True for real locals; padded locals hold zeros.
+        key_pos: (B, N, C) positional encoding the set head adds to its keys only (DivE's text side), or None.
     """
 
     local: Tensor
     global_: Tensor
     mask: Tensor
+    key_pos: Tensor | None = None
 
 
 class Encoder(Protocol):
@@ -57,7 +59,7 @@ class Encoder(Protocol):
 class SetHead(Protocol):
     """Seam every set head fits: local + global features -> :class:`SetOutput`."""
 
-    def __call__(self, local: Tensor, global_: Tensor, mask: Tensor) -> SetOutput: ...
+    def __call__(self, local: Tensor, global_: Tensor, mask: Tensor, key_pos: Tensor | None = None) -> SetOutput: ...
 
 
 def full_mask(x: Tensor) -> Tensor:
@@ -129,3 +131,29 @@ def random_drop_mask(mask: Tensor, rate: float, generator: torch.Generator | Non
         rescue[torch.arange(mask.shape[0], device=mask.device), first] = True
         dropped = dropped | (rescue & empty.unsqueeze(1) & mask)
     return dropped
+
+
+def sine_positions(mask: Tensor, dim: int) -> Tensor:
+    """Fixed sinusoidal encoding of token positions, normalised by each sequence's own length.
+
+    Position p = 1..n of a sequence of n real tokens becomes the angle 2 pi p / n; channel 2i and 2i+1 hold
+    sin and cos of that angle over 10000^(2i / dim) (DivE ``pos_encoding.py`` ``PositionEmbeddingSine1D`` with
+    ``normalize=True``, which divides by the padded batch length instead: that makes a caption's embedding depend
+    on the longest caption in its batch, so the real length is used here). Padded positions get zeros.
+
+    Args:
+        mask: (B, L) bool, True for real tokens (right padding).
+        dim: C, the encoding width.
+
+    Returns:
+        (B, L, dim) float32.
+    """
+    mask = mask.to(torch.bool)
+    pos = mask.cumsum(dim=1).to(torch.float32)
+    length = mask.sum(dim=1, keepdim=True).clamp_min(1).to(torch.float32)
+    angle = pos / length * (2 * torch.pi)
+    i = torch.arange(dim, device=mask.device)
+    freq = torch.pow(10000.0, (2 * torch.div(i, 2, rounding_mode="floor")).to(torch.float32) / dim)
+    x = angle.unsqueeze(-1) / freq
+    enc = torch.where(i % 2 == 0, torch.sin(x), torch.cos(x))
+    return enc * mask.unsqueeze(-1)

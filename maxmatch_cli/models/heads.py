@@ -47,21 +47,24 @@ class AggregationBlock(nn.Module):
     """One pre-norm aggregation block: x = CrossAttn(LN(x), LN(ctx)) + x; x = FF(LN(x)) + x.
 
     Args:
-        dim: slot and context width D.
+        dim: slot width D.
         heads: attention heads.
         head_dim: width of each head (heads x head_dim is the attention width D_h).
         ff_dim: hidden width of the feed-forward network (D -> ff_dim -> D, GELU).
         dropout: dropout after the attention output projection and inside the feed-forward network.
+        context_dim: width of the local features attended to (D; the word-vector width for a Bi-GRU's words).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, ff_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, head_dim: int, ff_dim: int, dropout: float,
+                 context_dim: int | None = None):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
+        context_dim = context_dim or dim
         self.norm_slots = nn.LayerNorm(dim)
-        self.norm_context = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(context_dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
         self.attn_dropout = nn.Dropout(dropout)
         self.norm_ff = nn.LayerNorm(dim)
@@ -71,9 +74,16 @@ class AggregationBlock(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        """Projects the context (B, N, D) to keys and values, each (B, H, N, head_dim)."""
+    def keys_values(self, context: Tensor, key_pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Projects the context (B, N, C) to keys and values, each (B, H, N, head_dim).
+
+        ``key_pos`` (B, N, C) is added to the normalised context for the keys only (DivE: k = W_k (LN(ctx) + pos),
+        v = W_v LN(ctx)); the key projection has no bias, so that is W_k LN(ctx) + W_k pos.
+        """
         k, v = self.to_kv(self.norm_context(context)).chunk(2, dim=-1)
+        if key_pos is not None:
+            inner = self.heads * self.head_dim
+            k = k + nn.functional.linear(key_pos.to(k.dtype), self.to_kv.weight[:inner])
         return self._split(k), self._split(v)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
@@ -97,29 +107,33 @@ class SetDivHead(nn.Module):
         ff_dim: feed-forward hidden width.
         dropout: dropout inside the blocks.
         share_weights: apply one block's weights L times (SetDiv's default) instead of L separate blocks.
+        context_dim: width of the local features (default D; the word-vector width when a Bi-GRU's words are
+            attended to, DivE ``txt_attention_input wemb``).
     """
 
     def __init__(self, dim: int, num_embeds: int, depth: int, heads: int, head_dim: int, ff_dim: int,
-                 dropout: float = 0.1, share_weights: bool = True):
+                 dropout: float = 0.1, share_weights: bool = True, context_dim: int | None = None):
         super().__init__()
         self.depth = depth
         self.share_weights = share_weights
         self.queries = nn.Parameter(torch.randn(num_embeds, dim))
         n_blocks = 1 if share_weights else depth
-        self.blocks = nn.ModuleList(AggregationBlock(dim, heads, head_dim, ff_dim, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(AggregationBlock(dim, heads, head_dim, ff_dim, dropout, context_dim)
+                                    for _ in range(n_blocks))
         self.norm_out = nn.LayerNorm(dim)
         self.norm_global = nn.LayerNorm(dim)
 
-    def forward(self, local: Tensor, global_: Tensor, mask: Tensor) -> SetOutput:
-        """local (B, N, D), global_ (B, D), mask (B, N) bool -> SetOutput with sets/slots (B, K, D)."""
+    def forward(self, local: Tensor, global_: Tensor, mask: Tensor, key_pos: Tensor | None = None) -> SetOutput:
+        """local (B, N, C), global_ (B, D), mask (B, N) bool, key_pos (B, N, C) or None
+        -> SetOutput with sets/slots (B, K, D)."""
         local = local.masked_fill(~mask.unsqueeze(-1), 0.0)
-        x = self.queries.unsqueeze(0).expand(local.shape[0], -1, -1).to(local.dtype)
+        x = self.queries.unsqueeze(0).expand(local.shape[0], -1, -1).to(global_.dtype)
         kv = None
         for i in range(self.depth):
             block = self.blocks[0 if self.share_weights else i]
             # Shared weights see the same context every step, so its keys/values are computed once.
             if kv is None or not self.share_weights:
-                kv = block.keys_values(local)
+                kv = block.keys_values(local, key_pos)
             x = block(x, kv, mask)
         slots = self.norm_out(x)
         sets = slots + self.norm_global(global_).unsqueeze(1)
@@ -134,21 +148,26 @@ class PVSEHead(nn.Module):
         num_embeds: K, attention maps (= set elements).
         hidden_dim: width of the attention MLP (PVSE: D / 2).
         dropout: dropout on the per-element residuals.
+        context_dim: width of the local features (default D).
     """
 
-    def __init__(self, dim: int, num_embeds: int, hidden_dim: int, dropout: float = 0.1):
+    def __init__(self, dim: int, num_embeds: int, hidden_dim: int, dropout: float = 0.1,
+                 context_dim: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        context_dim = context_dim or dim
+        self.w1 = nn.Linear(context_dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, num_embeds, bias=False)
-        self.fc = nn.Linear(dim, dim)
+        self.fc = nn.Linear(context_dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
         for lin in (self.w1, self.w2, self.fc):
             nn.init.xavier_uniform_(lin.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, local: Tensor, global_: Tensor, mask: Tensor) -> SetOutput:
-        """local (B, N, D), global_ (B, D), mask (B, N) bool -> SetOutput with sets/slots (B, K, D)."""
+    def forward(self, local: Tensor, global_: Tensor, mask: Tensor, key_pos: Tensor | None = None) -> SetOutput:
+        """local (B, N, C), global_ (B, D), mask (B, N) bool -> SetOutput with sets/slots (B, K, D).
+
+        ``key_pos`` is accepted for the common seam and unused (PVSE has no positional encoding)."""
         local = local.masked_fill(~mask.unsqueeze(-1), 0.0)
         logits = self.w2(torch.tanh(self.w1(local)))  # (B, N, K)
         logits = logits.masked_fill(~mask.unsqueeze(-1), torch.finfo(logits.dtype).min)

@@ -25,10 +25,12 @@ class LocalProjection(nn.Module):
         in_dim: stored feature width F.
         dim: output width D.
         mlp: add the D -> D/2 -> D MLP branch as a residual (False: fc only, a plain 1x1 projection).
+        dropout: dropout on the projected features (DivE ``img_1x1_dropout`` 0.1).
     """
 
-    def __init__(self, in_dim: int, dim: int, mlp: bool = True):
+    def __init__(self, in_dim: int, dim: int, mlp: bool = True, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_dim, dim)
         nn.init.xavier_uniform_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
@@ -45,7 +47,7 @@ class LocalProjection(nn.Module):
         h = self.fc(x)
         if self.use_mlp:
             h = h + self.mlp_out(torch.relu(self.mlp_bn(self.mlp_in(h), mask)))
-        return h.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return self.dropout(h).masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
 class PrecomputedEncoder(nn.Module):
@@ -60,9 +62,9 @@ class PrecomputedEncoder(nn.Module):
 
     POOLS: dict[str, Pool] = {"max": masked_max, "mean": masked_mean}
 
-    def __init__(self, in_dim: int, dim: int, pool: str = "max", mlp: bool = True):
+    def __init__(self, in_dim: int, dim: int, pool: str = "max", mlp: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.project = LocalProjection(in_dim, dim, mlp)
+        self.project = LocalProjection(in_dim, dim, mlp, dropout)
         self.pool_name = pool
         self.pool = self.POOLS[pool]
 
@@ -93,10 +95,11 @@ class CNNEncoder(nn.Module):
     backbone_lr_group = "cnn"
     """The trunk trains at lr x optim.lr_scale_cnn once unfrozen."""
 
-    def __init__(self, trunk: nn.Module, channels: int, dim: int, mlp: bool = True, freeze_epochs: int = 0):
+    def __init__(self, trunk: nn.Module, channels: int, dim: int, mlp: bool = True, freeze_epochs: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         self.backbone = trunk
-        self.project = LocalProjection(channels, dim, mlp)
+        self.project = LocalProjection(channels, dim, mlp, dropout)
         self.freeze_epochs = freeze_epochs
         self.frozen = False
         self.set_epoch(0)

@@ -23,12 +23,14 @@ SET_HEADS: Registry = Registry("set head", "model.set_head")
 
 @IMAGE_ENCODERS.register("region", "precomputed BUTD regions (B, R, F): fc + MLP residual, max-pooled global")
 def _region_encoder(cfg, pretrained: bool) -> nn.Module:
-    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="max", mlp=cfg.image_mlp)
+    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="max", mlp=cfg.image_mlp,
+                              dropout=cfg.image_dropout)
 
 
 @IMAGE_ENCODERS.register("grid", "precomputed CNN grid cells (B, h*w, F): 1x1 projection (+ MLP), mean-pooled global")
 def _grid_encoder(cfg, pretrained: bool) -> nn.Module:
-    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="mean", mlp=cfg.image_mlp)
+    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="mean", mlp=cfg.image_mlp,
+                              dropout=cfg.image_dropout)
 
 
 @IMAGE_ENCODERS.register("cnn", "raw pixels (B, 3, H, W) through ResNet-152 / ResNeXt-101, fine-tuned end to end")
@@ -36,12 +38,15 @@ def _cnn_encoder(cfg, pretrained: bool) -> nn.Module:
     from maxmatch_cli.models.backbones import RANDOM_WEIGHTS, build_cnn_trunk
 
     trunk, channels = build_cnn_trunk(cfg.cnn_backbone, cfg.cnn_weights if pretrained else RANDOM_WEIGHTS)
-    return CNNEncoder(trunk, channels, cfg.embed_dim, mlp=cfg.image_mlp, freeze_epochs=cfg.cnn_freeze_epochs)
+    return CNNEncoder(trunk, channels, cfg.embed_dim, mlp=cfg.image_mlp, freeze_epochs=cfg.cnn_freeze_epochs,
+                      dropout=cfg.image_dropout)
 
 
-@TEXT_ENCODERS.register("bigru", "word embeddings (GloVe if model.glove_path) + Bi-GRU, mean final state as global")
+@TEXT_ENCODERS.register("bigru", "word embeddings (GloVe if model.glove_path) + Bi-GRU, mean final state as global; "
+                               "the set head attends to the words (model.text_local)")
 def _bigru_encoder(cfg, vocab_words: Sequence[str] | None, pretrained: bool) -> nn.Module:
-    return build_bigru(vocab_words, cfg.word_dim, cfg.embed_dim, cfg.gru_layers, cfg.glove_path if pretrained else "")
+    return build_bigru(vocab_words, cfg.word_dim, cfg.embed_dim, cfg.gru_layers, cfg.glove_path if pretrained else "",
+                       local=cfg.text_local, dropout=cfg.text_dropout, pos_encoding=cfg.text_pos_encoding)
 
 
 @TEXT_ENCODERS.register("bert", "local BERT-family model (model.bert_path) + Linear to D, max-pooled global")
@@ -51,14 +56,14 @@ def _bert_encoder(cfg, vocab_words: Sequence[str] | None, pretrained: bool) -> n
 
 
 @SET_HEADS.register("setdiv", "SetDiv slot cross-attention (slots compete), sets = LN(E^L) + LN(global)")
-def _setdiv_head(cfg) -> nn.Module:
+def _setdiv_head(cfg, context_dim: int) -> nn.Module:
     return SetDivHead(cfg.embed_dim, cfg.num_embeds, cfg.set_depth, cfg.set_heads, cfg.set_head_dim,
-                      cfg.set_ff_dim, cfg.set_dropout, cfg.set_share_weights)
+                      cfg.set_ff_dim, cfg.set_dropout, cfg.set_share_weights, context_dim)
 
 
 @SET_HEADS.register("pvse", "PVSE multi-head self-attention, sets = LN(global + sigmoid(fc(attended)))")
-def _pvse_head(cfg) -> nn.Module:
-    return PVSEHead(cfg.embed_dim, cfg.num_embeds, max(cfg.embed_dim // 2, 1), cfg.set_dropout)
+def _pvse_head(cfg, context_dim: int) -> nn.Module:
+    return PVSEHead(cfg.embed_dim, cfg.num_embeds, max(cfg.embed_dim // 2, 1), cfg.set_dropout, context_dim)
 
 
 class SetEmbeddingModel(nn.Module):
@@ -72,8 +77,9 @@ class SetEmbeddingModel(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, image_head: nn.Module,
-                 text_head: nn.Module):
+                 text_head: nn.Module, image_tower_in_set_group: bool = False):
         super().__init__()
+        self.image_tower_in_set_group = image_tower_in_set_group
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.image_head = image_head
@@ -92,12 +98,12 @@ class SetEmbeddingModel(nn.Module):
             SetOutput with sets and slots (B, K, D) and global_ (B, D).
         """
         f = self.image_encoder(feats, mask)
-        return self.image_head(f.local, f.global_, f.mask)
+        return self.image_head(f.local, f.global_, f.mask, f.key_pos)
 
     def encode_texts(self, tokens: Tensor, mask: Tensor) -> SetOutput:
         """Caption sets from tokens (B, L) long and mask (B, L) bool (True = real token, right-padded)."""
         f = self.text_encoder(tokens, mask)
-        return self.text_head(f.local, f.global_, f.mask)
+        return self.text_head(f.local, f.global_, f.mask, f.key_pos)
 
     def forward(self, feats: Tensor, feat_mask: Tensor | None, tokens: Tensor, token_mask: Tensor
                 ) -> tuple[SetOutput, SetOutput]:
@@ -112,9 +118,14 @@ class SetEmbeddingModel(nn.Module):
                 module.set_epoch(epoch)
 
     def _lr_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Parameters by learning-rate group: 'set', 'text' (BERT), 'cnn' (CNN trunk), 'base' (the rest)."""
+        """Parameters by learning-rate group: 'set', 'text' (BERT), 'cnn' (CNN trunk), 'base' (the rest).
+
+        With ``image_tower_in_set_group`` the image encoder's own layers (projection, MLP) join the set heads
+        (DivE's ``img_pie_lr_scale`` covers the whole image tower except the CNN)."""
         owner: dict[int, str] = {}
         pairs = [("set", self.image_head), ("set", self.text_head)]
+        if self.image_tower_in_set_group:
+            pairs.insert(0, ("set", self.image_encoder))
         for encoder in (self.image_encoder, self.text_encoder):
             group = getattr(encoder, "backbone_lr_group", None)
             if group is not None:
@@ -173,7 +184,9 @@ def build_model(cfg, vocab_words: Sequence[str] | None = None, pretrained: bool 
     image_encoder = IMAGE_ENCODERS.get(cfg.image_encoder)(cfg, pretrained)
     text_encoder = TEXT_ENCODERS.get(cfg.text_encoder)(cfg, vocab_words, pretrained)
     head = SET_HEADS.get(cfg.set_head)
-    return SetEmbeddingModel(image_encoder, text_encoder, head(cfg), head(cfg))
+    text_context = getattr(text_encoder, "local_dim", cfg.embed_dim)
+    return SetEmbeddingModel(image_encoder, text_encoder, head(cfg, cfg.embed_dim), head(cfg, text_context),
+                             image_tower_in_set_group=cfg.image_tower_lr_as_set)
 
 
 def component_names() -> dict[str, dict[str, str]]:

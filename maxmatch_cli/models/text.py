@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.models.common import Features, masked_max
+from maxmatch_cli.models.common import Features, masked_max, sine_positions
 from maxmatch_cli.models.glove import WordVectors
 from maxmatch_cli.models.paths import BERT_HINT, resolve_bert_path
 
@@ -24,9 +24,12 @@ log = logging.getLogger(__name__)
 class BiGRUEncoder(nn.Module):
     """Word embeddings -> bidirectional GRU (hidden D, directions averaged).
 
-    Local features are the per-token GRU outputs with the two directions averaged (B, L, D); the global feature
-    is the mean of the last layer's final hidden states of both directions (B, D). Sequences are packed, so
-    padding never enters the recurrence.
+    The global feature is the mean of the last layer's final hidden states of both directions (B, D). The local
+    features the set head attends to are the word embeddings (B, L, word_dim) with a sine positional encoding for
+    the keys (paper §3.1: "300-dimensional word vectors as local features"; DivE ``txt_attention_input wemb``,
+    ``spm_txt_pos_enc_type sine``), or with ``local="gru"`` the per-token GRU outputs, directions averaged
+    (B, L, D), without one. Dropout (DivE: 0.1) hits the word embeddings before the GRU and its outputs.
+    Sequences are packed, so padding never enters the recurrence.
 
     Args:
         vocab_size: rows of the embedding table.
@@ -34,10 +37,14 @@ class BiGRUEncoder(nn.Module):
         dim: D, the GRU hidden size.
         num_layers: stacked GRU layers.
         word_vectors: optional pre-trained rows copied into the table where found (others stay random).
+        local: 'words' or 'gru', see above.
+        dropout: dropout rate on the embeddings and on the GRU outputs.
+        pos_encoding: 'sine' or 'none', the keys' positional encoding when local='words'.
     """
 
     def __init__(self, vocab_size: int, word_dim: int, dim: int, num_layers: int = 1,
-                 word_vectors: WordVectors | None = None):
+                 word_vectors: WordVectors | None = None, local: str = "words", dropout: float = 0.0,
+                 pos_encoding: str = "sine"):
         super().__init__()
         if word_vectors is not None and word_vectors.dim != word_dim:
             raise MaxMatchError(f"word vectors {word_vectors.source} are {word_vectors.dim}-dimensional but "
@@ -53,6 +60,14 @@ class BiGRUEncoder(nn.Module):
                 self.embed.weight[found] = torch.from_numpy(word_vectors.vectors[word_vectors.found])
         self.gru = nn.GRU(word_dim, dim, num_layers=num_layers, batch_first=True, bidirectional=True)
         self.dim = dim
+        self.local = local
+        self.pos_encoding = pos_encoding
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def local_dim(self) -> int:
+        """Width of the local features handed to the set head."""
+        return self.embed.embedding_dim if self.local == "words" else self.dim
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Features:
         """tokens (B, L) long, mask (B, L) bool (True = real token, right-padded) -> Features."""
@@ -60,12 +75,15 @@ class BiGRUEncoder(nn.Module):
         lengths = mask.sum(dim=1)
         if bool((lengths == 0).any()):
             raise ValueError("every caption needs at least one real token (mask row all False)")
-        emb = self.embed(tokens)
+        emb = self.dropout(self.embed(tokens))
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, h_n = self.gru(packed)
+        global_ = self.dropout((h_n[-2] + h_n[-1]) / 2)  # last layer, forward and backward
+        if self.local == "words":
+            pos = sine_positions(mask, emb.shape[-1]) if self.pos_encoding == "sine" else None
+            return Features(emb.masked_fill(~mask.unsqueeze(-1), 0.0), global_, mask, pos)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        local = (out[..., : self.dim] + out[..., self.dim:]) / 2
-        global_ = (h_n[-2] + h_n[-1]) / 2  # last layer, forward and backward
+        local = self.dropout((out[..., : self.dim] + out[..., self.dim:]) / 2)
         return Features(local, global_, mask)
 
 
@@ -129,7 +147,8 @@ def load_bert_backbone(spec: str, weights: bool = True) -> tuple[nn.Module, int]
 
 
 def build_bigru(vocab_words: Sequence[str] | None, word_dim: int, dim: int, num_layers: int,
-                glove_path: str) -> BiGRUEncoder:
+                glove_path: str, local: str = "words", dropout: float = 0.0, pos_encoding: str = "sine"
+                ) -> BiGRUEncoder:
     """A Bi-GRU for ``vocab_words``, with GloVe rows copied in when ``glove_path`` is given."""
     if not vocab_words:
         raise MaxMatchError("the Bi-GRU text encoder needs the vocabulary (vocab_words) to size its embeddings",
@@ -139,7 +158,7 @@ def build_bigru(vocab_words: Sequence[str] | None, word_dim: int, dim: int, num_
         from maxmatch_cli.models.glove import load_word_vectors
 
         vectors = load_word_vectors(glove_path, vocab_words)
-    enc = BiGRUEncoder(len(vocab_words), word_dim, dim, num_layers, vectors)
+    enc = BiGRUEncoder(len(vocab_words), word_dim, dim, num_layers, vectors, local, dropout, pos_encoding)
     if vectors is not None:
         enc.coverage = vectors.coverage(vocab_words)
         log.info("word vectors from %s: %.1f%% of %d vocabulary words found (dim %d)", vectors.source,
