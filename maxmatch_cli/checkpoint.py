@@ -10,10 +10,8 @@ the same folder and are renamed into place, so a checkpoint on disk is always wh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from maxmatch_cli import __version__
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import atomic_write
 from maxmatch_cli.recipes import Recipe, recipe_from_dict
 
 FORMAT = "maxmatch-checkpoint"
@@ -67,24 +66,6 @@ def provenance(feature_fingerprint: str | None = None, extra: dict[str, Any] | N
         "created_unix": time.time(),
         **(extra or {}),
     }
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise MaxMatchError(f"cannot write to {path.parent}: {exc.strerror}",
-                            hint="choose an output folder you can write to (--out)") from None
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _flatten_optim(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -78,6 +78,7 @@ import numpy as np
 
 from maxmatch_cli import __version__
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import publish
 
 SCHEMA_VERSION = 1
 FEATURE_KINDS = ("region", "grid", "pixels")
@@ -1262,7 +1263,7 @@ class StoreWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(self.partial, self.path)
+            publish(self.partial, self.path)
         except OSError as exc:
             raise self._write_error(exc) from None
         self._finished = True
