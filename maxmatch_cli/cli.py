@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from maxmatch_cli import __version__
 from maxmatch_cli.errors import MaxMatchError
@@ -38,7 +40,8 @@ CacheOption = Annotated[bool, typer.Option(
 DataOption = Annotated[Optional[str], typer.Option("--data", help="Feature cache (default: the recipe's).")]
 SplitOption = Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: eval.split).")]
 ProtocolOption = Annotated[Optional[str], typer.Option(
-    "--protocol", help="auto, full, coco1k or coco5k (default: eval.protocol).")]
+    "--protocol", help="auto, full, coco1k or coco5k (coco1k/coco5k: the 5,000-image COCO test split only; "
+                       "default: eval.protocol).")]
 SimilarityOption = Annotated[Optional[str], typer.Option(
     "--similarity", help="Set similarity at test time (default: the training one).")]
 
@@ -63,15 +66,30 @@ def guarded(func):
 
 
 def _report(exc: Exception) -> None:
-    """One message naming the input and the fix."""
+    """One message naming the input and the fix.
+
+    Printed as it is: no rich markup taken from it (paths may hold brackets), and never hard-wrapped at the
+    console width (off a terminal rich would break lines at 80 columns, splitting paths and messages).
+    """
     if isinstance(exc, MaxMatchError):
-        err_console.print(f"[bold red]error:[/] {exc.message}")
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}")
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         return
     where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-    err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}")
-    err_console.print("[yellow]hint:[/] check the path, its permissions and the free disk space")
+    err_console.print(f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}", soft_wrap=True)
+    err_console.print("[yellow]hint:[/] check the path, its permissions and the free disk space", soft_wrap=True)
+
+
+def _line(text: str) -> None:
+    """Print one line of plain text (paths included) that is never wrapped or read as markup."""
+    console.print(escape(text), soft_wrap=True)
+
+
+def _wrote(*paths) -> None:
+    """Announce each file a command wrote, one ``wrote PATH`` line each."""
+    for path in paths:
+        _line(f"wrote {path}")
 
 
 def _version(value: bool) -> None:
@@ -192,9 +210,11 @@ def extract_features_cmd(
         num_workers=num_workers, skip_unreadable=skip_unreadable, allow_missing=allow_missing, overwrite=overwrite,
     )
     if before == "complete":
-        console.print(f"{path} is already complete (same arguments): nothing to do.")
+        _line(f"{path} is already complete (same arguments): nothing to do.")
     if path.exists():  # on torchrun ranks other than 0 only a shard was written
         _print_store_info(describe_store(path))
+        if before != "complete":
+            _wrote(path)
 
 
 def _print_store_info(info: dict) -> None:
@@ -213,8 +233,9 @@ def _print_store_info(info: dict) -> None:
     info = dict(info)
     if isinstance(info.get("size_bytes"), int):
         info["size_bytes"] = f"{info['size_bytes']:,} ({info['size_bytes'] / 2**20:,.1f} MiB)"
-    console.print(key_value_table({k: short(v) for k, v in info.items() if k != "splits"},
-                                  title=f"{info.get('path', '')}"))
+    _line(f"feature cache {info.get('path', '')}")  # a path in a table cell or title would be wrapped
+    console.print(key_value_table({k: short(v) for k, v in info.items() if k not in ("splits", "path")},
+                                  title="feature cache"))
     splits = info.get("splits", {})
     table = Table(title="splits", title_justify="left")
     table.add_column("split", style="bold")
@@ -227,14 +248,30 @@ def _print_store_info(info: dict) -> None:
 
 @features_app.command("info")
 @guarded
-def features_info_cmd(file: Annotated[Path, typer.Argument(help="An HDF5 feature cache.")]) -> None:
+def features_info_cmd(
+    file: Annotated[Path, typer.Argument(help="An HDF5 feature cache.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the same information as JSON on stdout.")] = False,
+) -> None:
     """Schema version, source, splits, feature shape and dtype, size on disk, completeness.
 
-    Example: [bold]maxmatch features info demo/features.h5[/]
+    Examples:
+      [bold]maxmatch features info demo/features.h5[/]
+      [bold]maxmatch features info demo/features.h5 --json > info.json[/]
     """
     from maxmatch_cli.features.store import describe_store
 
-    _print_store_info(describe_store(file))
+    info = describe_store(file)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=_json_default))
+    else:
+        _print_store_info(info)
+
+
+def _json_default(value):
+    """numpy scalars and arrays, and paths, in the store's metadata."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 @features_app.command("merge")
@@ -255,6 +292,7 @@ def features_merge_cmd(
 
     path = merge_shards(shards, out, captions=captions, remove_shards=not keep_shards)
     _print_store_info(describe_store(path))
+    _wrote(path)
 
 
 @app.command("train")
@@ -264,8 +302,13 @@ def train_cmd(
     overrides: SetOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<recipe>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the run already in OUT (its checkpoints, metrics.jsonl, recipe.toml and "
+                            "cached embeddings; nothing else).")] = False,
 ) -> None:
-    """Train a model; writes best.safetensors, last.safetensors and metrics.jsonl to the run folder.
+    """Train a model; writes best.safetensors, last.safetensors, metrics.jsonl and recipe.toml to the run folder.
+
+    A folder that already holds a run is refused: continue it with --resume or replace it with --overwrite.
 
     Example: [bold]maxmatch train --recipe demo --set data.path=demo/features.h5 --out runs/demo[/]
     """
@@ -273,19 +316,26 @@ def train_cmd(
 
     from maxmatch_cli.recipes import load_recipe, parse_overrides, to_toml
     from maxmatch_cli.report import recall_table
+    from maxmatch_cli.rundir import RUN_FILES, prepare_run_dir
     from maxmatch_cli.train import train
 
     resolved = load_recipe(recipe, parse_overrides(overrides))
     out = out or Path("runs") / resolved.name
-    console.rule(f"[bold]maxmatch train[/] · recipe {resolved.name} → {out}")
+    removed = prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    console.rule(f"[bold]maxmatch train[/] · recipe {escape(resolved.name)}")
+    _line(f"run folder {out}" + (" (continued)" if resume else ""))
+    if removed:
+        _line(f"removed the earlier run's {len(removed)} file(s) from {out} (--overwrite)")
     console.print(Syntax(to_toml(resolved), "toml", theme="ansi_dark", background_color="default"))
     result = train(resolved, out, resume=resume)
     if result.last_metrics:
         console.print(recall_table([("validation (last epoch)", result.last_metrics)]))
     status = "interrupted" if result.interrupted else "done"
     console.print(f"[bold green]{status}[/]: {result.steps} steps in {result.seconds / 60:.1f} min; "
-                  f"best val RSUM {result.best_rsum if result.best_rsum is None else round(result.best_rsum, 2)}; "
-                  f"checkpoints in {result.out_dir}")
+                  f"best val RSUM {result.best_rsum if result.best_rsum is None else round(result.best_rsum, 2)}",
+                  soft_wrap=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the run's files
+        _wrote(*(Path(result.out_dir) / name for name in RUN_FILES if (Path(result.out_dir) / name).is_file()))
     if result.interrupted:
         raise typer.Exit(130)
 
@@ -294,12 +344,10 @@ def train_cmd(
 @guarded
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (or run folder) from `maxmatch train`.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Feature cache (default: the recipe's).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: eval.split).")] = None,
-    protocol: Annotated[Optional[str], typer.Option(
-        "--protocol", help="auto, full, coco1k or coco5k (default: eval.protocol).")] = None,
-    similarity: Annotated[Optional[str], typer.Option(
-        "--similarity", help="Set similarity at test time (default: the training one).")] = None,
+    data: DataOption = None,
+    split: SplitOption = None,
+    protocol: ProtocolOption = None,
+    similarity: SimilarityOption = None,
     device: DeviceOption = "auto",
     json_path: JsonOption = None,
     csv_path: CsvOption = None,
@@ -319,9 +367,9 @@ def evaluate_cmd(
         rows.append((f"coco1k (mean of {len(result.folds)} folds)", result.folds_mean))
     elif result.folds:
         rows += [(f"fold {i + 1}", m) for i, m in enumerate(result.folds)]
-    console.print(recall_table(rows, title=f"Recall@K (%) · {checkpoint} · similarity {result.similarity}"))
-    if json_path:
-        console.print(f"wrote {json_path}")
+    _line(f"checkpoint {result.checkpoint} · split {result.split} of {result.data}")
+    console.print(recall_table(rows, title=f"Recall@K (%) · similarity {escape(result.similarity)}"))
+    _wrote(*result.files)
 
 
 @app.command("ensemble")
@@ -349,15 +397,16 @@ def ensemble_cmd(
     result = ensemble_checkpoints(checkpoints, data=data, split=split, protocol=protocol, similarity=similarity,
                                   device=device, json_path=json_path, csv_path=csv_path, cache=cache)
     ens = result.ensemble
-    labels = [f"{path} ({m.similarity})" for path, m in zip(result.checkpoints, result.members)]
+    # Long paths would wrap inside the table: members are numbered there and listed here in full.
+    for i, (path, m) in enumerate(zip(result.checkpoints, result.members), 1):
+        _line(f"member {i}: {path} ({m.similarity})")
+    labels = [f"member {i}" for i in range(1, len(result.members) + 1)]
     rows = [*zip(labels, (m.metrics for m in result.members)), (f"ensemble of {len(labels)}", ens.metrics)]
     console.print(recall_table(rows, title=f"Recall@K (%) · {ens.protocol} ({ens.n_images:,} images)"))
     if ens.folds_mean is not None:
         rows = [*zip(labels, (m.folds_mean for m in result.members)), (f"ensemble of {len(labels)}", ens.folds_mean)]
         console.print(recall_table(rows, title=f"Recall@K (%) · coco1k (mean of {len(ens.folds)} folds)"))
-    for path in (json_path, csv_path):
-        if path:
-            console.print(f"wrote {path}")
+    _wrote(*result.files)
 
 
 @app.command("analyze-collapse")
@@ -383,13 +432,13 @@ def analyze_collapse_cmd(
 
     report = analyze_collapse(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
                               out_dir=out, device=device, cache=cache)
-    console.rule(f"[bold]{report.checkpoint}[/] · {report.split} · {report.n_images:,} images, "
-                 f"{report.n_captions:,} captions, K={report.K}")
+    _line(f"checkpoint {report.checkpoint} · split {report.split} · {report.n_images:,} images, "
+          f"{report.n_captions:,} captions, K={report.K}")
     for table in collapse_tables(report):
         console.print(table)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"wrote {', '.join(report.files)} to {report.out_dir}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    _wrote(*report.cache_files, *(Path(report.out_dir) / name for name in report.files))
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from maxmatch_cli.checkpoint import atomic_write
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import atomic_write, write_text
 
 __all__ = ["CollapseReport", "analyze_collapse", "circular_variance", "pair_heatmaps", "slot_ablation",
            "slot_retrieval", "variance_summary"]
@@ -208,10 +208,15 @@ class CollapseReport:
     retrieval: dict[str, Any]
     out_dir: str = ""
     files: list[str] = field(default_factory=list)
+    """Files written to ``out_dir`` (names)."""
     notes: list[str] = field(default_factory=list)
+    cache_files: list[str] = field(default_factory=list)
+    """Embedding cache files written on the way (full paths; not part of the report on disk)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["cache_files"]
+        return out
 
 
 def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str | None = None,
@@ -240,26 +245,30 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         :class:`CollapseReport`, with the files written.
     """
     from maxmatch_cli.checkpoint import load_checkpoint
-    from maxmatch_cli.evaluate import checkpoint_embeddings, similarity_options
+    from maxmatch_cli.data import split_layout
+    from maxmatch_cli.devices import resolve_device
+    from maxmatch_cli.evaluate import check_protocol, checkpoint_embeddings, resolve_protocol, similarity_options
     from maxmatch_cli.features.store import open_store
-    from maxmatch_cli.train import resolve_device
 
+    if protocol is not None:
+        check_protocol(protocol)
+    dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe
     store = open_store(data or recipe.data.path)
     split = split or recipe.eval.split
-    protocol = protocol or recipe.eval.protocol
     kind = similarity or recipe.eval.similarity or recipe.loss.similarity
     cpi = recipe.data.captions_per_image
-    dev = resolve_device(device)
-    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
+    protocol = resolve_protocol(protocol or recipe.eval.protocol, len(split_layout(store, split, cpi)[0]), split)
+    written: list[Path] = []
+    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=written)
     images, captions = emb.images, emb.captions
     ablation = slot_ablation(images, captions, kind, protocol, cpi, dev, recipe.eval.block_size,
                              **similarity_options(recipe, kind))
     maps = pair_heatmaps(images, captions, cpi)
     report = CollapseReport(
         checkpoint=str(ckpt.path), data=str(store.path), split=split, similarity=kind,
-        protocol=ablation_protocol(protocol, images.shape[0]), n_images=images.shape[0],
+        protocol=protocol, n_images=images.shape[0],
         n_captions=captions.shape[0], K=images.shape[1],
         variance={"image": variance_summary(images), "text": variance_summary(captions)}, ablation=ablation,
         heatmaps={name: m.tolist() for name, m in maps.items()},
@@ -267,12 +276,8 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         retrieval=slot_retrieval(images, captions, cpi, dev, recipe.eval.block_size))
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent / f"collapse-{ckpt.path.stem}-{split}"
     write_collapse_report(report, out)
+    report.cache_files = [str(p) for p in written]
     return report
-
-
-def ablation_protocol(protocol: str, n_images: int) -> str:
-    """The protocol ``auto`` resolves to (as :func:`maxmatch_cli.evaluate.metrics_for` does)."""
-    return ("coco5k" if n_images == 5000 else "full") if protocol == "auto" else protocol
 
 
 def _matrix_csv(m: list[list[float]]) -> str:
@@ -333,7 +338,7 @@ def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
     report.out_dir = str(out_dir)
     report.files = []
     for name, text in _collapse_csvs(report).items():
-        atomic_write(out_dir / name, lambda tmp, text=text: tmp.write_text(text))
+        write_text(out_dir / name, text)
         report.files.append(name)
     if _heatmap_png(report, out_dir / "heatmaps.png"):
         report.files.append("heatmaps.png")
@@ -341,4 +346,4 @@ def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
         report.notes.append("matplotlib is not installed: heatmaps written as CSV only "
                             "(pip install matplotlib for heatmaps.png)")
     report.files.append("collapse.json")
-    atomic_write(out_dir / "collapse.json", lambda tmp: tmp.write_text(json.dumps(report.to_json(), indent=2)))
+    write_text(out_dir / "collapse.json", json.dumps(report.to_json(), indent=2))

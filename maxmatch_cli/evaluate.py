@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from maxmatch_cli.checkpoint import Checkpoint, atomic_write, load_checkpoint
+from maxmatch_cli.checkpoint import Checkpoint, load_checkpoint
 from maxmatch_cli.data import (CaptionDataset, ImageDataset, ImageSource, TextTokenizer, build_image_source,
                                build_tokenizer, check_image_input, split_layout)
+from maxmatch_cli.devices import resolve_device
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import atomic_write, write_text
 from maxmatch_cli.metrics import coco_1k_folds, retrieval_metrics
 from maxmatch_cli.progress import make_progress
 from maxmatch_cli.recipes import Recipe
@@ -47,6 +50,8 @@ class Embeddings:
 
 @dataclass
 class EvalResult:
+    """Metrics of one similarity matrix under a protocol, and what produced them."""
+
     protocol: str
     metrics: dict[str, float]
     folds: list[dict[str, float]] = field(default_factory=list)
@@ -54,13 +59,81 @@ class EvalResult:
     n_images: int = 0
     n_captions: int = 0
     similarity: str = ""
+    checkpoint: str = ""
+    split: str = ""
+    data: str | list[str] = ""
+    """Feature file (an ensemble whose members read different files: their list)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    """Files written while evaluating (the embedding cache, --json, --csv), in order."""
 
     def to_json(self) -> dict[str, Any]:
+        """DESIGN §5's {"protocol", "metrics", "folds"} and what the numbers come from (unrounded)."""
         out: dict[str, Any] = {"protocol": self.protocol, "metrics": self.metrics, "folds": self.folds}
         if self.folds_mean is not None:
             out["folds_mean"] = self.folds_mean
-        out.update({"n_images": self.n_images, "n_captions": self.n_captions, "similarity": self.similarity})
+        out.update({"checkpoint": self.checkpoint, "split": self.split, "data": self.data,
+                    "similarity": self.similarity, "n_images": self.n_images, "n_captions": self.n_captions,
+                    "provenance": self.provenance})
         return out
+
+
+PROTOCOLS = ("auto", "full", "coco1k", "coco5k")
+"""Evaluation protocols (module docstring)."""
+COCO_TEST_IMAGES = 5000
+"""Images of the COCO 5K test split, the only split coco1k and coco5k apply to."""
+METRIC_DECIMALS = 2
+"""Decimals of every metric in the files written (recalls in %, ranks, RSUM): the paper reports one."""
+
+
+def check_protocol(protocol: str) -> str:
+    """Refuse a protocol name that is not one of :data:`PROTOCOLS`."""
+    if protocol not in PROTOCOLS:
+        raise MaxMatchError(f"unknown protocol '{protocol}'", hint=f"use one of: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def resolve_protocol(protocol: str, n_images: int, split: str | None = None) -> str:
+    """The protocol to apply to a split of ``n_images`` images: ``auto`` resolved, a misfit refused.
+
+    coco1k and coco5k are defined on the 5,000-image COCO test split only; on any other size they would average a
+    different number of folds (or one) under the COCO name, so they are an error naming the split.
+    """
+    check_protocol(protocol)
+    if protocol == "auto":
+        return "coco5k" if n_images == COCO_TEST_IMAGES else "full"
+    if protocol in ("coco1k", "coco5k") and n_images != COCO_TEST_IMAGES:
+        where = f"split '{split}'" if split else "the similarity matrix"
+        raise MaxMatchError(f"protocol {protocol} needs the {COCO_TEST_IMAGES:,}-image COCO test split, but {where} "
+                            f"has {n_images:,} images",
+                            hint="use --protocol full (all images against all their captions) or auto for this split")
+    return protocol
+
+
+def rounded(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics rounded to :data:`METRIC_DECIMALS` for the files written (the returned values stay exact)."""
+    return {key: round(float(value), METRIC_DECIMALS) for key, value in metrics.items()}
+
+
+def _rounded_record(record: dict[str, Any]) -> dict[str, Any]:
+    out = dict(record)
+    for key in ("metrics", "folds_mean"):
+        if out.get(key) is not None:
+            out[key] = rounded(out[key])
+    out["folds"] = [rounded(fold) for fold in out.get("folds", [])]
+    if "members" in out:
+        out["members"] = [_rounded_record(member) for member in out["members"]]
+    return out
+
+
+def eval_provenance(ckpt: Checkpoint | None = None) -> dict[str, Any]:
+    """What an evaluation file records of its origin: the checkpoint's provenance, this maxmatch, the date."""
+    from maxmatch_cli import __version__
+
+    out: dict[str, Any] = {"checkpoint": ckpt.provenance} if ckpt is not None else {}
+    out.update({"maxmatch_version": __version__,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return out
 
 
 def similarity_options(recipe: Recipe, kind: str) -> dict[str, Any]:
@@ -121,13 +194,9 @@ def score(emb_images: torch.Tensor, emb_captions: torch.Tensor, kind: str, devic
 
 
 def metrics_for(sims: torch.Tensor, protocol: str, captions_per_image: int) -> EvalResult:
-    """Apply an evaluation protocol to a full similarity matrix."""
+    """Apply an evaluation protocol (:func:`resolve_protocol`) to a full similarity matrix."""
     n_images = sims.shape[0]
-    if protocol == "auto":
-        protocol = "coco5k" if n_images == 5000 else "full"
-    if protocol in ("coco1k", "coco5k") and n_images % 1000:
-        raise MaxMatchError(f"protocol {protocol} needs a multiple of 1,000 images, this split has {n_images}",
-                            hint="use --protocol full")
+    protocol = resolve_protocol(protocol, n_images)
     result = EvalResult(protocol=protocol, metrics={}, n_images=n_images, n_captions=sims.shape[1])
     if protocol == "coco1k":
         result.metrics, result.folds = coco_1k_folds(sims, captions_per_image, n_folds=n_images // 1000)
@@ -207,7 +276,7 @@ def _read_cache(path: Path, key: dict[str, Any]) -> Embeddings | None:
         return None
 
 
-def _write_cache(path: Path, key: dict[str, Any], emb: Embeddings) -> None:
+def _write_cache(path: Path, key: dict[str, Any], emb: Embeddings) -> bool:
     from safetensors.torch import save_file
 
     tensors = {"images": emb.images.contiguous(), "captions": emb.captions.contiguous(),
@@ -216,11 +285,13 @@ def _write_cache(path: Path, key: dict[str, Any], emb: Embeddings) -> None:
     try:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)}))
     except (MaxMatchError, OSError):
-        pass  # a read-only checkpoint folder or a full disk only costs the re-encoding next time
+        return False  # a read-only checkpoint folder or a full disk only costs the re-encoding next time
+    return True
 
 
 def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.device, *, cache: bool = True,
-                          cache_dir: Path | None = None, show_progress: bool = True) -> Embeddings:
+                          cache_dir: Path | None = None, show_progress: bool = True,
+                          written: list[Path] | None = None) -> Embeddings:
     """A split's set embeddings under a checkpoint, encoded once and then read from the cache.
 
     Args:
@@ -232,6 +303,7 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
             embeddings are identical.
         cache_dir: cache folder instead of ``embeddings/`` next to the checkpoint.
         show_progress: progress bars while encoding.
+        written: the cache file is appended here when it is (re)written.
 
     Returns:
         :class:`Embeddings` on the CPU.
@@ -249,8 +321,8 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
                        batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
                        show_progress=show_progress, num_workers=recipe.data.num_workers if cnn else 0,
                        image_source=build_image_source(store, recipe, train=False))
-    if path is not None:
-        _write_cache(path, key, emb)
+    if path is not None and _write_cache(path, key, emb) and written is not None:
+        written.append(path)
     return emb
 
 
@@ -258,32 +330,46 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
                         protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                         json_path: Path | None = None, csv_path: Path | None = None,
                         show_progress: bool = True, cache: bool = True) -> EvalResult:
-    """Evaluate a checkpoint on a split; writes the JSON of DESIGN §5 (and a one-row CSV) when asked."""
-    from maxmatch_cli.features.store import open_store
-    from maxmatch_cli.train import resolve_device
+    """Evaluate a checkpoint on a split; writes the JSON of DESIGN §5 (and a one-row CSV) when asked.
 
+    The JSON also records the checkpoint, split, feature file, similarity, sizes and provenance; metrics in files
+    are rounded to :data:`METRIC_DECIMALS`, those returned are not. Every file written is listed in
+    ``result.files``.
+    """
+    from maxmatch_cli.features.store import open_store
+
+    if protocol is not None:
+        check_protocol(protocol)
+    dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe
     store = open_store(data or recipe.data.path)
     split = split or recipe.eval.split
     kind = similarity or recipe.eval.similarity or recipe.loss.similarity
-    dev = resolve_device(device)
-    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
+    images, _ = split_layout(store, split, recipe.data.captions_per_image)
+    protocol = resolve_protocol(protocol or recipe.eval.protocol, len(images), split)  # before the encoding
+    files: list[Path] = []
+    emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=files)
     sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
                  **similarity_options(recipe, kind))
-    result = metrics_for(sims, protocol or recipe.eval.protocol, recipe.data.captions_per_image)
+    result = metrics_for(sims, protocol, recipe.data.captions_per_image)
     result.similarity = kind
+    result.checkpoint, result.split, result.data = str(ckpt.path), split, str(store.path)
+    result.provenance = eval_provenance(ckpt)
+    result.files = files
     write_result(result, json_path, csv_path)
     return result
 
 
 def write_result(result: EvalResult, json_path: Path | None, csv_path: Path | None) -> None:
+    """Write the JSON record and a one-row CSV (metrics rounded); each path is appended to ``result.files``."""
     if json_path:
-        atomic_write(Path(json_path), lambda tmp: tmp.write_text(json.dumps(result.to_json(), indent=2)))
+        result.files.append(write_text(json_path, json.dumps(_rounded_record(result.to_json()), indent=2) + "\n"))
     if csv_path:
         keys = list(result.metrics)
-        rows = ["protocol," + ",".join(keys), result.protocol + "," + ",".join(f"{result.metrics[k]:.4f}" for k in keys)]
-        atomic_write(Path(csv_path), lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+        values = rounded(result.metrics)
+        rows = ["protocol," + ",".join(keys), result.protocol + "," + ",".join(f"{values[k]:.{METRIC_DECIMALS}f}" for k in keys)]
+        result.files.append(write_text(csv_path, "\n".join(rows) + "\n"))
 
 
 # ----------------------------------------------------------------------------------------- ensembles (§4.2)
@@ -296,9 +382,14 @@ class EnsembleResult:
     ensemble: EvalResult
     members: list[EvalResult]
     checkpoints: list[str]
+    files: list[Path] = field(default_factory=list)
+    """Files written (embedding caches, --json, --csv), in order."""
 
     def to_json(self) -> dict[str, Any]:
+        """The ensemble's record (as ``evaluate``'s, with ``checkpoints`` for ``checkpoint``) plus ``members``."""
         out = self.ensemble.to_json()
+        del out["checkpoint"]
+        out = {**out, "checkpoints": list(self.checkpoints)}
         out["members"] = [{"checkpoint": path, **m.to_json()} for path, m in zip(self.checkpoints, self.members)]
         return out
 
@@ -356,7 +447,9 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         split, protocol: as for :func:`evaluate_checkpoint`; default the recipes' (which must then agree).
         similarity: one similarity for every member (default: each checkpoint's).
         device: auto, cpu, cuda or cuda:N.
-        json_path, csv_path: also write the results there (JSON: DESIGN §5 keys plus ``members``).
+        json_path, csv_path: also write the results there (JSON: DESIGN §5 keys, what they come from, and
+            ``members``, each a record as ``evaluate`` writes it; ``data`` is one path, or a list when the members
+            read different files). Metrics in files are rounded to :data:`METRIC_DECIMALS`.
         show_progress: progress bars.
         cache: use the embedding cache (:func:`checkpoint_embeddings`).
 
@@ -364,11 +457,13 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         :class:`EnsembleResult`.
     """
     from maxmatch_cli.features.store import open_store
-    from maxmatch_cli.train import resolve_device
 
+    if protocol is not None:
+        check_protocol(protocol)
     if len(checkpoints) < 2:
         raise MaxMatchError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}",
                             hint="pass two or more checkpoints (e.g. two seeds), or use `maxmatch evaluate`")
+    dev = resolve_device(device)
     ckpts = [load_checkpoint(c) for c in checkpoints]
     split = split or _agreed(ckpts, lambda r: r.eval.split, "eval.split", "--split")
     protocol = protocol or _agreed(ckpts, lambda r: r.eval.protocol, "eval.protocol", "--protocol")
@@ -383,32 +478,40 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         check_features(ckpt, store)
         members.append((ckpt, store))
         check_aligned((members[0][0].path, members[0][1]), (ckpt.path, store), split, cpi)
-    dev = resolve_device(device)
-    total, results = None, []
+    images, _ = split_layout(members[0][1], split, cpi)
+    protocol = resolve_protocol(protocol, len(images), split)  # before the encoding
+    total, results, files = None, [], []
     for ckpt, store in members:
         recipe = ckpt.recipe
         kind = similarity or recipe.eval.similarity or recipe.loss.similarity
-        emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress)
+        emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress,
+                                    written=files)
         sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
                      **similarity_options(recipe, kind))
         result = metrics_for(sims, protocol, cpi)
         result.similarity = kind
+        result.checkpoint, result.split, result.data = str(ckpt.path), split, str(store.path)
+        result.provenance = eval_provenance(ckpt)
         results.append(result)
         total = sims if total is None else total.add_(sims)
     total /= len(members)
     ensemble = metrics_for(total, protocol, cpi)
     kinds = list(dict.fromkeys(r.similarity for r in results))
     ensemble.similarity = kinds[0] if len(kinds) == 1 else "mean(" + ", ".join(kinds) + ")"
-    out = EnsembleResult(ensemble, results, [str(c.path) for c in ckpts])
+    data_files = list(dict.fromkeys(r.data for r in results))
+    ensemble.split, ensemble.data = split, data_files[0] if len(data_files) == 1 else data_files
+    ensemble.provenance = eval_provenance()
+    out = EnsembleResult(ensemble, results, [str(c.path) for c in ckpts], files)
     if json_path:
-        atomic_write(Path(json_path), lambda tmp: tmp.write_text(json.dumps(out.to_json(), indent=2)))
+        files.append(write_text(json_path, json.dumps(_rounded_record(out.to_json()), indent=2) + "\n"))
     if csv_path:
         keys = list(ensemble.metrics)
         rows = ["model,similarity,protocol," + ",".join(keys)]
         for label, r in [*zip(out.checkpoints, results), ("ensemble", ensemble)]:
+            values = rounded(r.metrics)
             rows.append(",".join([_csv_field(label), _csv_field(r.similarity), r.protocol,
-                                  *(f"{r.metrics[k]:.4f}" for k in keys)]))
-        atomic_write(Path(csv_path), lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+                                  *(f"{values[k]:.{METRIC_DECIMALS}f}" for k in keys)]))
+        files.append(write_text(csv_path, "\n".join(rows) + "\n"))
     return out
 
 
