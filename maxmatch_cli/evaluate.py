@@ -139,6 +139,7 @@ def eval_provenance(ckpt: Checkpoint | None = None) -> dict[str, Any]:
 def similarity_options(recipe: Recipe, kind: str) -> dict[str, Any]:
     """The recipe's options for a similarity kind (only those that kind takes)."""
     return {"chamfer": {"alpha": recipe.loss.chamfer_alpha},
+            "topk": {"k": recipe.loss.topk_k or None},
             "sinkhorn": {"tau": recipe.loss.sinkhorn_tau, "iters": recipe.loss.sinkhorn_iters}}.get(kind, {})
 
 

@@ -194,7 +194,7 @@ def _triplet_per_query(q: _Queries, margin: float, hardest: bool, mean_negatives
         return cost.max(dim=1).values
     if mean_negatives:
         return cost.sum(dim=1) / (~excluded).sum(dim=1).clamp_min(1)
-    return cost.sum(dim=1)
+    return cost.sum(dim=1)  # VSE++'s sum over negatives
 
 
 def triplet_loss(
@@ -206,13 +206,14 @@ def triplet_loss(
     *,
     direction: str = "both",
     pos_index: Tensor | None = None,
+    average_negatives: bool = False,
 ) -> Tensor:
     """Hinge triplet loss over set similarities (paper eq. 6; VSE++).
 
     For every query q with designated positive p: ``max_n [margin + S(q, n) - S(q, p)]_+`` over the negatives n
-    (``hardest=True``), or over all negatives (``hardest=False``, the warm-up): their sum with reductions "sum" and
-    "none" (VSE++), their mean with "mean" (the mean over all triplets, DivE ``triplet_ranking_loss``).
-    Negatives are candidates not marked in ``positives`` and not the designated positive.
+    (``hardest=True``), or over all negatives (``hardest=False``, the warm-up): their sum (VSE++, VSE-infinity's
+    warm-up) or, with ``average_negatives``, their mean (with reduction "mean" that is DivE's mean over all
+    triplets). Negatives are candidates not marked in ``positives`` and not the designated positive.
 
     Args:
         sims: (Ni, Nt) similarities, image rows x caption columns.
@@ -225,13 +226,15 @@ def triplet_loss(
         direction: "i2t", "t2i" or "both" (eq. 6: the two directions summed); see the module docstring.
         pos_index: designated positive per query along the candidate axis (see module docstring); default
             the diagonal.
+        average_negatives: with ``hardest=False``, average the hinge over each query's negatives instead of
+            summing it.
 
     Returns:
         Scalar; with reduction "none" the per-query terms, (Ni,) for "i2t", (Nt,) for "t2i", and (2, N)
         (row 0 image queries, row 1 caption queries) for "both".
     """
     reduce = _lookup(_REDUCTIONS, reduction, "reduction")
-    terms = [_triplet_per_query(q, margin, hardest, reduction == "mean")
+    terms = [_triplet_per_query(q, margin, hardest, average_negatives)
              for q in _queries(sims, positives, direction, pos_index)]
     if reduction == "none":
         return terms[0] if len(terms) == 1 else torch.stack(terms)
@@ -431,7 +434,10 @@ class LossWeights:
     """'mean' over each direction's queries, the two directions summed (DivE, VSE-infinity's averaged variant),
     or 'sum' over queries (eq. 6 as printed, VSE++)."""
     hardest: bool = True
-    """Hardest negative per query; False sums over all negatives (warm-up)."""
+    """Hardest negative per query; False takes every negative (warm-up), see ``warmup_negatives``."""
+    warmup_negatives: str = "sum"
+    """Without hardest negatives: 'sum' the hinge over a query's negatives (VSE++ / VSE-infinity warm-up) or
+    'mean' it (DivE tri_mean_to_max)."""
     gd_margin: float = 0.6
     """delta_2."""
     isd_margin: float = 0.6
@@ -450,6 +456,8 @@ class LossWeights:
                 raise MaxMatchError(f"loss.{f.name} must be >= 0, got {value}")
         if self.triplet_reduction not in ("mean", "sum"):
             raise MaxMatchError(f"loss.triplet_reduction must be 'mean' or 'sum', got {self.triplet_reduction!r}")
+        if self.warmup_negatives not in ("mean", "sum"):
+            raise MaxMatchError(f"loss.warmup_negatives must be 'mean' or 'sum', got {self.warmup_negatives!r}")
         if self.contrastive_temperature <= 0:
             raise MaxMatchError(f"loss.contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 
@@ -528,7 +536,8 @@ class LossInputs:
 
 
 def _tri(x: LossInputs, w: LossWeights) -> Tensor:
-    return sum(triplet_loss(margin=w.margin, hardest=w.hardest, reduction=w.triplet_reduction, **kw)
+    return sum(triplet_loss(margin=w.margin, hardest=w.hardest, reduction=w.triplet_reduction,
+                            average_negatives=w.warmup_negatives == "mean", **kw)
                for kw in x.ranking_calls())
 
 

@@ -169,7 +169,10 @@ class LossConfig:
     hardest_negatives: bool = True
     """Hardest negative per query (VSE++); False sums over all negatives."""
     warmup_epochs: int = 0
-    """Epochs at the start that sum over all negatives before switching to hardest negatives."""
+    """Epochs at the start that take every negative before switching to hardest negatives (paper App. E)."""
+    warmup_negatives: str = "sum"
+    """Warm-up over all negatives: 'sum' the hinge over a query's negatives (VSE++ / VSE-infinity, whom App. E
+    follows) or 'mean' it (DivE's tri_mean_to_max); the queries are then reduced by triplet_reduction."""
     gd_weight: float = 0.1
     """λGD, Global Discriminative loss (eq. 7)."""
     gd_margin: float = 0.6
@@ -193,6 +196,7 @@ class LossConfig:
         _one_of(self.similarity, ("maxmatch", "chamfer", "mil", "topk", "sinkhorn"), "loss.similarity")
         _check(self.margin >= 0, "loss.margin", "must be >= 0")
         _one_of(self.triplet_reduction, ("mean", "sum"), "loss.triplet_reduction")
+        _one_of(self.warmup_negatives, ("mean", "sum"), "loss.warmup_negatives")
         _check(self.topk_k >= 0, "loss.topk_k", "must be >= 0 (0 = K)")
         for name in ("gd_weight", "isd_weight", "mmd_weight", "div_weight", "contrastive_weight"):
             _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
@@ -250,8 +254,9 @@ class TrainConfig:
     """Automatic mixed precision (bf16/fp16 autocast) on CUDA; ignored on CPU."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    log_every: int = 50
-    """Steps between logged loss lines (the progress bar updates every step)."""
+    log_every: int = 20
+    """Steps between reading the loss back from the device: a line in logs, the progress bar's loss, and the
+    raw per-step records in steps.jsonl (the bar's count and throughput update every step)."""
     val_every: int = 1
     """Epochs between validations."""
     val_max_images: int = 1000
@@ -262,6 +267,7 @@ class TrainConfig:
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (negatives come from the batch)")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.val_every >= 1, "train.val_every", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.val_max_images >= 0, "train.val_max_images", "must be >= 0 (0 = the whole split)")
 
 

@@ -1,7 +1,7 @@
 """Run folders: a new training run never silently replaces an earlier one.
 
-A run folder holds ``best.safetensors``, ``last.safetensors``, ``metrics.jsonl``, ``recipe.toml`` and the
-embedding cache ``embeddings/`` that ``evaluate`` keeps next to the checkpoints. Starting ``train`` on a folder
+A run folder holds ``best.safetensors``, ``last.safetensors``, ``metrics.jsonl``, ``steps.jsonl``,
+``recipe.toml`` and the embedding cache ``embeddings/`` that ``evaluate`` keeps next to the checkpoints. Starting ``train`` on a folder
 that holds any of them is refused unless the run is continued (``--resume``) or replaced (``--overwrite``);
 replacing removes exactly those files, never anything else a user keeps there.
 """
@@ -15,7 +15,7 @@ from maxmatch_cli.errors import MaxMatchError
 
 __all__ = ["RUN_FILES", "existing_run_files", "prepare_run_dir"]
 
-RUN_FILES = ("best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.toml")
+RUN_FILES = ("best.safetensors", "last.safetensors", "metrics.jsonl", "steps.jsonl", "recipe.toml")
 """Files a training run writes into its folder."""
 EMBEDDINGS_DIR = "embeddings"
 """Embedding cache next to the checkpoints (:func:`maxmatch_cli.evaluate.embeddings_cache_path`)."""

@@ -30,7 +30,9 @@ from maxmatch_cli import distributed as dist
 from maxmatch_cli.checkpoint import load_checkpoint, provenance, save_checkpoint
 from maxmatch_cli.data import (EpochSampler, ImageCaptionsDataset, PairDataset, build_image_source, build_tokenizer,
                                split_layout)
+from maxmatch_cli.devices import resolve_device as _resolve_device
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import write_text
 from maxmatch_cli.evaluate import encode_split, metrics_for, score, similarity_options
 from maxmatch_cli.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
@@ -39,19 +41,8 @@ from maxmatch_cli.similarity import set_similarity
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA (this process's local rank under torchrun) when available, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MaxMatchError(f"unknown device '{name}'", hint="use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MaxMatchError(f"device '{name}' asked for, but no CUDA device is available",
-                            hint="use --set train.device=cpu (or auto)")
-    return device
+    """The training device from ``train.device``: 'auto' picks CUDA (this process's local rank) when available."""
+    return _resolve_device(name, hint="use --set train.device=cpu (or auto)")
 
 
 def set_cpu_threads(num_workers: int) -> int:
@@ -136,6 +127,30 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
         loss = loss + l.mmd_weight * mmd
         log = {**{k: v for k, v in log.items() if k != "total"}, "mmd": mmd.detach(), "total": loss.detach()}
     return loss, log
+
+
+def _flush_steps(pending: list[tuple[int, float, dict[str, torch.Tensor]]], running: dict[str, float], epoch: int,
+                 steps_path: Path | None) -> None:
+    """Read back the loss parts of the steps since the last log step (one device sync), check them, update the
+    smoothed values in ``running`` and append one raw record per step to ``steps.jsonl``.
+
+    Raises:
+        MaxMatchError: a loss became NaN or infinite (the step is named; no checkpoint of it is written).
+    """
+    names = list(pending[0][2])
+    values = torch.stack([torch.stack([parts[n].float() for n in names]) for _, _, parts in pending]).tolist()
+    lines = []
+    for (step, lr, _), row in zip(pending, values):
+        record = dict(zip(names, row))
+        if not math.isfinite(record["total"]):
+            raise MaxMatchError(f"loss became {record['total']} at step {step}",
+                                hint="lower optim.lr or enable optim.grad_clip")
+        for k, v in record.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        lines.append(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, **{f"loss/{k}": v for k, v in record.items()}}))
+    if steps_path is not None:
+        with steps_path.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -321,9 +336,10 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.toml").write_text(to_toml(recipe))
+        write_text(out_dir / "recipe.toml", to_toml(recipe))
     start_time, interrupted, start_step = time.time(), False, state["global_step"]
     history_path = out_dir / "metrics.jsonl"
+    steps_path = out_dir / "steps.jsonl"
     last_metrics = None
     # RNG states at the current step boundary: what a checkpoint taken before the next step completes must hold
     # (a Ctrl-C lands mid-step, after the next batch has drawn its dropout).
@@ -344,6 +360,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     dataset.set_epoch(epoch)
                 model.train()
                 running: dict[str, float] = {}
+                pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # steps not yet read back
                 step_rng = _rng_state(device)
                 batches = iter(loader)
                 if resume_rng is not None:
@@ -356,9 +373,6 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                         group["lr"] = group["base_lr"] * factor
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                         loss, parts = loss_on_batch(model, batch, recipe, hardest)
-                    if not torch.isfinite(loss):
-                        raise MaxMatchError(f"loss became {loss.item()} at step {state['global_step']}",
-                                            hint="lower optim.lr or enable optim.grad_clip")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if o.grad_clip:
@@ -367,10 +381,16 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     step_rng = _rng_state(device)
                     state["global_step"] += 1
                     state["step_in_epoch"] += 1
-                    for k, v in parts.items():
-                        running[k] = 0.9 * running.get(k, float(v)) + 0.1 * float(v)
-                    progress.update(task, advance=global_bs, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
-                                    f"loss {running['total']:.3f}")
+                    # The loss parts stay on the device until the next log step: reading them every step would
+                    # make the host wait for the GPU at every step (one sync per log_every steps instead).
+                    pending.append((state["global_step"], optimizer.param_groups[0]["lr"], parts))
+                    last_step = state["global_step"] >= total_steps or state["step_in_epoch"] >= steps_per_epoch
+                    if state["global_step"] % recipe.train.log_every == 0 or last_step:
+                        _flush_steps(pending, running, epoch, steps_path if is_main else None)
+                        pending = []
+                        progress.update(task, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
+                                        f"loss {running['total']:.3f}")
+                    progress.update(task, advance=global_bs)
                     if not console.is_terminal and is_main and state["global_step"] % recipe.train.log_every == 0:
                         # Logs (CI, clusters) get a plain line where a terminal gets the live bar.
                         elapsed = max(time.time() - start_time, 1e-9)
@@ -381,6 +401,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                                       f"eta {eta / 60:.1f} min")
                     if state["global_step"] >= total_steps:
                         break
+                if pending:  # an epoch cut short (max_steps) still records its steps
+                    _flush_steps(pending, running, epoch, steps_path if is_main else None)
                 epoch_done = state["step_in_epoch"] >= steps_per_epoch
                 if epoch_done:
                     state["epoch"] += 1

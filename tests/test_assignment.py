@@ -35,7 +35,7 @@ def scipy_objective(c: torch.Tensor) -> np.ndarray:
 
 
 def solvers_for(k: int) -> list[str]:
-    names = ["auto", "scipy"] + (["lapx"] if HAVE_LAPX else [])
+    names = ["auto", "scipy", "torch"] + (["lapx"] if HAVE_LAPX else [])
     if num_maps(k, k) <= 5040:  # enumeration stays cheap enough for a test up to K = 7
         names += ["enumerate", "split"]
     return names
@@ -116,7 +116,7 @@ def test_rectangular(shape):
     rows, cols = shape
     g = torch.Generator().manual_seed(rows * 10 + cols)
     c = torch.randn(20, rows, cols, generator=g, dtype=torch.float64)
-    for solver in ("auto", "scipy", "enumerate", "split") + (("lapx",) if HAVE_LAPX else ()):
+    for solver in ("auto", "scipy", "enumerate", "split", "torch") + (("lapx",) if HAVE_LAPX else ()):
         perm = max_trace_assignment(c, solver=solver)
         assert perm.shape == (20, rows)
         matched = perm[perm >= 0].reshape(20, min(rows, cols))
@@ -190,3 +190,25 @@ def test_user_errors():
 def test_lapx_missing_is_a_user_error():
     with pytest.raises(MaxMatchError, match="lapx"):
         max_trace_assignment(random_matrices(7, 2, seed=7), solver="lapx")
+
+
+@pytest.mark.parametrize("k", [8, 12, 16])
+def test_torch_solver_is_exact_at_large_k_with_float32_and_extremes(k):
+    """The GPU solver for K >= 8, on CPU tensors: exact against scipy, also for float32 cosines, ties and
+    non-finite entries (which must still give a valid permutation)."""
+    c = torch.cat([random_matrices(k, 16, seed=k), tied_matrices(k, 8, seed=k), greedy_traps(k, 8, seed=k)])
+    perm = max_trace_assignment(c, solver="torch")
+    assert_valid_and_optimal(c, perm)
+    cos = torch.tanh(random_matrices(k, 16, seed=k + 1)).float()
+    np.testing.assert_allclose(assignment_objective(cos.double(), max_trace_assignment(cos, solver="torch")).numpy(),
+                               scipy_objective(cos.double()), atol=1e-6)
+    bad = random_matrices(k, 2, seed=0)
+    bad[0, 0, 0], bad[1, 1, :] = float("nan"), float("-inf")
+    perm = max_trace_assignment(bad, solver="torch")
+    assert torch.equal(perm.sort(-1).values, torch.arange(k).expand(2, k))
+
+
+def test_auto_keeps_cuda_tensors_on_the_gpu_solver():
+    assert resolve_solver(8, 8, device="cuda").name == "torch"
+    assert resolve_solver(8, 8, device="cpu").name in {"scipy", "lapx"}
+    assert resolve_solver(6, 6, device="cuda").name == "split"  # enumeration already runs on any device

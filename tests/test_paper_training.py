@@ -133,6 +133,26 @@ def test_mean_triplet_is_the_sum_over_each_directions_queries_divided_by_their_c
     assert float(summed["tri"]) == pytest.approx(B * C * float(mean["tri"]), rel=1e-12)
 
 
+def test_warm_up_sums_or_averages_each_querys_negatives():
+    """Before hardest negatives: VSE++ sums the hinge over a query's negatives, DivE averages it. An image
+    query has (B - 1) C negative captions, a caption query B - 1 negative images."""
+    x = _batch(seed=5)
+    kw = dict(caption_owner=OWNER, gd_weight=0, isd_weight=0, mmd_weight=0, div_weight=0, hardest=False, margin=0.5)
+    s, n_cap = x["sims"], B * C
+
+    def ref(aggregate):
+        i2t = [aggregate([max(0.0, 0.5 + float(s[j // C, n] - s[j // C, j])) for n in range(n_cap) if n // C != j // C])
+               for j in range(n_cap)]
+        t2i = [aggregate([max(0.0, 0.5 + float(s[i, j] - s[j // C, j])) for i in range(B) if i != j // C])
+               for j in range(n_cap)]
+        return sum(i2t) / n_cap + sum(t2i) / n_cap
+
+    _, summed = total_loss(**x, **kw)
+    _, averaged = total_loss(**x, warmup_negatives="mean", **kw)
+    assert float(summed["tri"]) == pytest.approx(ref(sum), rel=1e-9)
+    assert float(averaged["tri"]) == pytest.approx(ref(lambda v: sum(v) / len(v)), rel=1e-9)
+
+
 def test_same_image_captions_are_never_negatives():
     """Caption 1 is image 0's second caption: scoring it above caption 0 must not cost image 0 anything."""
     s = torch.full((B, B * C), -0.5, dtype=torch.float64)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from maxmatch_cli import train as train_mod
 from maxmatch_cli.cli import app
 
-STEPS_PER_EPOCH = 12  # tiny store: 40 training images x 5 captions, batch 16
+STEPS_PER_EPOCH = 10  # tiny store: 40 training images, batch 4 images (x 5 captions)
 EPOCHS = 3
 
 

@@ -109,15 +109,15 @@ def _worker(data: str, out: str, resume: str, *overrides: str) -> None:
         time.sleep(1.5)  # rank 1 runs ahead into the next epoch's collectives meanwhile
         return real_validate(*args, **kwargs)
 
-    class ProbedPairs(train_mod.PairDataset):
+    class ProbedImages(train_mod.ImageCaptionsDataset):
         def __getitem__(self, i):
             if not first_rng:  # the CPU generator as the first training item starts drawing its dropout
                 first_rng.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
             return super().__getitem__(i)
 
-    train_mod._validate, train_mod.PairDataset = slow_validate, ProbedPairs
+    train_mod._validate, train_mod.ImageCaptionsDataset = slow_validate, ProbedImages
     tiny = ["model.embed_dim=16", "model.word_dim=8", "model.set_depth=1", "model.set_heads=2",
-            "model.set_head_dim=8", "model.set_ff_dim=16", "data.num_workers=0", "train.batch_size=8",
+            "model.set_head_dim=8", "model.set_ff_dim=16", "data.num_workers=0", "train.batch_size=4",
             "data.vocab_min_count=1", "eval.batch_size=64", "model.image_feature_dim=32", "loss.warmup_epochs=1",
             "train.epochs=2", f"data.path={data}"]
     recipe = load_recipe("demo", parse_overrides(tiny + list(overrides)))
@@ -158,12 +158,13 @@ def test_gloo_training_loop_validates_on_rank0_and_resumes(tiny_h5, tmp_path):
     from safetensors.torch import load_file
 
     # No dropout anywhere: rank 1's random stream is not in the checkpoint, so only then is a resume exact.
-    exact = ["data.word_dropout=0", "data.region_dropout=0", "model.set_dropout=0"]
+    exact = ["data.word_dropout=0", "data.region_dropout=0", "model.set_dropout=0", "model.text_dropout=0",
+             "model.image_dropout=0"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     _launch(tmp_path, str(tiny_h5), str(straight), "0", *exact)
-    _launch(tmp_path, str(tiny_h5), str(stopped), "0", *exact, "train.max_steps=5")
+    _launch(tmp_path, str(tiny_h5), str(stopped), "0", *exact, "train.max_steps=3")  # mid-epoch
     _launch(tmp_path, str(tiny_h5), str(stopped), "1", *exact, "train.max_steps=0")
-    steps_per_epoch = 200 // (8 * WORLD)
+    steps_per_epoch = 40 // (4 * WORLD)  # 40 training images, 4 images (x 5 captions) per rank
     for run in (straight, stopped):
         assert [json.loads((run / f"rank{r}.json").read_text())["steps"] for r in range(WORLD)] == [
             2 * steps_per_epoch] * WORLD
