@@ -54,17 +54,28 @@ def floor_step(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     return flat.view(b, k, bt, k).mean((1, 3))
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def _timed(fn: Callable[[], None]) -> float:
+    """Wall time of fn; on a GPU the queue is drained before and after, so the kernels are inside the window."""
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
 def measure(batch: int, k: int, dim: int, kinds: list[str], repeats: int, warmup: int, seed: int = 0) -> list[dict]:
     """Time floor and kinds at one (B, K); returns one record per kind (the floor included)."""
     g = torch.Generator().manual_seed(seed)
-    img = torch.randn(batch, k, dim, generator=g).requires_grad_()
-    txt = torch.randn(batch, k, dim, generator=g).requires_grad_()
+    img = torch.randn(batch, k, dim, generator=g).to(DEVICE).requires_grad_()
+    txt = torch.randn(batch, k, dim, generator=g).to(DEVICE).requires_grad_()
 
     def forward(kind: str) -> Callable[[], None]:
         def run() -> None:
@@ -106,7 +117,7 @@ def measure_solvers(batch: int, ks: list[int], repeats: int) -> list[dict]:
     records = []
     for k in ks:
         g = torch.Generator().manual_seed(k)
-        c = torch.randn(batch * k, batch * k, generator=g).view(batch, k, batch, k).permute(0, 2, 1, 3)
+        c = torch.randn(batch * k, batch * k, generator=g).view(batch, k, batch, k).permute(0, 2, 1, 3).to(DEVICE)
         for name in SOLVERS:
             if (name == "enumerate" and k > 6) or (name == "split" and k > 8):
                 continue  # K! rows (or the split's) would take seconds
@@ -132,6 +143,7 @@ def environment() -> dict:
         "enumeration_max_maps": ENUMERATION_MAX_MAPS,
         "split_max_k": SPLIT_MAX_K,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
     }
 
 
@@ -139,7 +151,7 @@ def render(records: list[dict], env: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"set similarity vs mean-pooled floor - torch {env['torch']}, "
+    table = Table(title=f"set similarity vs mean-pooled floor - {env['device']}, torch {env['torch']}, "
                         f"{env['cpu_count']} CPUs, {env['torch_threads']} threads, {env['date']}")
     for col in ("B", "K", "kind", "solver", "fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x"):
         table.add_column(col, justify="left" if col in ("kind", "solver") else "right")
@@ -154,7 +166,7 @@ def _rows(records: list[dict]):
     by_key = {(r["B"], r["K"], r["kind"], r["mode"]): r for r in records}
     for (b, k, kind, mode), fwd in by_key.items():
         if mode == "fwd":
-            solver = resolve_solver(k, k).name if kind == "maxmatch" else ""
+            solver = resolve_solver(k, k, device=DEVICE).name if kind == "maxmatch" else ""
             yield b, k, kind, solver, fwd, by_key[(b, k, kind, "fwd+bwd")]
 
 
@@ -179,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronise the GPU)")
     parser.add_argument("--solvers", action="store_true",
                         help="time the assignment solvers alone (K = 4..8 and 10, 16) instead of the similarities")
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
 
     batches = args.batch or ([128] if args.quick else [128, 200])
     ks = args.k or ([4, 8] if args.quick else [4, 6, 8, 16])

@@ -38,3 +38,15 @@ def trained(tiny_h5, tmp_path_factory):
                      "--set", "train.max_steps=6", *TINY, "--out", out)
     assert result.exit_code == 0, result.output
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_check.sh where one is)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
