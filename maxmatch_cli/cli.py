@@ -441,6 +441,44 @@ def analyze_collapse_cmd(
     _wrote(*report.cache_files, *(Path(report.out_dir) / name for name in report.files))
 
 
+@app.command("compare")
+@guarded
+def compare_cmd(
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Evaluation JSON files (evaluate --json), run folders, or benchmarks/demo_results.json.")],
+    baseline: Annotated[Optional[str], typer.Option(
+        "--baseline", help="Label (or a part naming one row) of the row ΔRSUM is taken against; default the first.")
+    ] = None,
+    group_by: Annotated[str, typer.Option(
+        "--group-by", help="config: runs differing only in train.seed share a row; recipe: runs of one recipe name "
+                           "share a row; run: one row per run.")] = "config",
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="Compare results of this split (a run folder: its evaluation JSON of that split).")] = None,
+    layout: Annotated[str, typer.Option(
+        "--layout", help="recall (the six recalls, RSUM) or table3 (Similarity | Div | MMD | GD | ISD | RSUM).")
+    ] = "recall",
+    decimals: Annotated[int, typer.Option("--decimals", help="Decimals shown (the CSV keeps every digit).")] = 1,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown here.")
+                        ] = None,
+    latex: Annotated[Optional[Path], typer.Option("--latex", help="Also write the table as LaTeX (booktabs) here.")
+                     ] = None,
+    csv_path: CsvOption = None,
+) -> None:
+    """One table across runs or evaluation files: mean ± std over seeds, ΔRSUM against a baseline row.
+
+    Examples:
+      [bold]maxmatch compare runs/demo-seed0 runs/demo-seed1 runs/chamfer-seed0 runs/chamfer-seed1[/]
+      [bold]maxmatch compare benchmarks/demo_results.json --layout table3 --latex table3.tex --csv table3.csv[/]
+    """
+    from maxmatch_cli.compare import compare_runs, rich_table, write_comparison
+
+    result = compare_runs(inputs, split=split, group_by=group_by, baseline=baseline)
+    console.print(rich_table(result, layout, decimals))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    _wrote(*write_comparison(result, markdown=markdown, latex=latex, csv=csv_path, layout=layout, decimals=decimals))
+
+
 def main() -> None:
     app()
 
