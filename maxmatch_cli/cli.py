@@ -479,6 +479,9 @@ def compare_cmd(
     _wrote(*write_comparison(result, markdown=markdown, latex=latex, csv=csv_path, layout=layout, decimals=decimals))
 
 
+from maxmatch_cli import cli_index  # noqa: E402,F401  (registers `index` and `query` on app)
+
+
 def main() -> None:
     app()
 

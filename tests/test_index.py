@@ -1,0 +1,218 @@
+"""`maxmatch index` / `maxmatch query`: results equal the API's rank(), bad input exits 2, builds are atomic."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import maxmatch_cli
+from maxmatch_cli.api import Model
+from maxmatch_cli.cli import app
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.features.store import open_store
+from maxmatch_cli.index import FORMAT_VERSION, checkpoint_fingerprint, load_index
+from maxmatch_cli.similarity import maxmatch_assignment
+
+# The fixtures tiny_h5 and trained live in conftest.py.
+
+QUERIES = ["a red car next to a small dog", "people"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained, tmp_path_factory):
+    """A private copy of the trained checkpoint (other tests may resume training in the run folder)."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    shutil.copy2(trained / "best.safetensors", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return maxmatch_cli.load(ckpt, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def index_dir(ckpt, tiny_h5, tmp_path_factory):
+    out = tmp_path_factory.mktemp("indexes") / "test-images"
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 6,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    return out
+
+
+def test_index_holds_the_encoded_gallery(index_dir, model, ckpt, tiny_h5):
+    index = load_index(index_dir)
+    store = open_store(tiny_h5)
+    images, _ = store.split("test")
+    m = index.manifest
+    assert m["format_version"] == FORMAT_VERSION and m["kind"] == "images" and m["split"] == "test"
+    assert (m["n_items"], m["K"], m["D"]) == (len(images), model.num_embeds, model.embed_dim)
+    assert m["similarity"] == model.similarity and m["engine"] == "exhaustive-exact"
+    assert m["checkpoint"]["fingerprint"] == checkpoint_fingerprint(ckpt)
+    assert isinstance(index.sets, np.memmap) and index.sets.dtype == np.float16
+    assert index.ids == np.asarray(store.image_ids)[images].tolist()
+    expected = F.normalize(model.encode_images(store, images), dim=-1)
+    torch.testing.assert_close(torch.from_numpy(index.sets.astype(np.float32)), expected, rtol=0, atol=1e-3)
+
+
+def test_query_equals_api_rank(index_dir, model):
+    args = [a for q in QUERIES for a in ("--text", q)]
+    result = invoke("query", index_dir, *args, "-k", 5, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    index = load_index(index_dir)
+    queries = model.encode_texts(QUERIES)
+    gallery = torch.from_numpy(index.sets.astype(np.float32))
+    ranking = model.rank(queries, gallery, k=5)
+    assert [q["text"] for q in record["queries"]] == QUERIES
+    for q, entry in enumerate(record["queries"]):
+        hits = entry["results"]
+        assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+        assert [h["row"] for h in hits] == ranking.indices[q].tolist()
+        assert [h["id"] for h in hits] == [index.ids[r] for r in ranking.indices[q].tolist()]
+        np.testing.assert_allclose([h["score"] for h in hits], ranking.scores[q].numpy(), rtol=1e-6)
+        for h in hits:
+            # The matching is MaxMatch's assignment, and its cosines give the MaxMatch score (eq. 4).
+            perm = maxmatch_assignment(gallery[h["row"]: h["row"] + 1], queries[q: q + 1])[0, 0].tolist()
+            assert sorted((p["query_element"], p["gallery_element"]) for p in h["matching"]) == \
+                sorted((t, v) for v, t in enumerate(perm))
+            cosines = torch.tensor([p["cosine"] for p in h["matching"]])
+            assert torch.expm1(cosines).mean().item() == pytest.approx(h["score"], abs=1e-5)
+
+
+def test_query_table(index_dir):
+    result = invoke("query", index_dir, "--text", QUERIES[0], "-k", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "exhaustive exact" in result.output and "T1↔V" in result.output
+    rows = [line for line in result.output.splitlines() if re.match(r"│\s+[0-9]+ │", line)]
+    assert [int(row.split("│")[1]) for row in rows] == [1, 2, 3]
+
+
+def test_captions_index(ckpt, model, tiny_h5, tmp_path):
+    out = tmp_path / "caps"
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--kind", "captions", "--out", out)
+    assert result.exit_code == 0, result.output
+    index = load_index(out)
+    store = open_store(tiny_h5)
+    _, captions = store.split("test")
+    assert index.ids == captions.tolist() and index.texts == store.captions_text(captions)
+    expected = F.normalize(model.encode_texts(index.texts), dim=-1)
+    torch.testing.assert_close(torch.from_numpy(index.sets.astype(np.float32)), expected, rtol=0, atol=1e-3)
+    result = invoke("query", out, "--text", "a dog")
+    assert result.exit_code == 2 and "holds captions" in result.output
+
+
+def _damaged(index_dir, tmp_path, how):
+    bad = tmp_path / "bad-index"
+    shutil.copytree(index_dir, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    if how == "version":
+        manifest["format_version"] = FORMAT_VERSION + 1
+    elif how == "fingerprint":
+        manifest["checkpoint"]["fingerprint"] = "0" * 64
+    elif how == "manifest":
+        (bad / "manifest.json").unlink()
+        return bad
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("manifest", "no manifest.json"),
+    ("version", "format version"),
+    ("fingerprint", "another checkpoint"),
+    ("other-checkpoint", "another checkpoint"),
+    ("empty-query", "empty query"),
+])
+def test_bad_query_input_exits_2_without_traceback(index_dir, trained, tmp_path, case, message):
+    target, extra, text = index_dir, [], "a dog"
+    if case == "missing":
+        target = tmp_path / "nothing-here"
+    elif case in ("manifest", "version", "fingerprint"):
+        target = _damaged(index_dir, tmp_path, case)
+    elif case == "other-checkpoint":
+        extra = ["--checkpoint", trained / "last.safetensors"]
+    elif case == "empty-query":
+        text = "   "
+    result = invoke("query", target, "--text", text, *extra, "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "error:" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # not an uncaught error
+
+
+def test_query_refuses_a_replaced_checkpoint(ckpt, trained, tiny_h5, tmp_path):
+    own = tmp_path / "model.safetensors"
+    shutil.copy2(ckpt, own)
+    out = tmp_path / "index"
+    assert invoke("index", own, "--data", tiny_h5, "--split", "test", "--out", out).exit_code == 0
+    shutil.copy2(trained / "last.safetensors", own)  # retrained in place: same path, other weights
+    result = invoke("query", out, "--text", "a dog")
+    assert result.exit_code == 2 and "another checkpoint" in result.output
+
+
+def test_existing_index_needs_overwrite(index_dir, ckpt, tiny_h5):
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", index_dir)
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+
+
+def _fail_on_call(monkeypatch, n):
+    """Make the n-th call of Model.encode_images raise, as a crash mid-build would."""
+    original, calls = Model.encode_images, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash mid-build")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "encode_images", failing)
+    return calls
+
+
+def test_interrupted_build_leaves_no_complete_looking_index(ckpt, tiny_h5, tmp_path, monkeypatch):
+    calls = _fail_on_call(monkeypatch, 3)
+    out = tmp_path / "index"
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4)
+    assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
+    assert len(calls) == 3  # it failed after two chunks had been written
+    assert list(tmp_path.iterdir()) == []  # neither the index nor its temporary folder is left behind
+    with pytest.raises(MaxMatchError, match="does not exist"):
+        load_index(out)
+
+
+def test_interrupted_overwrite_keeps_the_old_index(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    shutil.copytree(index_dir, out)
+    before = (out / "manifest.json").read_text()
+    _fail_on_call(monkeypatch, 2)
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4,
+                    "--overwrite")
+    assert result.exit_code != 0
+    assert (out / "manifest.json").read_text() == before and len(load_index(out)) == len(load_index(index_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    monkeypatch.undo()
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_a_killed_build_is_not_an_index(index_dir, tmp_path):
+    # A build killed before its manifest was written leaves a hidden folder without one; even renamed by hand,
+    # it is refused.
+    partial = tmp_path / "partial"
+    shutil.copytree(index_dir, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(MaxMatchError, match="not a complete maxmatch index"):
+        load_index(partial)
