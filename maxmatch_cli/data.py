@@ -41,6 +41,25 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def corrupt_tokens(ids: list[int], rate: float, generator: torch.Generator | None, mask_id: int,
+                   random_range: tuple[int, int]) -> list[int]:
+    """VSE-infinity/DivE caption augmentation: each inner token (not the first or last) is hit with probability
+    ``rate``; a hit becomes ``mask_id`` (50%), a random id from ``random_range`` (10%) or is deleted (40%)."""
+    if rate <= 0 or len(ids) <= 3:
+        return ids
+    out = [ids[0]]
+    draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
+    for tok, (p, q) in zip(ids[1:-1], draws):
+        if p >= rate:
+            out.append(tok)
+        elif q < 0.5:
+            out.append(mask_id)
+        elif q < 0.6:
+            out.append(int(torch.randint(*random_range, (1,), generator=generator)))
+    out.append(ids[-1])
+    return out
+
+
 class TextTokenizer(Protocol):
     """Turns captions into token ids; both the Bi-GRU vocabulary and BERT's tokenizer fit this seam."""
 
@@ -78,19 +97,7 @@ class Vocab:
     def drop_tokens(self, ids: list[int], rate: float, generator: torch.Generator | None) -> list[int]:
         """VSE-infinity's caption augmentation: each inner token with prob. `rate` is masked (<unk>, 50%),
         replaced by a random word (10%) or deleted (40%)."""
-        if rate <= 0 or len(ids) <= 3:
-            return ids
-        out = [ids[0]]
-        draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
-        for tok, (p, q) in zip(ids[1:-1], draws):
-            if p >= rate:
-                out.append(tok)
-            elif q < 0.5:
-                out.append(self.unk_id)
-            elif q < 0.6:
-                out.append(int(torch.randint(len(SPECIALS), len(self.words), (1,), generator=generator)))
-        out.append(ids[-1])
-        return out
+        return corrupt_tokens(ids, rate, generator, self.unk_id, (len(SPECIALS), len(self.words)))
 
     def to_json(self) -> str:
         return json.dumps(self.words)
@@ -126,19 +133,9 @@ class BertTokenizerAdapter:
         """VSE-infinity/DivE caption augmentation for BERT: each inner token with prob. `rate` becomes [MASK] (50%),
         a random token (10%) or is deleted (40%). DivE draws per word (all word pieces together); this draws per
         word piece."""
-        if rate <= 0 or len(ids) <= 3 or self.mask_id is None:
+        if self.mask_id is None:
             return ids
-        out = [ids[0]]
-        draws = torch.rand(len(ids) - 2, 2, generator=generator).tolist()
-        for tok, (p, q) in zip(ids[1:-1], draws):
-            if p >= rate:
-                out.append(tok)
-            elif q < 0.5:
-                out.append(self.mask_id)
-            elif q < 0.6:
-                out.append(int(torch.randint(1000, self.tok.vocab_size, (1,), generator=generator)))
-        out.append(ids[-1])
-        return out
+        return corrupt_tokens(ids, rate, generator, self.mask_id, (1000, self.tok.vocab_size))
 
 
 def build_tokenizer(text_encoder: str, vocab_json: str | None = None, bert_path: str = "",

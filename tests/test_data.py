@@ -52,3 +52,19 @@ def test_epoch_sampler_resume_and_ranks():
     other = EpochSampler(50, 4, seed=3)
     other.set_epoch(1)
     assert list(other) != full
+
+
+def test_caption_corruption_masks_half_replaces_a_tenth_and_deletes_the_rest():
+    """VSE-infinity/DivE: a hit token becomes the mask (50%), a random token (10%) or is deleted (40%)."""
+    from maxmatch_cli.data import corrupt_tokens
+
+    ids = [1] + [7] * 20000 + [2]
+    out = corrupt_tokens(ids, 1.0, torch.Generator().manual_seed(0), mask_id=3, random_range=(100, 200))
+    assert out[0] == 1 and out[-1] == 2
+    inner = out[1:-1]
+    masked, randomised = inner.count(3), sum(100 <= t < 200 for t in inner)
+    deleted = 20000 - len(inner)
+    assert 7 not in inner  # rate 1: every inner token is hit
+    for count, share in ((masked, 0.5), (randomised, 0.1), (deleted, 0.4)):
+        assert abs(count / 20000 - share) < 0.015
+    assert corrupt_tokens(ids[:5], 0.0, None, 3, (100, 200)) == ids[:5]
