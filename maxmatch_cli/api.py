@@ -32,7 +32,7 @@ from maxmatch_cli.evaluate import check_features, load_for_eval, similarity_opti
 from maxmatch_cli.recipes import Recipe
 from maxmatch_cli.similarity import set_similarity
 
-__all__ = ["DEFAULT_GALLERY_BLOCK", "Model", "Ranking", "load"]
+__all__ = ["DEFAULT_GALLERY_BLOCK", "Model", "Ranking", "load", "rank_sets"]
 
 DEFAULT_GALLERY_BLOCK = 4096
 """Gallery sets scored per block by :meth:`Model.rank` (converted to float32 on the device one block at a time)."""
@@ -234,41 +234,8 @@ class Model:
         """
         kind = kind or self.similarity
         options = {**self.similarity_options(kind), **options}
-        if query_side not in ("text", "image"):
-            raise MaxMatchError(f"query_side must be 'text' or 'image', got {query_side!r}",
-                                hint="'text': caption queries against an image gallery")
-        if not isinstance(gallery, (torch.Tensor, np.ndarray)):
-            raise MaxMatchError(f"rank takes the gallery as a tensor or NumPy array, got {type(gallery).__name__}",
-                                hint="encode it with encode_images (or load an index's sets)")
-        queries = torch.as_tensor(queries)
-        queries = queries.unsqueeze(0) if queries.dim() == 2 else queries
-        if gallery.ndim != 3 or queries.dim() != 3:
-            raise MaxMatchError(f"rank takes (Q, K, D) queries and an (N, K, D) gallery, got "
-                                f"{tuple(queries.shape)} and {tuple(gallery.shape)}",
-                                hint="encode them with encode_texts / encode_images")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. k=10")
-        block_size = block_size or DEFAULT_GALLERY_BLOCK
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise MaxMatchError(f"block_size must be a positive integer, got {block_size!r}", hint="e.g. 4096")
-        n = int(gallery.shape[0])
-        k = min(k, n)
-        q = queries.to(self.device, torch.float32)
-        best_scores = torch.empty(q.shape[0], 0, device=self.device)
-        best_index = torch.empty(q.shape[0], 0, dtype=torch.long, device=self.device)
-        for start in range(0, n, block_size):
-            block = _as_float_tensor(gallery[start: start + block_size]).to(self.device)
-            if query_side == "text":
-                scores = set_similarity(block, q, kind=kind, **options).T
-            else:
-                scores = set_similarity(q, block, kind=kind, **options)
-            index = torch.arange(start, start + block.shape[0], device=self.device).expand(q.shape[0], -1)
-            # Earlier candidates first and a stable sort: equal scores keep the lower gallery row first.
-            scores = torch.cat([best_scores, scores.float()], dim=1)
-            index = torch.cat([best_index, index], dim=1)
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-            best_scores, best_index = scores.gather(1, order), index.gather(1, order)
-        return Ranking(best_index.cpu(), best_scores.cpu())
+        return rank_sets(queries, gallery, kind, k, query_side=query_side, block_size=block_size,
+                         device=self.device, **options)
 
 
 class _CheckpointView:
@@ -282,6 +249,53 @@ def _as_float_tensor(block: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(block, np.ndarray):
         return torch.from_numpy(np.asarray(block, dtype=np.float32))
     return block.float()
+
+
+@torch.no_grad()
+def rank_sets(queries: torch.Tensor, gallery: torch.Tensor | np.ndarray, kind: str = "maxmatch", k: int = 10, *,
+              query_side: str = "text", block_size: int | None = None, device: str | torch.device = "cpu",
+              **options: Any) -> Ranking:
+    """:meth:`Model.rank` without a model: the ``k`` best gallery sets per query set, scored in blocks.
+
+    Args and result as for :meth:`Model.rank`; ``kind`` and ``options`` are taken as given (no recipe defaults)
+    and the scoring runs on ``device``.
+    """
+    device = torch.device(device)
+    if query_side not in ("text", "image"):
+        raise MaxMatchError(f"query_side must be 'text' or 'image', got {query_side!r}",
+                            hint="'text': caption queries against an image gallery")
+    if not isinstance(gallery, (torch.Tensor, np.ndarray)):
+        raise MaxMatchError(f"rank takes the gallery as a tensor or NumPy array, got {type(gallery).__name__}",
+                            hint="encode it with encode_images (or load an index's sets)")
+    queries = torch.as_tensor(queries)
+    queries = queries.unsqueeze(0) if queries.dim() == 2 else queries
+    if gallery.ndim != 3 or queries.dim() != 3:
+        raise MaxMatchError(f"rank takes (Q, K, D) queries and an (N, K, D) gallery, got "
+                            f"{tuple(queries.shape)} and {tuple(gallery.shape)}",
+                            hint="encode them with encode_texts / encode_images")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. k=10")
+    block_size = block_size or DEFAULT_GALLERY_BLOCK
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise MaxMatchError(f"block_size must be a positive integer, got {block_size!r}", hint="e.g. 4096")
+    n = int(gallery.shape[0])
+    k = min(k, n)
+    q = queries.to(device, torch.float32)
+    best_scores = torch.empty(q.shape[0], 0, device=device)
+    best_index = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+    for start in range(0, n, block_size):
+        block = _as_float_tensor(gallery[start: start + block_size]).to(device)
+        if query_side == "text":
+            scores = set_similarity(block, q, kind=kind, **options).T
+        else:
+            scores = set_similarity(q, block, kind=kind, **options)
+        index = torch.arange(start, start + block.shape[0], device=device).expand(q.shape[0], -1)
+        # Earlier candidates first and a stable sort: equal scores keep the lower gallery row first.
+        scores = torch.cat([best_scores, scores.float()], dim=1)
+        index = torch.cat([best_index, index], dim=1)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores, best_index = scores.gather(1, order), index.gather(1, order)
+    return Ranking(best_index.cpu(), best_scores.cpu())
 
 
 def load(checkpoint: str | Path, device: str | torch.device = "auto") -> Model:

@@ -27,21 +27,32 @@ def index_cmd(
         "--batch-size", help="Items encoded and written at a time (default: eval.batch_size).")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the index in OUT (kept until the new one is complete).")] = False,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="exact (sets only: exhaustive exact search) or faiss (also a faiss IVF index over the set "
+                         "elements for approximate candidates; needs faiss-cpu).")] = "exact",
+    nlist: Annotated[Optional[int], typer.Option(
+        "--nlist", help="faiss: inverted lists (default: about the square root of the element count).")] = None,
 ) -> None:
     """Encode a gallery once into an index folder: float16 sets (memory-mapped when queried), ids, a manifest.
 
     The build streams in bounded memory and publishes the folder only when it is complete.
 
-    Example: [bold]maxmatch index demo/run/best.safetensors --data demo/features.h5 --split test --out demo/index[/]
+    Examples:
+      [bold]maxmatch index demo/run/best.safetensors --data demo/features.h5 --split test --out demo/index[/]
+      [bold]maxmatch index demo/run/best.safetensors --split test --engine faiss --out demo/index-faiss[/]
     """
     from maxmatch_cli.index import build_index
 
     index = build_index(checkpoint, out, data=data, split=split, kind=kind, device=device, batch_size=batch_size,
-                        overwrite=overwrite)
+                        overwrite=overwrite, engine=engine, nlist=nlist)
     m = index.manifest
     _line(f"indexed {m['n_items']:,} {m['kind']} of split {m['split']} of {m['data']}")
     _line(f"checkpoint {m['checkpoint']['path']} · K={m['K']}, D={m['D']} · similarity {m['similarity']} · "
           f"{(index.path / 'sets.npy').stat().st_size / 2**20:,.1f} MiB of sets")
+    if index.has_element_index:
+        info = m["element_index"]
+        size = (index.path / info["file"]).stat().st_size
+        _line(f"faiss element index: {info['n_elements']:,} elements, nlist {info['nlist']}, {size / 2**20:,.1f} MiB")
     _wrote(index.path)
 
 
@@ -55,11 +66,20 @@ def query_cmd(
         "--checkpoint", help="The index's checkpoint, if it moved (it must be the same file).")] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="exact (exhaustive), faiss (approximate candidates, exact re-ranking; an index built with "
+                         "--engine faiss) or auto (faiss when the index has it and faiss-cpu is installed).")] = "auto",
+    candidates: Annotated[Optional[int], typer.Option(
+        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 64).")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(
+        "--nprobe", help="faiss: inverted lists searched per query element (default 16).")] = None,
 ) -> None:
     """Search an image index with a caption: rank, id, score and MaxMatch's element matching of each result.
 
-    Engine: exhaustive exact scoring (every stored set is scored, block by block over the memory-mapped index).
-    Results are the exact top-k under the checkpoint's similarity; time grows linearly with the gallery.
+    Engines: exact scores every stored set (block by block over the memory-mapped index): the exact top-k under
+    the checkpoint's similarity, in time linear in the gallery. faiss (an index built with --engine faiss) fetches
+    candidates by approximate search over the set elements and re-ranks them exactly: exact scores, approximate
+    recall (benchmarks/index.py measures it).
 
     Examples:
       [bold]maxmatch query demo/index --text "a red bus next to a tree" -k 5[/]
@@ -70,14 +90,16 @@ def query_cmd(
     from maxmatch_cli.index import load_index, query_index
 
     idx = load_index(index)
-    results = query_index(idx, text, k=top_k, checkpoint=checkpoint, device=device)
+    results, used = query_index(idx, text, k=top_k, checkpoint=checkpoint, device=device, engine=engine,
+                                candidates=candidates, nprobe=nprobe)
     if as_json:
-        record = {"index": str(idx.path), "engine": idx.manifest["engine"], "similarity": idx.similarity,
+        record = {"index": str(idx.path), "engine": used, "similarity": idx.similarity,
                   "checkpoint": str(checkpoint or idx.checkpoint),
                   "queries": [{"text": t, "results": [h.to_json() for h in hits]} for t, hits in zip(text, results)]}
         typer.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return
-    _line(f"index {idx.path} · {len(idx):,} images · similarity {idx.similarity} · exhaustive exact search")
+    how = "exhaustive exact search" if used == "exact" else "faiss candidates, exact re-ranking"
+    _line(f"index {idx.path} · {len(idx):,} images · similarity {idx.similarity} · {how}")
     for query, hits in zip(text, results):
         table = Table(title=f"query: {escape(query)}", title_justify="left", caption_justify="left",
                       caption="matching: MaxMatch's one-to-one pairs, query element T ↔ image element V (cosine)")

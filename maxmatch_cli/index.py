@@ -10,6 +10,7 @@ sets.npy        ``(N, K, D)`` float16 sets with L2-normalised elements (similari
                 normalising first loses nothing and keeps float16 in range); memory-mapped on load
 ids.json        the N item ids: image ids of the feature file, or caption indices
 texts.json      captions only: the N caption strings
+elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K set elements
 ==============  ===========================================================================================
 
 A build streams: the gallery is encoded ``batch_size`` items at a time into a preallocated
@@ -22,15 +23,25 @@ The checkpoint fingerprint is the SHA-256 of the checkpoint's safetensors header
 recipe, vocabulary, provenance with its creation time), cheap to read and unchanged by copying or touching the
 file; a query that would encode its text with another checkpoint is refused.
 
-Search engine: exhaustive exact scoring. Every query is scored against every gallery set with
-:meth:`maxmatch_cli.api.Model.rank`, block by block over the memory-mapped sets, so results are exactly the
-top-k under the index's similarity (of the float16-stored sets); cost grows linearly with the gallery.
+Search engines:
+
+- ``exact`` (always available): exhaustive exact scoring. Every query is scored against every gallery set with
+  :func:`maxmatch_cli.api.rank_sets`, block by block over the memory-mapped sets, so results are exactly the
+  top-k under the index's similarity (of the float16-stored sets); cost grows linearly with the gallery.
+- ``faiss`` (optional, ``pip install faiss-cpu``, index built with ``--engine faiss``): candidate generation by
+  approximate nearest-neighbour search over the set *elements* (an inverted-file index, fp16 vectors, inner
+  product of L2-normalised elements = cosine), then exact re-ranking. Each query element fetches its
+  ``candidates`` nearest gallery elements from ``nprobe`` inverted lists; the gallery sets owning them are scored
+  exactly and the best ``k`` returned. Scores are exact; only recall is approximate (an item none of whose
+  elements is near any query element can be missed). ``benchmarks/index.py`` measures recall@10 against the
+  exact engine.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -46,14 +57,23 @@ import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Hit", "Index", "build_index", "checkpoint_fingerprint", "load_index",
-           "query_index"]
+__all__ = ["ENGINES", "FORMAT", "FORMAT_VERSION", "Hit", "Index", "build_element_index", "build_index",
+           "checkpoint_fingerprint", "faiss_candidates", "load_index", "query_index", "search_sets"]
 
 FORMAT = "maxmatch-index"
 FORMAT_VERSION = 1
 """Version of the folder layout; an index of another version is refused (rebuild it)."""
 KINDS = ("images", "captions")
 ENGINE = "exhaustive-exact"
+"""The manifest's ``engine``: exact scoring is always available; ``element_index`` records an optional faiss part."""
+ENGINES = ("auto", "exact", "faiss")
+"""Search engines of :meth:`Index.search` (``auto``: faiss when the index has an element index and faiss is
+installed, else exact)."""
+ELEMENTS_FILE = "elements.faiss"
+DEFAULT_CANDIDATES = 64
+"""Nearest gallery elements fetched per query element by the faiss engine."""
+DEFAULT_NPROBE = 16
+"""Inverted lists searched per query element by the faiss engine."""
 _BUILD_HINT = "build one with `maxmatch index CKPT --data F.h5 --split test --out INDEX`"
 
 
@@ -118,6 +138,60 @@ class Index:
 
     def __len__(self) -> int:
         return int(self.sets.shape[0])
+
+    @property
+    def has_element_index(self) -> bool:
+        """Whether the index holds a faiss element index (built with ``--engine faiss``)."""
+        return bool(self.manifest.get("element_index"))
+
+    def search(self, queries: torch.Tensor, k: int = 10, engine: str = "auto", candidates: int | None = None,
+               nprobe: int | None = None, device: str | torch.device = "cpu",
+               block_size: int | None = None) -> tuple[Any, str]:
+        """The ``k`` best items for each query set (already encoded), and the engine that answered.
+
+        Args:
+            queries: ``(Q, K, D)`` query sets (caption sets for an image index).
+            k: results per query.
+            engine: ``exact``, ``faiss`` or ``auto`` (see :data:`ENGINES`).
+            candidates: faiss: nearest gallery elements per query element (default :data:`DEFAULT_CANDIDATES`).
+            nprobe: faiss: inverted lists searched (default :data:`DEFAULT_NPROBE`, at most the index's nlist).
+            device: where the exact scoring runs.
+            block_size: gallery sets per scoring block.
+
+        Returns:
+            ``(ranking, engine)``: a :class:`~maxmatch_cli.api.Ranking` (rows -1 and scores -inf where the faiss
+            candidates of a query ran out before ``k``) and ``"exact"`` or ``"faiss"``.
+
+        Raises:
+            MaxMatchError: an unknown engine, or faiss asked for but missing (the package or the element index).
+        """
+        if engine not in ENGINES:
+            raise MaxMatchError(f"unknown search engine '{engine}'", hint=f"use one of: {', '.join(ENGINES)}")
+        if engine == "auto":
+            engine = "faiss" if self.has_element_index and _faiss_available() else "exact"
+        element_index = None
+        if engine == "faiss":
+            if not self.has_element_index:
+                raise MaxMatchError(f"index {self.path} has no faiss element index",
+                                    hint="rebuild it with `maxmatch index ... --engine faiss`, or use --engine exact")
+            element_index = self.element_index()
+        side = "text" if self.kind == "images" else "image"
+        ranking = search_sets(self.sets, queries, k, self.similarity, self.similarity_options, engine=engine,
+                              element_index=element_index, candidates=candidates, nprobe=nprobe,
+                              query_side=side, device=device, block_size=block_size)
+        return ranking, engine
+
+    def element_index(self):
+        """The faiss element index (read on first use)."""
+        if getattr(self, "_element_index", None) is None:
+            faiss = _faiss()
+            path = self.path / self.manifest["element_index"]["file"]
+            try:
+                self._element_index = faiss.read_index(str(path))
+            except RuntimeError as exc:
+                raise MaxMatchError(f"cannot read the faiss element index {path} ({str(exc).splitlines()[0]})",
+                                    hint=f"the index is damaged; rebuild it ({_BUILD_HINT} --engine faiss)") from None
+        return self._element_index
 
     def check_checkpoint(self, checkpoint: str | os.PathLike) -> None:
         """Raise unless ``checkpoint`` is the file this index was built with (same header fingerprint)."""
@@ -213,7 +287,8 @@ def _py(value: Any) -> Any:
 
 def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
                 split: str | None = None, kind: str = "images", device: str = "auto", batch_size: int | None = None,
-                overwrite: bool = False, show_progress: bool = True) -> Index:
+                overwrite: bool = False, show_progress: bool = True, engine: str = "exact",
+                nlist: int | None = None) -> Index:
     """Encode a split's images (or captions) once and write them as an index folder.
 
     Args:
@@ -226,6 +301,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         batch_size: items encoded (and written) at a time (default: the recipe's ``eval.batch_size``).
         overwrite: replace an index already at ``out`` (the old one stays until the new one is complete).
         show_progress: a progress bar.
+        engine: ``exact`` (the sets only) or ``faiss`` (also a faiss element index for approximate candidate
+            generation, :func:`build_element_index`).
+        nlist: faiss: inverted lists (default :func:`default_nlist`).
 
     Returns:
         The written :class:`Index`.
@@ -240,6 +318,10 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
 
     if kind not in KINDS:
         raise MaxMatchError(f"unknown index kind '{kind}'", hint="use --kind images or --kind captions")
+    if engine not in ("exact", "faiss"):
+        raise MaxMatchError(f"unknown index engine '{engine}'", hint="use --engine exact or --engine faiss")
+    if engine == "faiss":
+        _faiss()  # a missing package is reported before anything is encoded
     if batch_size is not None and batch_size < 1:
         raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
     out = Path(out)
@@ -290,6 +372,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
                 progress.advance(task, len(chunk))
         sets.flush()
         del sets
+        element_index = None
+        if engine == "faiss":
+            element_index = build_element_index(np.load(tmp / "sets.npy", mmap_mode="r"), tmp / ELEMENTS_FILE, nlist)
         _write_json(tmp / "ids.json", ids)
         if texts is not None:
             _write_json(tmp / "texts.json", texts)
@@ -298,6 +383,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
             "dtype": "float16", "normalized": True, "similarity": model.similarity,
             "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
+            "element_index": element_index,
             "checkpoint": {"path": str(model.checkpoint.resolve()),
                            "fingerprint": checkpoint_fingerprint(model.checkpoint),
                            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
@@ -378,8 +464,9 @@ def _matching(gallery_set: torch.Tensor, query_set: torch.Tensor) -> list[tuple[
 
 def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int = 10,
                 checkpoint: str | os.PathLike | None = None, device: str = "auto", model: Any = None,
-                block_size: int | None = None) -> list[list[Hit]]:
-    """Search an image index with captions: exhaustive exact scoring under the index's similarity.
+                block_size: int | None = None, engine: str = "auto", candidates: int | None = None,
+                nprobe: int | None = None) -> tuple[list[list[Hit]], str]:
+    """Search an image index with captions, scored exactly under the index's similarity.
 
     Args:
         index: an :class:`Index` or its folder.
@@ -390,9 +477,10 @@ def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int =
         device: where to encode and score.
         model: an already loaded :class:`~maxmatch_cli.api.Model` of that checkpoint (skips loading).
         block_size: gallery sets scored per block.
+        engine, candidates, nprobe: as for :meth:`Index.search`.
 
     Returns:
-        For each query, its hits best first.
+        ``(hits, engine)``: for each query its hits, best first, and the engine that answered.
 
     Raises:
         MaxMatchError: an empty query, a captions index, a checkpoint other than the index's, a bad index.
@@ -413,13 +501,157 @@ def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int =
     index.check_checkpoint(ckpt_path)
     model = model if model is not None else load(ckpt_path, device)
     queries = model.encode_texts(texts)
-    ranking = model.rank(queries, index.sets, kind=index.similarity, k=k, query_side="text",
-                         block_size=block_size, **index.similarity_options)
+    ranking, engine = index.search(queries, k, engine=engine, candidates=candidates, nprobe=nprobe,
+                                   device=model.device, block_size=block_size)
     results = []
     for q, (rows, scores) in enumerate(zip(ranking.indices.tolist(), ranking.scores.tolist())):
         hits = []
-        for r, (row, score) in enumerate(zip(rows, scores), 1):
+        for r, (row, score) in enumerate(((row, score) for row, score in zip(rows, scores) if row >= 0), 1):
             gallery_set = torch.from_numpy(np.asarray(index.sets[row], dtype=np.float32))
             hits.append(Hit(r, row, index.ids[row], score, _matching(gallery_set, queries[q])))
         results.append(hits)
-    return results
+    return results, engine
+
+
+# ----------------------------------------------------------------------------------------------- search
+
+
+def search_sets(sets: np.ndarray | torch.Tensor, queries: torch.Tensor, k: int, kind: str,
+                options: dict[str, Any] | None = None, *, engine: str = "exact", element_index: Any = None,
+                candidates: int | None = None, nprobe: int | None = None, query_side: str = "text",
+                device: str | torch.device = "cpu", block_size: int | None = None):
+    """Top-k gallery sets per query set: exhaustive exact scoring, or faiss candidates re-ranked exactly.
+
+    Args:
+        sets: ``(N, K, D)`` gallery sets (a float16 memory-map is fine); for ``faiss`` with L2-normalised
+            elements, as :func:`build_element_index` indexed them.
+        queries: ``(Q, K', D)`` query sets (any scale).
+        k: results per query.
+        kind, options: the similarity and its options.
+        engine: ``exact`` or ``faiss``.
+        element_index: the faiss index over the N x K gallery elements (``faiss`` only).
+        candidates, nprobe: faiss search depth (:data:`DEFAULT_CANDIDATES`, :data:`DEFAULT_NPROBE`).
+        query_side: as for :func:`maxmatch_cli.api.rank_sets`.
+        device, block_size: where and in what blocks the exact scoring runs.
+
+    Returns:
+        :class:`~maxmatch_cli.api.Ranking` ``(Q, k)``; with ``faiss``, rows -1 and scores -inf pad a query
+        whose candidates number fewer than ``k``.
+    """
+    from maxmatch_cli.api import Ranking, rank_sets
+
+    options = options or {}
+    queries = torch.as_tensor(queries).float()
+    queries = queries.unsqueeze(0) if queries.dim() == 2 else queries
+    if engine == "exact":
+        return rank_sets(queries, sets, kind, k, query_side=query_side, block_size=block_size, device=device,
+                         **options)
+    if engine != "faiss" or element_index is None:
+        raise MaxMatchError(f"search engine '{engine}' needs an element index" if engine == "faiss"
+                            else f"unknown search engine '{engine}'", hint="use engine='exact' or 'faiss'")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. k=10")
+    pools = faiss_candidates(element_index, queries, int(sets.shape[1]), candidates, nprobe)
+    rows = torch.full((len(pools), k), -1, dtype=torch.long)
+    scores = torch.full((len(pools), k), float("-inf"))
+    for q, pool in enumerate(pools):
+        if len(pool) == 0:
+            continue
+        sub = rank_sets(queries[q: q + 1], sets[pool], kind, k, query_side=query_side, block_size=block_size,
+                        device=device, **options)
+        n = sub.indices.shape[1]
+        rows[q, :n] = torch.from_numpy(pool)[sub.indices[0]]
+        scores[q, :n] = sub.scores[0]
+    return Ranking(rows, scores)
+
+
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise MaxMatchError("the faiss engine needs the faiss-cpu package, which is not installed",
+                            hint="pip install faiss-cpu, or use --engine exact") from None
+    return faiss
+
+
+def default_nlist(n_vectors: int) -> int:
+    """Inverted lists for ``n_vectors`` elements: about their square root, with at least 39 training points per
+    list (faiss's minimum for a stable k-means)."""
+    return max(1, min(round(math.sqrt(n_vectors)), n_vectors // 39))
+
+
+def build_element_index(sets: np.ndarray, path: str | os.PathLike, nlist: int | None = None, seed: int = 0,
+                        chunk: int = 1 << 16) -> dict[str, Any]:
+    """Write a faiss IVF index over every element of ``sets`` (element ``k`` of item ``i`` has id ``i*K + k``).
+
+    Vectors are stored as fp16 (``IndexIVFScalarQuantizer`` with ``QT_fp16``) under the inner product, so with
+    L2-normalised elements a search returns the highest cosines. k-means is trained on at most 64 x nlist
+    sampled elements and the elements are added in chunks, so the float32 copies stay bounded.
+
+    Args:
+        sets: ``(N, K, D)`` sets with L2-normalised elements (a memory-map is read chunk by chunk).
+        path: the file to write.
+        nlist: inverted lists (default :func:`default_nlist`).
+        seed: sampling and k-means seed.
+        chunk: elements converted and added at a time.
+
+    Returns:
+        The manifest's ``element_index`` record.
+    """
+    faiss = _faiss()
+    n, k, d = sets.shape
+    n_vectors = n * k
+    nlist = nlist or default_nlist(n_vectors)
+    if not 1 <= nlist <= n_vectors:
+        raise MaxMatchError(f"nlist={nlist} must lie in 1..{n_vectors} (the number of set elements)",
+                            hint="leave --nlist unset for about the square root of the element count")
+    flat = sets.reshape(n_vectors, d)
+    rng = np.random.default_rng(seed)
+    n_train = min(n_vectors, 64 * nlist)
+    sample = np.sort(rng.choice(n_vectors, size=n_train, replace=False))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.train(np.ascontiguousarray(flat[sample], dtype=np.float32))
+    for start in range(0, n_vectors, chunk):
+        index.add(np.ascontiguousarray(flat[start: start + chunk], dtype=np.float32))
+    faiss.write_index(index, str(path))
+    return {"kind": "faiss-ivf", "file": Path(path).name, "nlist": nlist, "vectors": "fp16",
+            "metric": "inner_product", "n_elements": n_vectors, "train_size": n_train, "seed": seed,
+            "faiss_version": faiss.__version__}
+
+
+def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, candidates: int | None = None,
+                     nprobe: int | None = None) -> list[np.ndarray]:
+    """Gallery rows owning the nearest elements of each query element, per query (sorted, unique).
+
+    Args:
+        element_index: from :func:`build_element_index`.
+        queries: ``(Q, K', D)`` query sets (normalised here).
+        gallery_k: K of the gallery sets (element id // K is the row).
+        candidates: nearest elements fetched per query element (default :data:`DEFAULT_CANDIDATES`).
+        nprobe: inverted lists searched (default :data:`DEFAULT_NPROBE`, capped at nlist).
+    """
+    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+    nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
+    for name, value in (("candidates", candidates), ("nprobe", nprobe)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+    q, kq, d = queries.shape
+    if d != element_index.d:
+        raise MaxMatchError(f"query elements have D={d}, the element index D={element_index.d}",
+                            hint="query with the checkpoint the index was built with")
+    element_index.nprobe = min(nprobe, element_index.nlist)
+    flat = F.normalize(queries.float(), dim=-1).reshape(q * kq, d).numpy()
+    _, ids = element_index.search(np.ascontiguousarray(flat), min(candidates, element_index.ntotal))
+    ids = ids.reshape(q, -1)
+    return [np.unique(row[row >= 0] // gallery_k) for row in ids]

@@ -57,7 +57,7 @@ def test_index_holds_the_encoded_gallery(index_dir, model, ckpt, tiny_h5):
     m = index.manifest
     assert m["format_version"] == FORMAT_VERSION and m["kind"] == "images" and m["split"] == "test"
     assert (m["n_items"], m["K"], m["D"]) == (len(images), model.num_embeds, model.embed_dim)
-    assert m["similarity"] == model.similarity and m["engine"] == "exhaustive-exact"
+    assert m["similarity"] == model.similarity and m["engine"] == "exhaustive-exact" and m["element_index"] is None
     assert m["checkpoint"]["fingerprint"] == checkpoint_fingerprint(ckpt)
     assert isinstance(index.sets, np.memmap) and index.sets.dtype == np.float16
     assert index.ids == np.asarray(store.image_ids)[images].tolist()
@@ -216,3 +216,75 @@ def test_a_killed_build_is_not_an_index(index_dir, tmp_path):
     (partial / "manifest.json").unlink()
     with pytest.raises(MaxMatchError, match="not a complete maxmatch index"):
         load_index(partial)
+
+
+# ----------------------------------------------------------------------------------------------- faiss engine
+
+
+@pytest.fixture(scope="module")
+def faiss_index_dir(ckpt, tiny_h5, tmp_path_factory):
+    pytest.importorskip("faiss")
+    out = tmp_path_factory.mktemp("indexes") / "test-faiss"
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--engine", "faiss")
+    assert result.exit_code == 0, result.output
+    assert "faiss element index" in result.output
+    return out
+
+
+def _query_json(index_dir, *args):
+    result = invoke("query", index_dir, *[a for q in QUERIES for a in ("--text", q)], "--json", "--device", "cpu",
+                    *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _rows_scores(record):
+    return [[(h["row"], h["score"]) for h in q["results"]] for q in record["queries"]]
+
+
+def test_faiss_at_full_depth_equals_exact(faiss_index_dir):
+    index = load_index(faiss_index_dir)
+    info = index.manifest["element_index"]
+    assert info["n_elements"] == len(index) * index.manifest["K"] and (faiss_index_dir / info["file"]).is_file()
+    exact = _query_json(faiss_index_dir, "--engine", "exact", "-k", 8)
+    # Every inverted list and every element fetched: the candidates are the whole gallery.
+    full = _query_json(faiss_index_dir, "--engine", "faiss", "-k", 8, "--nprobe", info["nlist"],
+                       "--candidates", info["n_elements"])
+    assert exact["engine"] == "exact" and full["engine"] == "faiss"
+    assert _rows_scores(full) == _rows_scores(exact)
+    assert _query_json(faiss_index_dir, "-k", 3)["engine"] == "faiss"  # auto takes faiss when the index has it
+
+
+def test_faiss_candidates_are_the_nearest_elements_rescored_exactly(faiss_index_dir, model):
+    from maxmatch_cli.index import faiss_candidates
+
+    index = load_index(faiss_index_dir)
+    nlist, n_k = index.manifest["element_index"]["nlist"], index.manifest["K"]
+    queries = model.encode_texts(QUERIES)
+    pools = faiss_candidates(index.element_index(), queries, n_k, candidates=3, nprobe=nlist)
+    # With every list probed the IVF search is exact over the stored elements: brute force agrees.
+    elements = torch.from_numpy(index.sets.astype(np.float32)).reshape(-1, index.sets.shape[-1])
+    cos = F.normalize(queries, dim=-1) @ elements.T  # (Q, K, N*K)
+    for q, pool in enumerate(pools):
+        nearest = cos[q].topk(3, dim=-1).indices.reshape(-1) // n_k
+        assert pool.tolist() == sorted(set(nearest.tolist()))
+    # Shallow search: fewer candidates, but each result carries its exact score.
+    exact = {(q, r): s for q, rows in enumerate(_rows_scores(_query_json(faiss_index_dir, "--engine", "exact",
+                                                                          "-k", len(index))))
+             for r, s in rows}
+    shallow = _query_json(faiss_index_dir, "--engine", "faiss", "-k", 10, "--candidates", 1, "--nprobe", 1)
+    for q, rows in enumerate(_rows_scores(shallow)):
+        assert 1 <= len(rows) <= n_k  # one element per query element: at most K candidate items
+        assert [s for _, s in rows] == sorted((s for _, s in rows), reverse=True)
+        for r, s in rows:
+            assert s == pytest.approx(exact[(q, r)], abs=1e-6)
+
+
+def test_faiss_missing_is_a_clear_error(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):
+    result = invoke("query", index_dir, "--text", "a dog", "--engine", "faiss")
+    assert result.exit_code == 2 and "no faiss element index" in result.output
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if faiss-cpu were not installed
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", tmp_path / "i", "--engine", "faiss")
+    assert result.exit_code == 2 and "faiss-cpu" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "i").exists()
+    assert _query_json(index_dir, "-k", 2)["engine"] == "exact"  # auto falls back to the exact engine
