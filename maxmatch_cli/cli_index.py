@@ -70,9 +70,9 @@ def query_cmd(
         "--engine", help="exact (exhaustive), faiss (approximate candidates, exact re-ranking; an index built with "
                          "--engine faiss) or auto (faiss when the index has it and faiss-cpu is installed).")] = "auto",
     candidates: Annotated[Optional[int], typer.Option(
-        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 64).")] = None,
+        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 128).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(
-        "--nprobe", help="faiss: inverted lists searched per query element (default 16).")] = None,
+        "--nprobe", help="faiss: inverted lists searched per query element (default 32).")] = None,
 ) -> None:
     """Search an image index with a caption: rank, id, score and MaxMatch's element matching of each result.
 

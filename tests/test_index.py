@@ -251,7 +251,9 @@ def test_faiss_at_full_depth_equals_exact(faiss_index_dir):
     full = _query_json(faiss_index_dir, "--engine", "faiss", "-k", 8, "--nprobe", info["nlist"],
                        "--candidates", info["n_elements"])
     assert exact["engine"] == "exact" and full["engine"] == "faiss"
-    assert _rows_scores(full) == _rows_scores(exact)
+    for got, want in zip(_rows_scores(full), _rows_scores(exact)):
+        assert [r for r, _ in got] == [r for r, _ in want]  # re-ranking scores pairs in other GEMM shapes: approx
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=0, atol=1e-6)
     assert _query_json(faiss_index_dir, "-k", 3)["engine"] == "faiss"  # auto takes faiss when the index has it
 
 
@@ -288,3 +290,24 @@ def test_faiss_missing_is_a_clear_error(index_dir, ckpt, tiny_h5, tmp_path, monk
     assert result.exit_code == 2 and "faiss-cpu" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "i").exists()
     assert _query_json(index_dir, "-k", 2)["engine"] == "exact"  # auto falls back to the exact engine
+
+
+@pytest.mark.parametrize("max_pairs", [1, 7, 10_000])
+def test_rerank_groups_equal_one_query_at_a_time(max_pairs):
+    from maxmatch_cli.api import rank_sets
+    from maxmatch_cli.index import _rerank
+
+    g = torch.Generator().manual_seed(0)
+    sets = F.normalize(torch.randn(50, 4, 8, generator=g), dim=-1).numpy().astype(np.float16)
+    queries = torch.randn(6, 3, 8, generator=g)  # K' = 3 != K = 4: a rectangular assignment
+    rng = np.random.default_rng(0)
+    pools = [np.sort(rng.choice(50, size=n, replace=False)) for n in (5, 0, 17, 1, 50, 9)]
+    for side in ("text", "image"):
+        got = _rerank(sets, queries, pools, 6, "maxmatch", {}, side, "cpu", max_pairs=max_pairs)
+        for q, pool in enumerate(pools):
+            n = min(6, len(pool))
+            assert got.indices[q, n:].eq(-1).all() and torch.isinf(got.scores[q, n:]).all()
+            if n:
+                want = rank_sets(queries[q], sets[pool], "maxmatch", 6, query_side=side)
+                assert got.indices[q, :n].tolist() == pool[want.indices[0].numpy()].tolist()
+                torch.testing.assert_close(got.scores[q, :n], want.scores[0], rtol=0, atol=1e-6)
