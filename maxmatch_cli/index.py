@@ -112,11 +112,16 @@ class Index:
     """
 
     path: Path
-    manifest: dict[str, Any]
-    sets: np.ndarray
-    ids: list[Any]
-    texts: list[str] | None = None
+    manifest: dict[str, Any] = field(repr=False)
+    sets: np.ndarray = field(repr=False)
+    ids: list[Any] = field(repr=False)
+    texts: list[str] | None = field(default=None, repr=False)
     _element_index: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Index({str(self.path)!r}, {m['kind']}={m['n_items']}, K={m['K']}, D={m['D']}, "
+                f"similarity={m['similarity']!r}, faiss={self.has_element_index})")
 
     @property
     def kind(self) -> str:
