@@ -135,6 +135,7 @@ def main() -> None:
         return
     import torch
 
+    commit = _commit()  # the tree the runs use, taken before they start (commits may land while they run)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // args.jobs)
     if not args.features.exists():
@@ -147,7 +148,8 @@ def main() -> None:
                   f"i2t R@1 {r['metrics']['i2t_r1']:.1f}  ({r['train_seconds'] / 60:.1f} min)")
     results = {
         "date": dt.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": commit,
+        "split": "test",
         "machine": f"{platform.machine()}, {cores} cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__,
         "threads": threads,
