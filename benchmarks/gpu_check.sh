@@ -2,7 +2,8 @@
 # The GPU check, prepared to run in under 8 minutes on one GPU (H100/H200 class):
 #   1. the tests marked `gpu` (the batched Hungarian solver on CUDA, a few AMP training steps, evaluation on CUDA
 #      equal to the CPU's);
-#   2. benchmarks/similarity.py on CUDA: forward+backward x the mean-pooled floor at B = 200, K = 4, 8, 16;
+#   2. benchmarks/similarity.py on CUDA: forward+backward x the mean-pooled floor at B = 200, K = 4, 8, 16, and the
+#      exact solvers alone on CUDA inputs at K = 8, 16 (is the on-GPU torch solver faster than lapx/scipy on the host?);
 #   3. 200 steps each of coco-butd-bigru and coco-butd-bert (the offline MiniLM) at the paper's batch of 200 images
 #      x 5 captions with AMP, on the synthetic COCO-shaped demo store (36 x 2048 regions);
 #   4. evaluation at COCO 5K scale (5,000 x 25,000 set similarities + metrics), benchmarks/eval_scale.py;
@@ -24,6 +25,9 @@ fi
 
 "$PY" benchmarks/similarity.py --device cuda --batch 200 --k 4 8 16 --kinds maxmatch,chamfer,mil \
   --repeats 7 --markdown 2>/dev/null | tee "$OUT/similarity.txt"
+# Which exact solver wins at K >= 8 with CUDA tensors: the torch one stays on the GPU, scipy/lapx copy to the host.
+"$PY" benchmarks/similarity.py --device cuda --solvers --batch 200 --k 8 16 --repeats 5 2>/dev/null \
+  | tee "$OUT/solvers.txt"
 
 DATA=${DATA:-demo/features.h5}
 [ -f "$DATA" ] || "$PY" -m maxmatch_cli extract-features --synthetic demo --out "$DATA"
@@ -47,6 +51,10 @@ for line in (out / "similarity.txt").read_text().splitlines():
     if m and m.group(3) != "floor":
         rows.append((f"similarity B={m.group(1)} K={m.group(2)} {m.group(3)} {m.group(4)}",
                      f"fwd+bwd {m.group(5)} ms, {m.group(6)} x floor"))
+for line in (out / "solvers.txt").read_text().splitlines():
+    m = re.match(r"B=\s*(\d+) K=\s*(\d+) (\w+)\s+median\s+([\d.]+) ms", line)
+    if m:
+        rows.append((f"solver B={m.group(1)} K={m.group(2)} {m.group(3)} (CUDA input)", f"{m.group(4)} ms"))
 for name in ("bigru", "bert"):
     rates = re.findall(r"step (\d+)/\d+ .* ([\d,]+) images/s", (out / f"train-{name}.txt").read_text())
     rows.append((f"train coco-butd-{name}, 200 images x 5 captions, AMP",

@@ -242,14 +242,16 @@ def _solve_lapx(c: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_torch(c: torch.Tensor) -> torch.Tensor:
-    """(N, R, C) with R <= C -> (N, R): the Hungarian algorithm (shortest augmenting paths with row and column
+    """(..., R, C) with R <= C -> (N, R), batch flattened: the Hungarian algorithm (shortest augmenting paths with row and column
     potentials, O(R^2 C) per matrix) run on all N matrices at once with tensor operations on ``c``'s device.
 
     Rows are added one at a time; each search adds one column to its tree per step, so a fixed R x C steps (masked
     where a matrix's search has finished) and C steps of path reversal solve every matrix without reading a value
     back to the host: no device sync, so a GPU keeps its queue full during training. In float64 for exactness.
     """
-    n, rows, cols = c.shape
+    rows, cols = c.shape[-2:]
+    c = c.reshape(-1, rows, cols)
+    n = c.shape[0]
     dev = c.device
     cost = -torch.nan_to_num(c.to(torch.float64), nan=0.0, posinf=1e30, neginf=-1e30)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)

@@ -208,6 +208,19 @@ def test_torch_solver_is_exact_at_large_k_with_float32_and_extremes(k):
     assert torch.equal(perm.sort(-1).values, torch.arange(k).expand(2, k))
 
 
+def test_every_solver_takes_any_batch_shape():
+    """Solvers receive (..., R, C): the similarity layer hands them (Bi, Bt, K, K) blocks."""
+    c = random_matrices(8, 12, seed=4).reshape(3, 4, 8, 8)
+    want = max_trace_assignment(c.reshape(12, 8, 8), solver="scipy")
+    for name in SOLVERS:
+        if name == "lapx" and not HAVE_LAPX:
+            continue
+        perm = max_trace_assignment(c, solver=name)
+        assert perm.shape == (3, 4, 8)
+        torch.testing.assert_close(assignment_objective(c.reshape(12, 8, 8), perm.reshape(12, 8)),
+                                   assignment_objective(c.reshape(12, 8, 8), want))
+
+
 def test_auto_keeps_cuda_tensors_on_the_gpu_solver():
     assert resolve_solver(8, 8, device="cuda").name == "torch"
     assert resolve_solver(8, 8, device="cpu").name in {"scipy", "lapx"}
