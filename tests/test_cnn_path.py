@@ -28,7 +28,7 @@ SIZE = 32
 CNN = {"model.image_encoder": "cnn", "model.cnn_backbone": "resnet18", "model.cnn_weights": "random",
        "model.cnn_freeze_epochs": "1", "data.image_size": str(SIZE), "model.embed_dim": "32", "model.word_dim": "16",
        "model.set_depth": "1", "model.set_heads": "2", "model.set_head_dim": "16", "model.set_ff_dim": "64",
-       "data.vocab_min_count": "1", "train.batch_size": "8", "train.epochs": "2", "loss.warmup_epochs": "1",
+       "data.vocab_min_count": "1", "train.batch_size": "4", "train.epochs": "2", "loss.warmup_epochs": "1",
        "eval.batch_size": "8", "eval.split": "test"}
 
 
@@ -247,11 +247,11 @@ def test_train_frozen_epoch_then_fine_tune_then_evaluate(pixel_store, tmp_path):
     one_step, first_epoch = tmp_path / "one", tmp_path / "run"
     result = invoke(*base, *overrides(train__max_steps=1), "--out", one_step)
     assert result.exit_code == 0, result.output
-    result = invoke(*base, *overrides(train__max_steps=5), "--out", first_epoch)  # 40 captions / 8 = 1 epoch
+    result = invoke(*base, *overrides(train__max_steps=2), "--out", first_epoch)  # 8 images / 4 = 1 epoch
     assert result.exit_code == 0, result.output
     after_one, after_epoch = _trunk(one_step / "last.safetensors"), _trunk(first_epoch / "last.safetensors")
     assert after_one and all(torch.equal(after_one[k], after_epoch[k]) for k in after_one)  # frozen: as built
-    result = invoke(*base, *overrides(train__max_steps=8), "--out", first_epoch, "--resume")
+    result = invoke(*base, *overrides(train__max_steps=4), "--out", first_epoch, "--resume")
     assert result.exit_code == 0, result.output
     tuned = _trunk(first_epoch / "last.safetensors")
     assert any(not torch.equal(after_epoch[k], tuned[k]) for k in tuned)  # unfrozen in epoch 2: it trains
