@@ -303,10 +303,11 @@ def train_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<recipe>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.safetensors.")] = False,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace the run already in OUT (its checkpoints, metrics.jsonl, recipe.toml and "
-                            "cached embeddings; nothing else).")] = False,
+        "--overwrite", help="Replace the run already in OUT (its checkpoints, metrics.jsonl, steps.jsonl, "
+                            "recipe.toml and cached embeddings; nothing else).")] = False,
 ) -> None:
-    """Train a model; writes best.safetensors, last.safetensors, metrics.jsonl and recipe.toml to the run folder.
+    """Train a model; writes best.safetensors, last.safetensors, metrics.jsonl, steps.jsonl and recipe.toml to
+    the run folder.
 
     A folder that already holds a run is refused: continue it with --resume or replace it with --overwrite.
 
