@@ -424,7 +424,7 @@ def analyze_collapse_cmd(
     cache: CacheOption = True,
 ) -> None:
     """Set-collapse analyses: circular variance, per-slot ablation (Table 4), pair heatmaps (Figure 4) and
-    per-element retrieval with its diversity (§4.5); writes collapse.json and CSV files (PNG with matplotlib).
+    per-element retrieval with its diversity (§4.5); writes collapse.json, CSV files and the heatmaps as PNG/PDF.
 
     Example: [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test --out analysis/[/]
     """
@@ -440,6 +440,23 @@ def analyze_collapse_cmd(
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     _wrote(*report.cache_files, *(Path(report.out_dir) / name for name in report.files))
+
+
+@app.command("plot")
+@guarded
+def plot_cmd(
+    run: Annotated[Path, typer.Argument(help="A training run folder (steps.jsonl, metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="File stem to write, .png and .pdf are added (default: RUN/curves).")] = None,
+) -> None:
+    """Training curves of a run: every loss term per step (raw and smoothed), the learning rate, and validation
+    RSUM and R@1 per epoch, as PNG and PDF.
+
+    Example: [bold]maxmatch plot demo/run[/]
+    """
+    from maxmatch_cli.plots import plot_training_curves
+
+    _wrote(*plot_training_curves(run, out))
 
 
 @app.command("compare")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.fileio import atomic_write, write_text
+from maxmatch_cli.fileio import write_text
 
 __all__ = ["CollapseReport", "analyze_collapse", "circular_variance", "pair_heatmaps", "slot_ablation",
            "slot_retrieval", "variance_summary"]
@@ -228,7 +228,7 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
     the per-slot ablation with the checkpoint's similarity (or ``similarity``), the pair heatmaps and
     per-element retrieval. Writes ``collapse.json`` (everything), ``circular_variance.csv``,
     ``slot_ablation.csv``, ``heatmap_raw.csv``, ``heatmap_aligned.csv``, ``slot_retrieval.csv`` and, when
-    matplotlib is importable, ``heatmaps.png``.
+    matplotlib is importable, ``heatmaps.png`` and ``heatmaps.pdf``.
 
     Args:
         checkpoint: checkpoint file or run folder.
@@ -306,30 +306,37 @@ def _collapse_csvs(report: CollapseReport) -> dict[str, str]:
             "heatmap_aligned.csv": _matrix_csv(report.heatmaps["aligned"]), "slot_retrieval.csv": "\n".join(ret) + "\n"}
 
 
-def _heatmap_png(report: CollapseReport, path: Path) -> bool:
-    """Draw both heatmaps side by side; False when matplotlib is not installed."""
-    try:
-        import matplotlib
+def _heatmap_figures(report: CollapseReport, stem: Path) -> list[str]:
+    """Both heatmaps side by side as ``stem``.png and .pdf; [] when matplotlib is not installed.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4), constrained_layout=True)
+    One colour scale for both panels, fitted to their values (the cosines of a trained model sit in a narrow band
+    that a fixed [0, 1] scale would flatten); the title names the checkpoint, split and similarity."""
+    from maxmatch_cli.plots import pyplot, save_figure
+
+    plt = pyplot()
+    if plt is None:
+        return []
+    mats = {name: np.asarray(report.heatmaps[name]) for name in ("raw", "aligned")}
+    lo = min(float(m.min()) for m in mats.values())
+    hi = max(float(m.max()) for m in mats.values())
+    hi = hi if hi > lo else lo + 1e-6
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.2), constrained_layout=True)
     for ax, (name, title) in zip(axes, (("raw", "stored order"), ("aligned", "MaxMatch-aligned"))):
-        m = np.asarray(report.heatmaps[name])
-        im = ax.imshow(m, cmap="viridis", vmin=min(0.0, float(m.min())), vmax=1.0)
+        m = mats[name]
+        im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi)
         for (k, l), v in np.ndenumerate(m):
-            ax.text(l, k, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+            ax.text(l, k, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="w" if (v - lo) / (hi - lo) < 0.6 else "k")
         ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
         ax.set_yticks(range(m.shape[0]), [f"V{k + 1}" for k in range(m.shape[0])])
-        ax.set_title(f"{title}")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine (image set vs its captions)")
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    finally:
-        plt.close(fig)
-    return True
+        ax.set_xlabel("text element")
+        ax.set_ylabel("image element")
+        ax.set_title(title)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine, image set vs its own captions")
+    ckpt = Path(report.checkpoint)
+    fig.suptitle(f"{ckpt.parent.name}/{ckpt.name} · split {report.split} · {report.similarity} "
+                 f"({report.n_images:,} images)", fontsize=10)
+    return save_figure(fig, stem)
 
 
 def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
@@ -340,10 +347,10 @@ def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
     for name, text in _collapse_csvs(report).items():
         write_text(out_dir / name, text)
         report.files.append(name)
-    if _heatmap_png(report, out_dir / "heatmaps.png"):
-        report.files.append("heatmaps.png")
-    elif not any("matplotlib" in note for note in report.notes):
+    figures = _heatmap_figures(report, out_dir / "heatmaps")
+    report.files += figures
+    if not figures and not any("matplotlib" in note for note in report.notes):
         report.notes.append("matplotlib is not installed: heatmaps written as CSV only "
-                            "(pip install matplotlib for heatmaps.png)")
+                            "(pip install 'maxmatch[viz]' for heatmaps.png/.pdf)")
     report.files.append("collapse.json")
     write_text(out_dir / "collapse.json", json.dumps(report.to_json(), indent=2))
