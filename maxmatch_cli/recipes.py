@@ -261,8 +261,13 @@ class TrainConfig:
     """Epochs between validations."""
     val_max_images: int = 1000
     """Validate on at most this many images of the validation split (and their captions); 0 = all of them."""
+    report_to: str = "jsonl"
+    """Where the training curves go, a comma-separated list of 'jsonl', 'tensorboard' (event files in
+    OUT/tensorboard) and 'wandb' (offline, in OUT/wandb); metrics.jsonl and steps.jsonl are always written."""
 
     def __post_init__(self) -> None:
+        for backend in self.report_to.split(","):
+            _one_of(backend.strip(), ("jsonl", "tensorboard", "wandb"), "train.report_to")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 2, "train.batch_size", "must be >= 2 (negatives come from the batch)")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")

@@ -38,6 +38,7 @@ from maxmatch_cli.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.recipes import Recipe, to_toml
 from maxmatch_cli.similarity import set_similarity
+from maxmatch_cli.tracking import Trackers, check_available, open_trackers
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -130,16 +131,17 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
 
 
 def _flush_steps(pending: list[tuple[int, float, dict[str, torch.Tensor]]], running: dict[str, float], epoch: int,
-                 steps_path: Path | None) -> None:
+                 steps_path: Path | None, trackers: Trackers | None = None) -> None:
     """Read back the loss parts of the steps since the last log step (one device sync), check them, update the
-    smoothed values in ``running`` and append one raw record per step to ``steps.jsonl``.
+    smoothed values in ``running`` and append one raw record per step to ``steps.jsonl`` (and the same values,
+    ``lr`` and ``loss/<part>`` at the step, to ``trackers``).
 
     Raises:
         MaxMatchError: a loss became NaN or infinite (the step is named; no checkpoint of it is written).
     """
     names = list(pending[0][2])
     values = torch.stack([torch.stack([parts[n].float() for n in names]) for _, _, parts in pending]).tolist()
-    lines = []
+    lines, logged = [], []
     for (step, lr, _), row in zip(pending, values):
         record = dict(zip(names, row))
         if not math.isfinite(record["total"]):
@@ -148,9 +150,13 @@ def _flush_steps(pending: list[tuple[int, float, dict[str, torch.Tensor]]], runn
         for k, v in record.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
         lines.append(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, **{f"loss/{k}": v for k, v in record.items()}}))
+        logged.append((step, {"lr": lr, **{f"loss/{k}": v for k, v in record.items()}}))
     if steps_path is not None:
         with steps_path.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
+    if trackers:
+        for step, scalars in logged:
+            trackers.log(scalars, step)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -255,9 +261,11 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
             raise MaxMatchError(f"--resume given but {last_path} does not exist",
                                 hint="start without --resume, or point --out at the run to continue")
         ckpt = load_checkpoint(last_path)
-        # The checkpoint's recipe, seed and step win; only the length of the run may change (to extend it).
+        # The checkpoint's recipe, seed and step win; only the length of the run may change (to extend it), and
+        # where its curves go (train.report_to: this run's value, which changes no result).
         resumed = ckpt.recipe.replace(**{"train.epochs": recipe.train.epochs,
-                                         "train.max_steps": recipe.train.max_steps})
+                                         "train.max_steps": recipe.train.max_steps,
+                                         "train.report_to": recipe.train.report_to})
         differing = _differences(resumed.to_dict(), recipe.to_dict())
         if differing:
             console.print(f"[yellow]warning:[/] ignoring recipe values that differ from the checkpoint's "
@@ -271,6 +279,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     if not recipe.data.path:
         raise MaxMatchError("the recipe names no feature file (data.path is empty)",
                             hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
+    tracker_names = check_available(recipe.train.report_to)  # a missing package fails before any work
     torch.manual_seed(recipe.train.seed)
     device = resolve_device(recipe.train.device)
     if device.type == "cpu":
@@ -337,6 +346,10 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "recipe.toml", to_toml(recipe))
+    # Only rank 0 logs; a resumed run hides the events a crashed run logged after the checkpoint's step.
+    purge_step = state["global_step"] + 1 if ckpt is not None else None
+    trackers = (open_trackers(tracker_names, out_dir, config=recipe.to_dict(), name=out_dir.name,
+                              purge_step=purge_step) if is_main else Trackers())
     start_time, interrupted, start_step = time.time(), False, state["global_step"]
     history_path = out_dir / "metrics.jsonl"
     steps_path = out_dir / "steps.jsonl"
@@ -386,7 +399,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     pending.append((state["global_step"], optimizer.param_groups[0]["lr"], parts))
                     last_step = state["global_step"] >= total_steps or state["step_in_epoch"] >= steps_per_epoch
                     if state["global_step"] % recipe.train.log_every == 0 or last_step:
-                        _flush_steps(pending, running, epoch, steps_path if is_main else None)
+                        _flush_steps(pending, running, epoch, steps_path if is_main else None, trackers)
                         pending = []
                         progress.update(task, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
                                         f"loss {running['total']:.3f}")
@@ -402,7 +415,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                     if state["global_step"] >= total_steps:
                         break
                 if pending:  # an epoch cut short (max_steps) still records its steps
-                    _flush_steps(pending, running, epoch, steps_path if is_main else None)
+                    _flush_steps(pending, running, epoch, steps_path if is_main else None, trackers)
                 epoch_done = state["step_in_epoch"] >= steps_per_epoch
                 if epoch_done:
                     state["epoch"] += 1
@@ -414,6 +427,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
                 if run_val:
                     last_metrics = _validate(core, store, recipe, tokenizer, device)
                     record.update({f"val/{k}": v for k, v in last_metrics.items()})
+                    trackers.log({f"val/{k}": v for k, v in last_metrics.items()}, state["global_step"])
                     progress.console.print(
                         f"epoch {state['epoch']:>3}  step {state['global_step']:>6}  "
                         f"loss {running.get('total', float('nan')):.4f}  val rsum {last_metrics['rsum']:.2f}  "
@@ -434,6 +448,8 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
             save(last_path, with_optim=True, rng=step_rng)
         console.print(f"[yellow]interrupted[/] at step {state['global_step']}; saved {last_path} "
                       f"(continue with --resume)")
+    finally:
+        trackers.close()  # flushes the event files, also after Ctrl-C or an error
     if is_main and not recipe.data.val_split and not interrupted:
         save(best_path, with_optim=False)
     dist.barrier()
