@@ -107,3 +107,69 @@ def test_trackers_close_every_tracker_even_when_one_fails():
     assert closed == ["failing", "fine"]
     trackers.close()  # a second close does nothing
     assert closed == ["failing", "fine"]
+
+
+def _scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def _fail_at(monkeypatch, step, exc):
+    """``exc`` raised in training step ``step`` (the earlier ones complete)."""
+    from maxmatch_cli import train as train_mod
+
+    real, calls = train_mod.loss_on_batch, {"n": 0}
+
+    def loss_on_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "loss_on_batch", loss_on_batch)
+
+
+def _tb_args(tiny_h5, tiny_overrides, out):
+    return ("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
+            "--set", "train.max_steps=4", "--set", "train.log_every=1", "--set", "train.report_to=tensorboard",
+            *tiny_overrides, "--out", out)
+
+
+@pytest.mark.parametrize("exc, code", [(RuntimeError("boom"), None), (KeyboardInterrupt(), 130)])
+def test_an_error_or_ctrl_c_mid_run_closes_the_writer(tiny_h5, tiny_overrides, tmp_path, monkeypatch, exc, code):
+    pytest.importorskip("tensorboard")
+    from maxmatch_cli import tracking
+
+    closed = []
+    real_close = tracking.TensorBoardTracker.close
+    monkeypatch.setattr(tracking.TensorBoardTracker, "close", lambda self: (closed.append(1), real_close(self)))
+    out = tmp_path / "run"
+    _fail_at(monkeypatch, 2, exc)
+    result = invoke(*_tb_args(tiny_h5, tiny_overrides, out))
+    if code is None:
+        assert isinstance(result.exception, RuntimeError), result.output
+    else:
+        assert result.exit_code == code, result.output
+    assert closed == [1]
+    steps = _jsonl(out / "steps.jsonl")  # jsonl is written whatever report_to says
+    assert [r["step"] for r in steps] == [1]
+    assert _scalars(out, "loss/total") == [(r["step"], pytest.approx(r["loss/total"], rel=1e-6)) for r in steps]
+
+
+def test_ctrl_c_then_resume_logs_every_step_once(tiny_h5, tiny_overrides, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    _fail_at(monkeypatch, 3, KeyboardInterrupt())
+    result = invoke(*_tb_args(tiny_h5, tiny_overrides, out))
+    assert result.exit_code == 130, result.output
+    assert [s for s, _ in _scalars(out, "loss/total")] == [1, 2]
+    monkeypatch.undo()
+    result = invoke(*_tb_args(tiny_h5, tiny_overrides, out), "--resume")
+    assert result.exit_code == 0, result.output
+    steps = _jsonl(out / "steps.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert _scalars(out, "loss/total") == [(r["step"], pytest.approx(r["loss/total"], rel=1e-6)) for r in steps]
+    assert _scalars(out, "lr") == [(r["step"], pytest.approx(r["lr"], rel=1e-6)) for r in steps]
