@@ -158,12 +158,16 @@ def extract_features_cmd(
         "--from-precomp", help="SCAN / VSE-infinity precomp folder ({split}_ims.npy, {split}_caps.txt).")] = None,
     dataset: Annotated[str, typer.Option(help="coco (train/dev/test/testall) or f30k, for --from-precomp.")] = "coco",
     split: Annotated[Optional[list[str]], typer.Option(
-        "--split", help="Import only this precomp split (repeatable; default: all found).")] = None,
+        "--split", help="Import only this precomp split (repeatable; default: all found). --images with a plain "
+                         "captions file or none: the one split to store (default train, or gallery without "
+                         "--captions).")] = None,
     from_butd_tsv: Annotated[Optional[list[Path]], typer.Option(
         "--from-butd-tsv", help="bottom-up-attention TSV file (repeatable; shards in any order).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image folder to extract features from.")] = None,
     captions: Annotated[Optional[Path], typer.Option(
-        "--captions", help="Karpathy split json (dataset_coco.json / dataset_flickr30k.json): captions and splits.")] = None,
+        "--captions", help="Karpathy split json (dataset_coco.json / dataset_flickr30k.json): captions and splits. "
+                           "--images also takes image<TAB>caption lines (.txt), a .csv with columns image,caption "
+                           "or a .json list of {image, caption}, or no captions (a gallery of every image).")] = None,
     kind: Annotated[str, typer.Option(
         help="--images: grid (ResNet cells), region (Faster R-CNN boxes) or pixels (index the image files for "
              "end-to-end CNN training: model.image_encoder=cnn).")] = "grid",
@@ -197,6 +201,7 @@ def extract_features_cmd(
       [bold]maxmatch extract-features --from-butd-tsv trainval_36/*.tsv --captions dataset_coco.json --out coco_butd.h5[/]
       [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
       [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind pixels --out coco_images.h5[/]
+      [bold]maxmatch extract-features --images photos/ --kind grid --out gallery.h5[/]   (no captions: split gallery)
     """
     from maxmatch_cli.features.extract import extract_features
     from maxmatch_cli.features.store import describe_store, store_state

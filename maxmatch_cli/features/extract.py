@@ -40,6 +40,9 @@ def extract_features(
     Sources: ``synthetic`` (demo data), ``from_precomp`` (SCAN folder, with ``dataset``), ``from_butd_tsv``
     (TSV files, with ``captions``), ``images`` (an image folder, with ``captions``, ``kind`` grid or region;
     ``kind`` pixels indexes the image files for end-to-end CNN training instead of extracting features).
+    With ``images``, ``captions`` may be a Karpathy json, a plain captions file (txt/csv/json list, all images
+    in split ``splits[0]``, default ``train``) or ``None``: a gallery of every image file under the folder
+    (split ``splits[0]``, default ``gallery``), without captions; see :mod:`maxmatch_cli.features.captions_file`.
 
     Returns:
         The output path (already complete when an identical earlier run finished: nothing is redone).
@@ -51,11 +54,18 @@ def extract_features(
         raise MaxMatchError(
             "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
             hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
-                 "JSON | --images DIR --captions JSON [--kind grid|region|pixels]",
+                 "JSON | --images DIR [--captions FILE] [--kind grid|region|pixels]",
         )
-    if (from_butd_tsv or images) and not captions:
+    if from_butd_tsv and not captions:
         raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "
                             "dataset_flickr30k.json).", hint="pass --captions PATH")
+    image_split = None
+    if images and splits:
+        if len(splits) > 1:
+            raise MaxMatchError(f"--images stores one split, but --split was given {len(splits)} times.",
+                                hint="pass --split NAME once (default: gallery without --captions, train with a "
+                                     "plain captions file)")
+        image_split = splits[0]
     if synthetic:
         from maxmatch_cli.features.synthetic import generate_synthetic
 
@@ -82,7 +92,7 @@ def extract_features(
                                 hint="the CNN, its weights and the input size come from the training recipe "
                                      "(model.cnn_backbone, model.cnn_weights, data.image_size)")
         return index_images(images, captions, out, skip_unreadable=skip_unreadable,  # type: ignore[arg-type]
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress, split=image_split)
     from maxmatch_cli.features.images import ExtractConfig, extract_from_images
 
     config = ExtractConfig(
@@ -93,5 +103,5 @@ def extract_features(
         skip_unreadable=skip_unreadable,
     )
     return extract_from_images(images, captions, out, config=config, weights=weights, device=device,  # type: ignore[arg-type]
-                               batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
+                               split=image_split, batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
                                progress=progress)

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.features.karpathy import KarpathyImage, load_karpathy
+from maxmatch_cli.features.captions_file import load_entries
+from maxmatch_cli.features.karpathy import KarpathyImage
 from maxmatch_cli.features.store import StoreWriter, args_fingerprint, store_state
 
 RANDOM_WEIGHTS = "random"
@@ -269,10 +270,11 @@ class ExtractConfig:
 
 def extract_from_images(
     images_dir: str | os.PathLike,
-    captions: str | os.PathLike,
+    captions: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     config: ExtractConfig | None = None,
+    split: str | None = None,
     weights: str | None = None,
     device: str = "auto",
     batch_size: int = 16,
@@ -283,13 +285,16 @@ def extract_from_images(
     world_size: int | None = None,
     merge_timeout_s: float = 24 * 3600,
 ) -> Path:
-    """Extract grid or region features of every image of a Karpathy json into a feature store.
+    """Extract grid or region features of every image of a caption file (or of a folder) into a feature store.
 
     Args:
         images_dir: image root; an entry is found at ``images_dir/filepath/filename`` or ``images_dir/filename``.
-        captions: Karpathy split json (captions and splits).
+        captions: Karpathy split json (captions and splits), a plain captions file (txt/csv/json list), or
+            ``None`` for a gallery of every image under ``images_dir``
+            (see :mod:`maxmatch_cli.features.captions_file`).
         out: output ``.h5`` path.
         config: what to extract (:class:`ExtractConfig`).
+        split: the one split of a plain captions file (default ``train``) or a gallery (default ``gallery``).
         weights: checkpoint path, ``None`` for the torch hub cache, or ``"random"`` (tests only).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
         batch_size: images per forward pass.
@@ -310,12 +315,19 @@ def extract_from_images(
     images_dir, out = Path(images_dir), Path(out)
     if not images_dir.is_dir():
         raise MaxMatchError(f"image folder {images_dir} does not exist.", hint="pass --images DIR")
-    entries = load_karpathy(captions, config.captions_per_image)
+    loaded = load_entries(images_dir, captions, captions_per_image=config.captions_per_image, split=split,
+                          skip_missing=config.skip_unreadable)
+    entries = loaded.images
+    if world_size > 1 and loaded.format != "karpathy":
+        raise MaxMatchError("extraction over several ranks needs a Karpathy json (--captions) for the merge.",
+                            hint="run a gallery or a plain captions file in one process")
     paths = [_find_image(images_dir, im) for im in entries]
     # skip_unreadable does not change any stored feature: a run may resume with it switched on.
     defining = {k: v for k, v in vars(config).items() if k != "skip_unreadable"}
-    fp = args_fingerprint(kind="images", images=str(images_dir.resolve()), captions=str(Path(captions).resolve()),
-                          n=len(entries), weights=str(weights), config=defining)
+    source_id = str(Path(captions).resolve()) if captions is not None else "gallery"
+    extra = {} if loaded.format == "karpathy" else {"split": loaded.metadata["split"]}
+    fp = args_fingerprint(kind="images", images=str(images_dir.resolve()), captions=source_id,
+                          n=len(entries), weights=str(weights), config=defining, **extra)
     if not overwrite and store_state(out, fp) == "complete":
         return out
 
@@ -324,7 +336,7 @@ def extract_from_images(
     mine = list(range(rank, len(entries), world_size))
     target = out if world_size == 1 else shard_path(out, rank, world_size)
     _extract_part(entries, paths, mine, target, config, weights, device, batch_size, num_workers, overwrite,
-                  progress, fp, final=world_size == 1, captions=str(captions))
+                  progress, fp, final=world_size == 1, captions=str(captions), extra_metadata=loaded.metadata)
     if world_size == 1:
         return out
     if rank != 0:
@@ -349,7 +361,8 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, weights, device_name, batch_size,
-                  num_workers, overwrite, progress, fp, *, final: bool, captions: str) -> None:
+                  num_workers, overwrite, progress, fp, *, final: bool, captions: str,
+                  extra_metadata: dict | None = None) -> None:
     from maxmatch_cli.features.karpathy import captions_and_splits
     from maxmatch_cli.progress import make_progress
 
@@ -370,7 +383,7 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
         with_boxes=config.kind == "region", with_sizes=True, args_fingerprint=fp, resume=True, overwrite=overwrite,
         chunk_rows=max(8, min(128, config.max_boxes // 2)), flush_every=max(64, 4 * batch_size),
         metadata={"extractor": source, "config": vars(config), "device": str(device), "captions": captions,
-                  "weights": str(weights)},
+                  "weights": str(weights), **(extra_metadata or {})},
     )
     with writer:
         done = set(writer.written_ids())

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.features.karpathy import KarpathyImage, captions_and_splits, load_karpathy
+from maxmatch_cli.features.captions_file import load_entries
+from maxmatch_cli.features.karpathy import KarpathyImage, captions_and_splits
 from maxmatch_cli.features.store import PIXELS, StoreWriter, args_fingerprint, store_state
 
 SOURCE = "image-folder"
@@ -44,10 +45,11 @@ def _probe(path: Path) -> tuple[int, int] | str:
 
 def index_images(
     images_dir: str | os.PathLike,
-    captions: str | os.PathLike,
+    captions: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     captions_per_image: int = 5,
+    split: str | None = None,
     skip_unreadable: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -57,9 +59,12 @@ def index_images(
 
     Args:
         images_dir: image root; an entry is found at ``images_dir/filepath/filename`` or ``images_dir/filename``.
-        captions: Karpathy split json (captions and splits).
+        captions: Karpathy split json (captions and splits), a plain captions file (txt/csv/json list), or
+            ``None`` for a gallery of every image under ``images_dir``
+            (see :mod:`maxmatch_cli.features.captions_file`).
         out: output ``.h5`` path.
-        captions_per_image: captions kept per image.
+        captions_per_image: captions kept per image (Karpathy json).
+        split: the one split of a plain captions file (default ``train``) or a gallery (default ``gallery``).
         skip_unreadable: leave out images whose file is missing or not an image instead of stopping.
         overwrite: replace an existing output.
         progress: show a progress bar.
@@ -77,9 +82,13 @@ def index_images(
     if not images_dir.is_dir():
         raise MaxMatchError(f"image folder {images_dir} does not exist.", hint="pass --images DIR")
     root = images_dir.resolve()
-    entries = load_karpathy(captions, captions_per_image)
-    fp = args_fingerprint(kind=PIXELS, images=str(root), captions=str(Path(captions).resolve()), n=len(entries),
-                          captions_per_image=captions_per_image, skip_unreadable=skip_unreadable)
+    loaded = load_entries(images_dir, captions, captions_per_image=captions_per_image, split=split,
+                          skip_missing=skip_unreadable)
+    entries = loaded.images
+    source_id = str(Path(captions).resolve()) if captions is not None else "gallery"
+    extra = {} if loaded.format == "karpathy" else {"split": loaded.metadata["split"]}
+    fp = args_fingerprint(kind=PIXELS, images=str(root), captions=source_id, n=len(entries),
+                          captions_per_image=captions_per_image, skip_unreadable=skip_unreadable, **extra)
     if not overwrite and store_state(out, fp) == "complete":
         return out
 
@@ -102,7 +111,7 @@ def index_images(
         out, feature_kind=PIXELS, source=SOURCE, feature_dim=3, image_root=root, n_images=len(keep),
         id_kind="int" if all(isinstance(e.key, int) for e in entries) else "str", with_sizes=True,
         args_fingerprint=fp, overwrite=overwrite, flush_every=1 << 16,
-        metadata={"captions": str(captions), "captions_per_image": captions_per_image,
+        metadata={"captions": str(captions), "captions_per_image": captions_per_image, **loaded.metadata,
                   "skipped_images": [str(entries[k].key) for k in bad],
                   "skipped_files": [f"{relpaths[k]}: {probes[k]}" for k in bad[:1000]]},
     ) as writer:
