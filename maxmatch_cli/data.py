@@ -539,6 +539,10 @@ class EpochSampler(Sampler[int]):
 def split_layout(store, split: str, captions_per_image: int) -> tuple[np.ndarray, np.ndarray]:
     """Image and caption indices of a split, checked to follow the evaluation layout (caption j <-> image j // cpi)."""
     images, captions = store.split(split)
+    if len(captions) == 0:
+        raise MaxMatchError(f"split '{split}' of {store.path} has no captions ({len(images)} images): a gallery can be "
+                            "indexed and searched, not evaluated",
+                            hint="evaluate a split with captions, or use `maxmatch index` / `maxmatch query` on it")
     owners = np.asarray(store.caption_image)[captions]
     expected = np.repeat(np.asarray(images), captions_per_image)
     if len(owners) != len(expected) or not np.array_equal(owners, expected):

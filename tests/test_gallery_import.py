@@ -98,7 +98,7 @@ def test_gallery_cli_split_name_info_json_and_evaluate_error(gallery, tmp_path):
     # Evaluation needs captions: a clear error, not a crash.
     from maxmatch_cli.data import split_layout
 
-    with pytest.raises(MaxMatchError, match=r"3 images, 0 captions"):
+    with pytest.raises(MaxMatchError, match=r"has no captions \(3 images\): a gallery can be indexed"):
         split_layout(open_store(out), "photos", 5)
     result = _cli("extract-features", "--images", gallery, "--kind", "pixels", "--split", "a", "--split", "b",
                   "--out", tmp_path / "x.h5")
