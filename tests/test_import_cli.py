@@ -46,8 +46,9 @@ def test_source_errors(tmp_path):
     result = runner.invoke(app, ["extract-features", "--synthetic", "tiny", "--from-precomp", str(tmp_path),
                                  "--out", str(tmp_path / "o.h5")])
     assert result.exit_code == 2 and "--synthetic, --from-precomp" in _text(result)
+    # --images without --captions indexes a gallery; a folder with no image files is the error.
     result = runner.invoke(app, ["extract-features", "--images", str(tmp_path), "--out", str(tmp_path / "o.h5")])
-    assert result.exit_code == 2 and "needs --captions" in _text(result)
+    assert result.exit_code == 2 and f"no image files under {tmp_path}" in _text(result)
     result = runner.invoke(app, ["extract-features", "--from-precomp", str(tmp_path / "missing"),
                                  "--out", str(tmp_path / "o.h5")])
     assert result.exit_code == 2 and "does not exist" in _text(result) and "Traceback" not in result.output
