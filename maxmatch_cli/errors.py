@@ -34,3 +34,9 @@ class MaxMatchError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}{_HINT_SEPARATOR}{self.hint}"
+
+
+def first_few(items: list[str], n: int = 3) -> str:
+    """The first ``n`` items joined with '; ', and how many more there are: for messages about many bad inputs."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.errors import MaxMatchError, first_few
 from maxmatch_cli.features.karpathy import KarpathyImage, load_karpathy
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -177,9 +177,8 @@ def load_plain_captions(path: str | os.PathLike, images_dir: str | os.PathLike, 
         raise MaxMatchError(f"{path} holds no captions.", hint=f"expected {FORMAT_HINT}")
     missing = [rel for rel in grouped if not (root / rel).is_file()]
     if missing and not skip_missing:
-        listed = "; ".join(f"{rel} ({first_seen[rel]})" for rel in missing[:3])
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise MaxMatchError(f"{len(missing)} image(s) named in {path} are not in {root}: {listed}{more}.",
+        listed = first_few([f"{rel} ({first_seen[rel]})" for rel in missing])
+        raise MaxMatchError(f"{len(missing)} image(s) named in {path} are not in {root}: {listed}.",
                             hint="image names are paths relative to --images DIR; pass --skip-unreadable to "
                                  "leave missing images out")
     return [KarpathyImage(rel, rel, split, tuple(caps)) for rel, caps in grouped.items()]

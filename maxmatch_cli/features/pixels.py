@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.errors import MaxMatchError, first_few
 from maxmatch_cli.features.captions_file import load_entries
 from maxmatch_cli.features.karpathy import KarpathyImage, captions_and_splits
 from maxmatch_cli.features.store import PIXELS, StoreWriter, args_fingerprint, store_state
@@ -101,9 +101,8 @@ def index_images(
             bar.advance(task)
     bad = [k for k, p in enumerate(probes) if isinstance(p, str)]
     if bad and not skip_unreadable:
-        listed = "; ".join(f"{root / relpaths[k]} ({probes[k]})" for k in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise MaxMatchError(f"{len(bad)} of {len(entries)} images cannot be read: {listed}{more}.",
+        listed = first_few([f"{root / relpaths[k]} ({probes[k]})" for k in bad])
+        raise MaxMatchError(f"{len(bad)} of {len(entries)} images cannot be read: {listed}.",
                             hint="check --images (files are looked up at DIR/filepath/filename or DIR/filename), "
                                  "or pass --skip-unreadable to leave such images out")
     keep = [k for k, p in enumerate(probes) if not isinstance(p, str)]
