@@ -12,6 +12,39 @@ TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "m
         "--set", "eval.batch_size=64", "--set", "model.image_feature_dim=32", "--set", "loss.warmup_epochs=1"]
 
 
+_BUILT: dict = {}
+
+
+@pytest.fixture()
+def reuse_random_models(monkeypatch):
+    """Build each random torchvision model once per session (ResNet-152's initialisation alone takes seconds);
+    models with real weights are built as asked."""
+    import torch
+
+    from maxmatch_cli.features import images as images_mod
+
+    real_grid, real_det = images_mod.build_grid_model, images_mod.build_detector
+
+    def grid(backbone, weights):
+        if weights != "random":
+            return real_grid(backbone, weights)
+        if ("grid", backbone) not in _BUILT:
+            torch.manual_seed(0)
+            _BUILT["grid", backbone] = real_grid(backbone, weights)
+        return _BUILT["grid", backbone]
+
+    def detector(arch, weights, image_size):
+        if weights != "random":
+            return real_det(arch, weights, image_size)
+        if ("det", arch, image_size) not in _BUILT:
+            torch.manual_seed(0)
+            _BUILT["det", arch, image_size] = real_det(arch, weights, image_size)
+        return _BUILT["det", arch, image_size]
+
+    monkeypatch.setattr(images_mod, "build_grid_model", grid)
+    monkeypatch.setattr(images_mod, "build_detector", detector)
+
+
 def _invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

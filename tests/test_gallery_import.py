@@ -6,40 +6,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from maxmatch_cli.cli import app
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.features import images as images_mod
 from maxmatch_cli.features.captions_file import load_entries
 from maxmatch_cli.features.extract import extract_features
 from maxmatch_cli.features.store import open_store
 
 runner = CliRunner()
-_BUILT: dict = {}
 NAMES = ["b.png", "a.png", "sub/c.jpg"]  # sorted: a.png, b.png, sub/c.jpg
 
 
-@pytest.fixture(autouse=True)
-def _reuse_models(monkeypatch):
-    """Random models built once per session (ResNet-152's initialisation alone takes seconds)."""
-    real_grid, real_det = images_mod.build_grid_model, images_mod.build_detector
-
-    def grid(backbone, weights):
-        if ("grid", backbone) not in _BUILT:
-            torch.manual_seed(0)
-            _BUILT["grid", backbone] = real_grid(backbone, weights)
-        return _BUILT["grid", backbone]
-
-    def detector(arch, weights, image_size):
-        if ("det", arch, image_size) not in _BUILT:
-            torch.manual_seed(0)
-            _BUILT["det", arch, image_size] = real_det(arch, weights, image_size)
-        return _BUILT["det", arch, image_size]
-
-    monkeypatch.setattr(images_mod, "build_grid_model", grid)
-    monkeypatch.setattr(images_mod, "build_detector", detector)
+pytestmark = pytest.mark.usefixtures("reuse_random_models")
 
 
 @pytest.fixture()

@@ -19,32 +19,9 @@ GRID = ExtractConfig(kind="grid", backbone="resnet152", image_size=64)
 REGION = ExtractConfig(kind="region", backbone="fasterrcnn_resnet50_fpn", image_size=64, num_boxes=5)
 
 
-_BUILT: dict = {}
 
 
-@pytest.fixture(autouse=True)
-def _reuse_models(monkeypatch):
-    """Build each random model once per session: ResNet-152's initialisation alone takes seconds."""
-    real_grid, real_det = images_mod.build_grid_model, images_mod.build_detector
-
-    def grid(backbone, weights):
-        if weights != "random":
-            return real_grid(backbone, weights)
-        if ("grid", backbone) not in _BUILT:
-            torch.manual_seed(0)
-            _BUILT["grid", backbone] = real_grid(backbone, weights)
-        return _BUILT["grid", backbone]
-
-    def detector(arch, weights, image_size):
-        if weights != "random":
-            return real_det(arch, weights, image_size)
-        if ("det", arch, image_size) not in _BUILT:
-            torch.manual_seed(0)
-            _BUILT["det", arch, image_size] = real_det(arch, weights, image_size)
-        return _BUILT["det", arch, image_size]
-
-    monkeypatch.setattr(images_mod, "build_grid_model", grid)
-    monkeypatch.setattr(images_mod, "build_detector", detector)
+pytestmark = pytest.mark.usefixtures("reuse_random_models")
 
 
 @pytest.fixture()
