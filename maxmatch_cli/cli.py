@@ -427,17 +427,21 @@ def analyze_collapse_cmd(
     similarity: SimilarityOption = None,
     device: DeviceOption = "auto",
     cache: CacheOption = True,
+    tsne: Annotated[int, typer.Option(
+        "--tsne", metavar="N", help="Also a t-SNE of the set elements of the split's first N images and their "
+                                    "captions (Figure 3): tsne.csv, tsne.png, tsne.pdf. 0: none.")] = 0,
 ) -> None:
     """Set-collapse analyses: circular variance, per-slot ablation (Table 4), pair heatmaps (Figure 4) and
     per-element retrieval with its diversity (§4.5); writes collapse.json, CSV files and the heatmaps as PNG/PDF.
+    With --tsne N also the t-SNE of Figure 3: colour = element, dots = image, crosses = text.
 
-    Example: [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test --out analysis/[/]
+    Example: [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test --out analysis/ --tsne 100[/]
     """
     from maxmatch_cli.collapse import analyze_collapse
     from maxmatch_cli.report import collapse_tables
 
     report = analyze_collapse(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
-                              out_dir=out, device=device, cache=cache)
+                              out_dir=out, device=device, cache=cache, tsne=tsne)
     _line(f"checkpoint {report.checkpoint} · split {report.split} · {report.n_images:,} images, "
           f"{report.n_captions:,} captions, K={report.K}")
     for table in collapse_tables(report):
@@ -499,7 +503,8 @@ def compare_cmd(
     console.print(rich_table(result, layout, decimals))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    _wrote(*write_comparison(result, markdown=markdown, latex=latex, csv=csv_path, layout=layout, decimals=decimals))
+    _wrote(*write_comparison(result, markdown=markdown, latex=latex, csv=csv_path, figure=figure, layout=layout,
+                             decimals=decimals))
 
 
 from maxmatch_cli import cli_index  # noqa: E402,F401  (registers `index` and `query` on app)

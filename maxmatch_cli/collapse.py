@@ -1,8 +1,9 @@
 """Set-collapse diagnostics.
 
 :func:`circular_variance` (public, stable) and the analyses behind ``maxmatch analyze-collapse``: circular
-variance summaries and the per-slot ablation (paper §4.4, Table 4), the K x K pair heatmaps (Figure 4) and
-per-element retrieval with its diversity (§4.5). :func:`analyze_collapse` runs them all on a checkpoint.
+variance summaries and the per-slot ablation (paper §4.4, Table 4), the K x K pair heatmaps (Figure 4),
+per-element retrieval with its diversity (§4.5) and, on request, a t-SNE of the set elements (Figure 3).
+:func:`analyze_collapse` runs them all on a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import write_text
 
-__all__ = ["CollapseReport", "analyze_collapse", "circular_variance", "pair_heatmaps", "slot_ablation",
-           "slot_retrieval", "variance_summary"]
+__all__ = ["CollapseReport", "TsnePoints", "analyze_collapse", "circular_variance", "pair_heatmaps",
+           "slot_ablation", "slot_retrieval", "tsne_points", "variance_summary"]
 
 
 def circular_variance(sets: torch.Tensor) -> torch.Tensor:
@@ -186,6 +187,89 @@ def heatmap_contrast(heatmap: torch.Tensor) -> dict[str, float]:
     return {"diagonal": diag, "off_diagonal": off}
 
 
+@dataclass
+class TsnePoints:
+    """2-D t-SNE coordinates of the elements of some image sets and their captions' sets (Figure 3).
+
+    Point order: the N images' elements (image-major, element k minor), then the N x captions_per_image captions'.
+    """
+
+    coords: np.ndarray
+    """(M, 2) float64, M = N K + N cpi K."""
+    modality: np.ndarray
+    """(M,) 'image' or 'text'."""
+    slot: np.ndarray
+    """(M,) element index k within its set, 0-based."""
+    item: np.ndarray
+    """(M,) index of the set in its split: the image, or the caption (caption j describes image j // cpi)."""
+    n_images: int
+    captions_per_image: int
+    perplexity: float
+    random_state: int
+    kl_divergence: float
+
+    def summary(self) -> dict[str, Any]:
+        """The settings and size of the embedding, for ``collapse.json``."""
+        return {"n_images": self.n_images, "n_captions": self.n_images * self.captions_per_image,
+                "points": int(len(self.coords)), "perplexity": self.perplexity, "random_state": self.random_state,
+                "init": "pca", "kl_divergence": self.kl_divergence}
+
+    def to_csv(self) -> str:
+        lines = ["modality,item,element,x,y"]
+        lines += [f"{m},{i},{k + 1},{x:.6f},{y:.6f}"
+                  for m, i, k, (x, y) in zip(self.modality, self.item, self.slot, self.coords)]
+        return "\n".join(lines) + "\n"
+
+
+def tsne_points(images: torch.Tensor, captions: torch.Tensor, n_images: int, captions_per_image: int = 5,
+                random_state: int = 0, perplexity: float = 30.0) -> TsnePoints:
+    """Figure 3: one joint t-SNE (scikit-learn, ``init="pca"``, fixed ``random_state``) of the L2-normalised
+    elements of the first ``n_images`` image sets and of their captions' sets.
+
+    Args:
+        images: (N, K, D) image sets of a split.
+        captions: (N * captions_per_image, K', D) caption sets, grouped by image.
+        n_images: how many images (from the first) with their captions; at most N.
+        captions_per_image: captions of each image.
+        random_state: seed of the t-SNE (the same seed and input give the same coordinates; with the PCA
+            initialisation it rarely changes them).
+        perplexity: upper bound of the t-SNE perplexity (lowered to (M - 1) / 3 for few points).
+
+    Returns:
+        :class:`TsnePoints` with N K image points and N cpi K' text points.
+
+    Raises:
+        MaxMatchError: n_images below 1, or scikit-learn is not installed.
+    """
+    if n_images < 1:
+        raise MaxMatchError(f"--tsne {n_images}: the t-SNE needs at least one image", hint="e.g. --tsne 100")
+    try:
+        from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+    except ImportError:
+        raise MaxMatchError("the t-SNE needs scikit-learn, which is not installed",
+                            hint="pip install 'maxmatch[viz]' (or `make install`)") from None
+    n = min(int(n_images), images.shape[0])
+    img = F.normalize(images[:n].float(), dim=-1)
+    txt = F.normalize(captions[: n * captions_per_image].float(), dim=-1)
+    k_img, k_txt = img.shape[1], txt.shape[1]
+    x = torch.cat([img.reshape(-1, img.shape[-1]), txt.reshape(-1, txt.shape[-1])]).double().numpy()
+    perplexity = float(min(perplexity, max(1.0, (len(x) - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=random_state)
+    # One OpenMP thread: right after torch's parallel regions its idle threads still spin, and sklearn's second
+    # OpenMP runtime competing with them on a small machine made a 150-point t-SNE take 20 s instead of 0.5 s.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        coords = tsne.fit_transform(x)
+    n_txt = txt.shape[0]
+    return TsnePoints(
+        coords=np.asarray(coords, dtype=np.float64),
+        modality=np.array(["image"] * (n * k_img) + ["text"] * (n_txt * k_txt)),
+        slot=np.concatenate([np.tile(np.arange(k_img), n), np.tile(np.arange(k_txt), n_txt)]),
+        item=np.concatenate([np.repeat(np.arange(n), k_img), np.repeat(np.arange(n_txt), k_txt)]),
+        n_images=n, captions_per_image=captions_per_image, perplexity=perplexity, random_state=random_state,
+        kl_divergence=float(tsne.kl_divergence_))
+
+
 # ----------------------------------------------------------------------------------------- the whole report
 
 
@@ -206,6 +290,8 @@ class CollapseReport:
     heatmaps: dict[str, list[list[float]]]
     contrast: dict[str, dict[str, float]]
     retrieval: dict[str, Any]
+    tsne: dict[str, Any] = field(default_factory=dict)
+    """Settings and size of the t-SNE (:meth:`TsnePoints.summary`); empty when none was asked for."""
     out_dir: str = ""
     files: list[str] = field(default_factory=list)
     """Files written to ``out_dir`` (names)."""
@@ -221,14 +307,16 @@ class CollapseReport:
 
 def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str | None = None,
                      protocol: str | None = None, similarity: str | None = None, out_dir: Path | None = None,
-                     device: str = "auto", cache: bool = True, show_progress: bool = True) -> CollapseReport:
+                     device: str = "auto", cache: bool = True, show_progress: bool = True,
+                     tsne: int = 0, tsne_seed: int = 0) -> CollapseReport:
     """Set-collapse analyses of a checkpoint on a split, written to ``out_dir``.
 
     Encodes the split (or reads the embedding cache), then computes the circular variance of both modalities,
     the per-slot ablation with the checkpoint's similarity (or ``similarity``), the pair heatmaps and
     per-element retrieval. Writes ``collapse.json`` (everything), ``circular_variance.csv``,
     ``slot_ablation.csv``, ``heatmap_raw.csv``, ``heatmap_aligned.csv``, ``slot_retrieval.csv`` and, when
-    matplotlib is importable, ``heatmaps.png`` and ``heatmaps.pdf``.
+    matplotlib is importable, ``heatmaps.png`` and ``heatmaps.pdf``. With ``tsne`` > 0 also the t-SNE of the first
+    ``tsne`` images' and their captions' elements (:func:`tsne_points`): ``tsne.csv``, ``tsne.png``, ``tsne.pdf``.
 
     Args:
         checkpoint: checkpoint file or run folder.
@@ -240,6 +328,8 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         device: auto, cpu, cuda or cuda:N.
         cache: use the embedding cache.
         show_progress: progress bars while encoding.
+        tsne: images (from the first of the split) whose elements and captions' elements the t-SNE shows; 0: none.
+        tsne_seed: random_state of the t-SNE.
 
     Returns:
         :class:`CollapseReport`, with the files written.
@@ -252,6 +342,14 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
 
     if protocol is not None:
         check_protocol(protocol)
+    if tsne < 0:
+        raise MaxMatchError(f"--tsne {tsne} is negative", hint="the number of images to show, or 0 for no t-SNE")
+    if tsne:
+        try:
+            import sklearn.manifold  # noqa: F401  (fail before the encoding, not after)
+        except ImportError:
+            raise MaxMatchError("--tsne needs scikit-learn, which is not installed",
+                                hint="pip install 'maxmatch[viz]' (or `make install`)") from None
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe
@@ -274,8 +372,14 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         heatmaps={name: m.tolist() for name, m in maps.items()},
         contrast={name: heatmap_contrast(m) for name, m in maps.items()},
         retrieval=slot_retrieval(images, captions, cpi, dev, recipe.eval.block_size))
+    points = None
+    if tsne:
+        points = tsne_points(images, captions, tsne, cpi, random_state=tsne_seed)
+        report.tsne = points.summary()
+        if points.n_images < tsne:
+            report.notes.append(f"split {split} has {points.n_images:,} images: the t-SNE shows all of them")
     out = Path(out_dir) if out_dir is not None else ckpt.path.parent / f"collapse-{ckpt.path.stem}-{split}"
-    write_collapse_report(report, out)
+    write_collapse_report(report, out, tsne=points)
     report.cache_files = [str(p) for p in written]
     return report
 
@@ -339,8 +443,24 @@ def _heatmap_figures(report: CollapseReport, stem: Path) -> list[str]:
     return save_figure(fig, stem)
 
 
-def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
-    """Write the CSV files, the PNG (when matplotlib is importable) and ``collapse.json`` into ``out_dir``."""
+def _tsne_figure(report: CollapseReport, points: TsnePoints, stem: Path) -> list[str]:
+    """Figure 3 as ``stem``.png and .pdf (:func:`maxmatch_cli.plots.tsne_figure`); [] without matplotlib."""
+    from maxmatch_cli.plots import pyplot, save_figure, tsne_figure
+
+    if pyplot() is None:
+        return []
+    ckpt = Path(report.checkpoint)
+    n_caps = points.n_images * points.captions_per_image
+    title = (f"{ckpt.parent.name}/{ckpt.name} · split {report.split}\n"
+             f"t-SNE of the set elements of {points.n_images:,} images and their {n_caps:,} captions (K={report.K})")
+    return save_figure(tsne_figure(points, title), stem)
+
+
+def write_collapse_report(report: CollapseReport, out_dir: Path, tsne: TsnePoints | None = None) -> None:
+    """Write the CSV files, the PNGs (when matplotlib is importable) and ``collapse.json`` into ``out_dir``.
+
+    ``tsne``: also ``tsne.csv`` (one row a point) and its figure ``tsne.png`` / ``tsne.pdf``.
+    """
     out_dir = Path(out_dir)
     report.out_dir = str(out_dir)
     report.files = []
@@ -349,8 +469,15 @@ def write_collapse_report(report: CollapseReport, out_dir: Path) -> None:
         report.files.append(name)
     figures = _heatmap_figures(report, out_dir / "heatmaps")
     report.files += figures
+    if tsne is not None:
+        write_text(out_dir / "tsne.csv", tsne.to_csv())
+        report.files.append("tsne.csv")
+        tsne_files = _tsne_figure(report, tsne, out_dir / "tsne")
+        report.files += tsne_files
+        figures += tsne_files
     if not figures and not any("matplotlib" in note for note in report.notes):
-        report.notes.append("matplotlib is not installed: heatmaps written as CSV only "
-                            "(pip install 'maxmatch[viz]' for heatmaps.png/.pdf)")
+        what = "heatmaps and t-SNE" if tsne is not None else "heatmaps"
+        report.notes.append(f"matplotlib is not installed: {what} written as CSV only "
+                            "(pip install 'maxmatch[viz]' for the PNG/PDF figures)")
     report.files.append("collapse.json")
     write_text(out_dir / "collapse.json", json.dumps(report.to_json(), indent=2))

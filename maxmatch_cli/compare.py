@@ -605,10 +605,19 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1):
 
 
 def write_comparison(comp: Comparison, *, markdown: Path | None = None, latex: Path | None = None,
-                     csv: Path | None = None, layout: str = "recall", decimals: int = 1) -> list[Path]:
-    """Write the requested files atomically (:func:`maxmatch_cli.fileio.write_text`); returns their paths."""
+                     csv: Path | None = None, figure: Path | None = None, layout: str = "recall",
+                     decimals: int = 1) -> list[Path]:
+    """Write the requested files atomically (:func:`maxmatch_cli.fileio.write_text`); returns their paths.
+
+    ``figure``: a file stem for the Recall@K bars (:func:`maxmatch_cli.plots.plot_recall_bars`), written as
+    ``figure``.png and ``figure``.pdf; checked for matplotlib before any file is written.
+    """
     from maxmatch_cli.fileio import write_text
 
+    if figure is not None:
+        from maxmatch_cli.plots import require_pyplot
+
+        require_pyplot()
     files = []
     if markdown:
         files.append(write_text(markdown, to_markdown(comp, layout, decimals)))
@@ -616,4 +625,8 @@ def write_comparison(comp: Comparison, *, markdown: Path | None = None, latex: P
         files.append(write_text(latex, to_latex(comp, layout, decimals)))
     if csv:
         files.append(write_text(csv, to_csv(comp)))
+    if figure is not None:
+        from maxmatch_cli.plots import plot_recall_bars
+
+        files += plot_recall_bars(comp, figure)
     return files
