@@ -32,20 +32,29 @@ def index_cmd(
                          "elements for approximate candidates; needs faiss-cpu).")] = "exact",
     nlist: Annotated[Optional[int], typer.Option(
         "--nlist", help="faiss: inverted lists (default: about the square root of the element count).")] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", metavar="I/N", help="Build only shard I (from 0) of N, a contiguous slice of the gallery, into "
+                                       "OUT/shard-I-of-N; `maxmatch query OUT` searches all N shards.")] = None,
 ) -> None:
     """Encode a gallery once into an index folder: float16 sets (memory-mapped when queried), ids, a manifest.
 
-    The build streams in bounded memory and publishes the folder only when it is complete.
+    The build streams in bounded memory and publishes the folder only when it is complete. A gallery too large
+    for one machine is built in shards (one job per --shard I/N into a shared OUT) and queried as one index.
 
     Examples:
       [bold]maxmatch index demo/run/best.safetensors --data demo/features.h5 --split test --out demo/index[/]
       [bold]maxmatch index demo/run/best.safetensors --split test --engine faiss --out demo/index-faiss[/]
+      [bold]maxmatch index demo/run/best.safetensors --split test --kind captions --out demo/captions[/]
+      [bold]maxmatch index demo/run/best.safetensors --split test --shard 0/2 --out demo/sharded[/]
     """
     from maxmatch_cli.index import build_index
 
     index = build_index(checkpoint, out, data=data, split=split, kind=kind, device=device, batch_size=batch_size,
-                        overwrite=overwrite, engine=engine, nlist=nlist)
+                        overwrite=overwrite, engine=engine, nlist=nlist, shard=shard)
     m = index.manifest
+    if "shard" in m:
+        sh = m["shard"]
+        _line(f"shard {sh['index']}/{sh['count']}: rows {sh['rows'][0]:,}..{sh['rows'][1] - 1:,} of {sh['n_total']:,}")
     _line(f"indexed {m['n_items']:,} {m['kind']} of split {m['split']} of {m['data']}")
     _line(f"checkpoint {m['checkpoint']['path']} · K={m['K']}, D={m['D']} · similarity {m['similarity']} · "
           f"{(index.path / 'sets.npy').stat().st_size / 2**20:,.1f} MiB of sets")
@@ -59,11 +68,21 @@ def index_cmd(
 @app.command("query")
 @guarded
 def query_cmd(
-    index: Annotated[Path, typer.Argument(help="An index folder written by `maxmatch index` (of images).")],
-    text: Annotated[list[str], typer.Option("--text", help="The caption to search for (repeatable).")],
+    index: Annotated[Path, typer.Argument(help="An index folder written by `maxmatch index` (or a folder of "
+                                                "its shards).")],
+    text: Annotated[Optional[list[str]], typer.Option(
+        "--text", help="A caption to search an image index for (repeatable).")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        "--image", help="An image file to search a captions index for (repeatable); its features are extracted "
+                        "as the index's feature file's were.")] = None,
+    image_id: Annotated[Optional[list[str]], typer.Option(
+        "--image-id", help="The id of an image of the index's feature file (or --data) to search a captions "
+                           "index for (repeatable).")] = None,
     top_k: Annotated[int, typer.Option("-k", "--top-k", help="Results per query.")] = 10,
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", help="The index's checkpoint, if it moved (it must be the same file).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Feature file of --image-id (default: the one the index was built from).")] = None,
     device: DeviceOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     engine: Annotated[str, typer.Option(
@@ -74,16 +93,19 @@ def query_cmd(
     nprobe: Annotated[Optional[int], typer.Option(
         "--nprobe", help="faiss: inverted lists searched per query element (default 32).")] = None,
 ) -> None:
-    """Search an image index with a caption: rank, id, score and MaxMatch's element matching of each result.
+    """Search an index: captions (--text) against images, or images (--image, --image-id) against captions.
 
+    Each result shows rank, id, score and MaxMatch's one-to-one matching of query and result elements.
     Engines: exact scores every stored set (block by block over the memory-mapped index): the exact top-k under
     the checkpoint's similarity, in time linear in the gallery. faiss (an index built with --engine faiss) fetches
     candidates by approximate search over the set elements and re-ranks them exactly: exact scores, approximate
-    recall (benchmarks/index.py measures it).
+    recall (benchmarks/index.py measures it). A sharded index is searched shard by shard and the results merged.
 
     Examples:
       [bold]maxmatch query demo/index --text "a red bus next to a tree" -k 5[/]
       [bold]maxmatch query demo/index --text "two dogs" --text "a cat" --json > hits.json[/]
+      [bold]maxmatch query demo/captions --image-id 17 -k 5[/]
+      [bold]maxmatch query photos/captions --image photo.jpg[/]
     """
     from rich.table import Table
 
@@ -91,23 +113,32 @@ def query_cmd(
 
     idx = load_index(index)
     results, used = query_index(idx, text, k=top_k, checkpoint=checkpoint, device=device, engine=engine,
-                                candidates=candidates, nprobe=nprobe)
+                                candidates=candidates, nprobe=nprobe, images=image, image_ids=image_id, data=data)
+    side, queries = (("text", text) if text is not None else
+                     ("image", [str(p) for p in image]) if image is not None else ("image_id", image_id))
     if as_json:
         record = {"index": str(idx.path), "engine": used, "similarity": idx.similarity,
                   "checkpoint": str(checkpoint or idx.checkpoint),
-                  "queries": [{"text": t, "results": [h.to_json() for h in hits]} for t, hits in zip(text, results)]}
+                  "queries": [{side: q, "results": [h.to_json() for h in hits]} for q, hits in zip(queries, results)]}
         typer.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return
     how = "exhaustive exact search" if used == "exact" else "faiss candidates, exact re-ranking"
-    _line(f"index {idx.path} · {len(idx):,} images · similarity {idx.similarity} · {how}")
-    for query, hits in zip(text, results):
-        table = Table(title=f"query: {escape(query)}", title_justify="left", caption_justify="left",
-                      caption="matching: MaxMatch's one-to-one pairs, query element T ↔ image element V (cosine)")
+    shards = f" in {len(idx.shards)} shards" if hasattr(idx, "shards") else ""
+    _line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · {how}")
+    q_name, g_name = ("T", "V") if side == "text" else ("V", "T")
+    for query, hits in zip(queries, results):
+        label = {"text": "query", "image": "image", "image_id": "image id"}[side]
+        table = Table(title=f"{label}: {escape(str(query))}", title_justify="left", caption_justify="left",
+                      caption=f"matching: MaxMatch's one-to-one pairs, query element {q_name} ↔ result element "
+                              f"{g_name} (cosine)")
         table.add_column("rank", justify="right")
         table.add_column("id", style="bold cyan")
+        if idx.kind == "captions":
+            table.add_column("caption", overflow="fold")
         table.add_column("score", justify="right")
-        table.add_column("matching")
+        table.add_column("matching", overflow="fold")
         for h in hits:
-            pairs = "  ".join(f"T{q + 1}↔V{g + 1} ({c:.2f})" for q, g, c in h.matching)
-            table.add_row(str(h.rank), escape(str(h.id)), f"{h.score:.4f}", pairs)
+            pairs = "  ".join(f"{q_name}{q + 1}↔{g_name}{g + 1} ({c:.2f})" for q, g, c in h.matching)
+            cells = [str(h.rank), escape(str(h.id))] + ([escape(h.text or "")] if idx.kind == "captions" else [])
+            table.add_row(*cells, f"{h.score:.4f}", pairs)
         console.print(table)

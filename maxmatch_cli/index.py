@@ -10,7 +10,8 @@ sets.npy        ``(N, K, D)`` float16 sets with L2-normalised elements (similari
                 normalising first loses nothing and keeps float16 in range); memory-mapped on load
 ids.json        the N item ids: image ids of the feature file, or caption indices
 texts.json      captions only: the N caption strings
-elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K set elements
+elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K set elements; memory-mapped on
+                load
 ==============  ===========================================================================================
 
 A build streams: the gallery is encoded ``batch_size`` items at a time into a preallocated
@@ -39,10 +40,12 @@ Search engines:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -58,7 +61,8 @@ import torch.nn.functional as F
 from maxmatch_cli.errors import MaxMatchError
 
 __all__ = ["ENGINES", "FORMAT", "FORMAT_VERSION", "Hit", "Index", "build_element_index", "build_index",
-           "checkpoint_fingerprint", "faiss_candidates", "load_index", "query_index", "search_sets"]
+           "checkpoint_fingerprint", "faiss_candidates", "load_index", "query_index", "read_element_index",
+           "search_sets"]
 
 FORMAT = "maxmatch-index"
 FORMAT_VERSION = 1
@@ -189,16 +193,20 @@ class Index:
         return ranking, engine
 
     def element_index(self):
-        """The faiss element index (read on first use)."""
+        """The faiss element index (memory-mapped on first use, :func:`read_element_index`)."""
         if self._element_index is None:
-            faiss = _faiss()
-            path = self.path / self.manifest["element_index"]["file"]
-            try:
-                self._element_index = faiss.read_index(str(path))
-            except RuntimeError as exc:
-                raise MaxMatchError(f"cannot read the faiss element index {path} ({str(exc).splitlines()[0]})",
-                                    hint=f"the index is damaged; rebuild it ({_BUILD_HINT} --engine faiss)") from None
+            self._element_index = read_element_index(self.path / self.manifest["element_index"]["file"])
         return self._element_index
+
+    @property
+    def image_extraction(self) -> dict[str, Any] | None:
+        """How the gallery's image features were extracted (``extract-features --images``), else None."""
+        return self.manifest.get("image_extraction")
+
+    def item(self, row: int) -> tuple[Any, np.ndarray, str | None]:
+        """``(id, set, caption text or None)`` of one row (a global row for a sharded index)."""
+        return self.ids[row], np.asarray(self.sets[row], dtype=np.float32), \
+            (self.texts[row] if self.texts is not None else None)
 
     def check_checkpoint(self, checkpoint: str | os.PathLike) -> None:
         """Raise unless ``checkpoint`` is the file this index was built with (same header fingerprint)."""
@@ -222,8 +230,9 @@ def _read_json(path: Path, what: str, index: Path) -> Any:
                             hint=f"the index is damaged; rebuild it ({_BUILD_HINT})") from None
 
 
-def load_index(path: str | os.PathLike) -> Index:
-    """Open an index folder written by :func:`build_index` (the sets memory-mapped, read-only).
+def load_index(path: str | os.PathLike) -> Index | ShardedIndex:
+    """Open an index folder written by :func:`build_index` (the sets memory-mapped, read-only), or a folder of
+    shards built with ``shard=(i, n)`` (a :class:`ShardedIndex`).
 
     Raises:
         MaxMatchError: the folder is missing, incomplete, of another format version, or damaged.
@@ -233,6 +242,8 @@ def load_index(path: str | os.PathLike) -> Index:
         raise MaxMatchError(f"index {path} does not exist", hint=_BUILD_HINT)
     if not path.is_dir():
         raise MaxMatchError(f"{path} is a file, not an index folder", hint=_BUILD_HINT)
+    if not (path / "manifest.json").is_file() and _shard_folders(path):
+        return ShardedIndex.open(path)
     if not (path / "manifest.json").is_file():
         raise MaxMatchError(f"{path} is not a complete maxmatch index (no manifest.json)",
                             hint=f"its build may have been interrupted; {_BUILD_HINT}")
@@ -268,6 +279,168 @@ def load_index(path: str | os.PathLike) -> Index:
     return Index(path, manifest, sets, ids, texts)
 
 
+# ----------------------------------------------------------------------------------------------- shards
+
+_SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+def shard_name(index: int, count: int) -> str:
+    """The folder of shard ``index`` (0-based) of ``count`` inside a sharded index: ``shard-3-of-8``."""
+    return f"shard-{index}-of-{count}"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"3/8"`` -> ``(3, 8)``: shard 3 (0-based) of 8.
+
+    Raises:
+        MaxMatchError: not ``I/N`` with 0 <= I < N.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or not int(match[1]) < int(match[2]):
+        raise MaxMatchError(f"--shard must be I/N with 0 <= I < N (shard I of N, counted from 0), got '{text}'",
+                            hint="e.g. --shard 0/4 ... --shard 3/4 for four shards")
+    return int(match[1]), int(match[2])
+
+
+def shard_rows(n_items: int, index: int, count: int) -> tuple[int, int]:
+    """The contiguous rows ``[start, stop)`` of shard ``index`` of ``count`` over ``n_items`` items (sizes differ by
+    at most one)."""
+    return index * n_items // count, (index + 1) * n_items // count
+
+
+def _shard_folders(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and _SHARD_PATTERN.match(p.name))
+    except OSError:
+        return []
+
+
+class ShardedIndex:
+    """A gallery split into shards, each an :class:`Index` folder ``shard-I-of-N`` inside one folder.
+
+    Shards are built independently (``maxmatch index ... --shard I/N``, one machine or job each, into a shared
+    folder) over contiguous row ranges of one gallery. A search fans out: every shard answers the encoded queries
+    with its own engine, and the per-shard top-k lists merge into the global top-k (exact scores compare across
+    shards; equal scores keep the lower global row first, as one index would). Rows are global: shard I's local
+    row r is row ``offset_I + r``.
+
+    Attributes:
+        path: the folder holding the shards.
+        shards: the shard indexes, in shard order.
+    """
+
+    def __init__(self, path: Path, shards: list[Index]):
+        self.path = path
+        self.shards = shards
+        self.offsets = [int(sh.manifest["shard"]["rows"][0]) for sh in shards]
+        first = shards[0].manifest
+        self.manifest = {**{k: v for k, v in first.items() if k not in ("shard", "element_index")},
+                         "n_items": sum(len(sh) for sh in shards), "n_shards": len(shards)}
+
+    @classmethod
+    def open(cls, path: Path) -> "ShardedIndex":
+        """Open and cross-check every shard folder under ``path``.
+
+        Raises:
+            MaxMatchError: shards of different builds (checkpoint, data, split, kind, count), a missing or
+                duplicated shard, or a damaged shard.
+        """
+        folders = _shard_folders(path)
+        shards = []
+        for folder in folders:
+            if not (folder / "manifest.json").is_file():
+                continue  # reported below as missing: a build of that shard has not finished
+            shard = load_index(folder)
+            if not isinstance(shard, Index) or "shard" not in shard.manifest:
+                raise MaxMatchError(f"{folder} is not a shard (its manifest has no shard record)",
+                                    hint="build shards with `maxmatch index ... --shard I/N --out FOLDER`")
+            shards.append(shard)
+        if not shards:
+            raise MaxMatchError(f"{path} holds shard folders but none is complete",
+                                hint="wait for the shard builds to finish, or re-run them")
+        counts = {sh.manifest["shard"]["count"] for sh in shards}
+        keys = ("kind", "K", "D", "similarity", "split", "data_fingerprint")
+        reference = shards[0].manifest
+        for sh in shards[1:]:
+            differs = [key for key in keys if sh.manifest.get(key) != reference.get(key)]
+            if sh.manifest["checkpoint"]["fingerprint"] != reference["checkpoint"]["fingerprint"]:
+                differs.insert(0, "checkpoint")
+            if sh.manifest["shard"]["n_total"] != reference["shard"]["n_total"]:
+                differs.append("gallery size")
+            if differs or len(counts) > 1:
+                what = ", ".join(differs) or "shard count"
+                raise MaxMatchError(f"the shards in {path} come from different builds ({sh.path.name} differs from "
+                                    f"{shards[0].path.name} in: {what})",
+                                    hint="rebuild every shard with the same checkpoint, feature file, split and --shard "
+                                         "count")
+        count = counts.pop()
+        have = sorted(sh.manifest["shard"]["index"] for sh in shards)
+        missing = sorted(set(range(count)) - set(have))
+        if missing:
+            listed = ", ".join(str(i) for i in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise MaxMatchError(f"sharded index {path} lacks {len(missing)} of its {count} shards ({listed})",
+                                hint=f"build them with `maxmatch index CKPT ... --shard {missing[0]}/{count} --out "
+                                     f"{path}` (one per missing shard)")
+        if len(have) != count:
+            raise MaxMatchError(f"sharded index {path} holds a shard twice", hint="remove the extra shard folder")
+        shards.sort(key=lambda sh: sh.manifest["shard"]["index"])
+        return cls(path, shards)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"ShardedIndex({str(self.path)!r}, {len(self.shards)} shards, {m['kind']}={m['n_items']}, K={m['K']}, "
+                f"D={m['D']}, similarity={m['similarity']!r})")
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_items"])
+
+    kind = Index.kind
+    similarity = Index.similarity
+    similarity_options = Index.similarity_options
+    checkpoint = Index.checkpoint
+    image_extraction = Index.image_extraction
+    check_checkpoint = Index.check_checkpoint
+
+    @property
+    def has_element_index(self) -> bool:
+        """Whether every shard holds a faiss element index."""
+        return all(sh.has_element_index for sh in self.shards)
+
+    def _locate(self, row: int) -> tuple[Index, int]:
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        i = bisect.bisect_right(self.offsets, row) - 1
+        return self.shards[i], row - self.offsets[i]
+
+    def item(self, row: int) -> tuple[Any, np.ndarray, str | None]:
+        """``(id, set, caption text or None)`` of global row ``row``."""
+        shard, local = self._locate(row)
+        return shard.item(local)
+
+    def search(self, queries: torch.Tensor, k: int = 10, engine: str = "auto", candidates: int | None = None,
+               nprobe: int | None = None, device: str | torch.device = "cpu",
+               block_size: int | None = None) -> tuple[Any, str]:
+        """:meth:`Index.search` over every shard (in parallel threads), merged into the global top-k."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from maxmatch_cli.api import Ranking
+
+        def one(shard: Index):
+            return shard.search(queries, k, engine=engine, candidates=candidates, nprobe=nprobe, device=device,
+                                block_size=block_size)
+
+        workers = min(len(self.shards), max(1, (os.cpu_count() or 1) // 2))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            answers = list(pool.map(one, self.shards))
+        rows = torch.cat([torch.where(r.indices >= 0, r.indices + off, r.indices)
+                          for (r, _), off in zip(answers, self.offsets)], dim=1)
+        scores = torch.cat([r.scores for r, _ in answers], dim=1)
+        # Shards come in row order and each list is sorted with ties to the lower row: a stable sort keeps that.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        engines = sorted({used for _, used in answers})
+        return Ranking(rows.gather(1, order), scores.gather(1, order)), "+".join(engines)
+
+
 # ----------------------------------------------------------------------------------------------- building
 
 
@@ -295,7 +468,7 @@ def _py(value: Any) -> Any:
 def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
                 split: str | None = None, kind: str = "images", device: str = "auto", batch_size: int | None = None,
                 overwrite: bool = False, show_progress: bool = True, engine: str = "exact",
-                nlist: int | None = None) -> Index:
+                nlist: int | None = None, shard: tuple[int, int] | str | None = None) -> Index:
     """Encode a split's images (or captions) once and write them as an index folder.
 
     Args:
@@ -311,9 +484,12 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         engine: ``exact`` (the sets only) or ``faiss`` (also a faiss element index for approximate candidate
             generation, :func:`build_element_index`).
         nlist: faiss: inverted lists (default :func:`default_nlist`).
+        shard: ``(i, n)`` or ``"i/n"``: build only shard ``i`` (0-based) of ``n``, the contiguous rows
+            :func:`shard_rows` of the split, into ``out/shard-i-of-n`` (``out`` is the sharded index folder;
+            :func:`load_index` on it opens every shard as one :class:`ShardedIndex`).
 
     Returns:
-        The written :class:`Index`.
+        The written :class:`Index` (the shard's, with ``shard``).
 
     Raises:
         MaxMatchError: bad inputs, an existing ``out`` without ``overwrite``, or a folder that cannot be written.
@@ -332,6 +508,12 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     if batch_size is not None and batch_size < 1:
         raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
     out = Path(out)
+    if shard is not None:
+        shard = parse_shard(shard) if isinstance(shard, str) else parse_shard(f"{shard[0]}/{shard[1]}")
+        if out.exists() and (not out.is_dir() or (out / "manifest.json").is_file()):
+            raise MaxMatchError(f"{out} is {'an unsharded index' if out.is_dir() else 'a file'}, not a folder of shards",
+                                hint="choose another --out for the sharded index")
+        out = out / shard_name(*shard)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is simply filled
         if not (out.is_dir() and (out / "manifest.json").is_file()):
             raise MaxMatchError(f"{out} exists and is not a maxmatch index; not replacing it",
@@ -347,6 +529,15 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     rows = images if kind == "images" else captions
     if len(rows) == 0:
         raise MaxMatchError(f"split '{split}' of {store.path} has no {kind}", hint="index another split (--split)")
+    n_total = len(rows)
+    shard_record = None
+    if shard is not None:
+        start, stop = shard_rows(n_total, *shard)
+        if start == stop:
+            raise MaxMatchError(f"shard {shard[0]}/{shard[1]} of {n_total} {kind} would be empty",
+                                hint=f"use at most {n_total} shards")
+        rows = rows[start:stop]
+        shard_record = {"index": shard[0], "count": shard[1], "rows": [int(start), int(stop)], "n_total": n_total}
     if kind == "images":
         from maxmatch_cli.evaluate import check_features
 
@@ -359,6 +550,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     batch_size = batch_size or recipe.eval.batch_size
     n, k, d = len(rows), model.num_embeds, model.embed_dim
 
+    from maxmatch_cli.features.images import extraction_of
+
+    extraction = extraction_of(store)  # how image files can be encoded for queries (None: not from image files)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
@@ -395,6 +589,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
                            "fingerprint": checkpoint_fingerprint(model.checkpoint),
                            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "data": str(Path(store.path).resolve()), "data_fingerprint": store.fingerprint(), "split": split,
+            "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
             "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         _write_json(tmp / "manifest.json", manifest)  # last: a folder with a manifest is whole
@@ -445,6 +640,7 @@ class Hit:
         score: its set similarity to the query.
         matching: the MaxMatch assignment between the query set and the item's set, one entry per matched pair:
             ``(query element, gallery element, cosine)`` with 0-based element numbers, by query element.
+        text: the caption, for a hit of a captions index.
     """
 
     rank: int
@@ -452,32 +648,46 @@ class Hit:
     id: Any
     score: float
     matching: list[tuple[int, int, float]] = field(default_factory=list)
+    text: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "row": self.row, "id": self.id, "score": self.score,
-                "matching": [{"query_element": q, "gallery_element": g, "cosine": c} for q, g, c in self.matching]}
+        out = {"rank": self.rank, "row": self.row, "id": self.id, "score": self.score}
+        if self.text is not None:
+            out["text"] = self.text
+        out["matching"] = [{"query_element": q, "gallery_element": g, "cosine": c} for q, g, c in self.matching]
+        return out
 
 
-def _matching(gallery_set: torch.Tensor, query_set: torch.Tensor) -> list[tuple[int, int, float]]:
-    """The MaxMatch pairs of one gallery (image) set and one query (text) set, with their cosines."""
+def _matching(gallery_set: torch.Tensor, query_set: torch.Tensor,
+              query_side: str = "text") -> list[tuple[int, int, float]]:
+    """The MaxMatch pairs of one gallery set and one query set, with their cosines, as (query, gallery) elements."""
     from maxmatch_cli.similarity import cosine_matrices, maxmatch_assignment
 
-    img, txt = gallery_set.unsqueeze(0), query_set.unsqueeze(0)
+    img, txt = (gallery_set, query_set) if query_side == "text" else (query_set, gallery_set)
+    img, txt = img.unsqueeze(0), txt.unsqueeze(0)
     perm = maxmatch_assignment(img, txt)[0, 0]  # image element v -> text element perm[v] (-1: unmatched)
     cos = cosine_matrices(img, txt)[0, 0]
-    pairs = [(int(t), v, float(cos[v, t])) for v, t in enumerate(perm.tolist()) if t >= 0]
+    pairs = [(int(t), v, float(cos[v, t])) if query_side == "text" else (v, int(t), float(cos[v, t]))
+             for v, t in enumerate(perm.tolist()) if t >= 0]
     return sorted(pairs)
 
 
-def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int = 10,
-                checkpoint: str | os.PathLike | None = None, device: str = "auto", model: Any = None,
+QUERY_KINDS = {"text": "images", "image": "captions"}
+"""What each kind of query searches: captions against an image index, images against a captions index."""
+
+
+def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence[str] | str | None = None,
+                k: int = 10, checkpoint: str | os.PathLike | None = None, device: str = "auto", model: Any = None,
                 block_size: int | None = None, engine: str = "auto", candidates: int | None = None,
-                nprobe: int | None = None) -> tuple[list[list[Hit]], str]:
-    """Search an image index with captions, scored exactly under the index's similarity.
+                nprobe: int | None = None, *, images: Sequence[str | os.PathLike] | None = None,
+                image_ids: Sequence[Any] | None = None,
+                data: str | os.PathLike | None = None) -> tuple[list[list[Hit]], str]:
+    """Search an index, scored exactly under its similarity: captions (``texts``) against an image index, or
+    images (image files ``images``, or ``image_ids`` of a feature file) against a captions index.
 
     Args:
-        index: an :class:`Index` or its folder.
-        texts: one or more queries.
+        index: an :class:`Index`, a :class:`ShardedIndex`, or its folder.
+        texts: caption queries.
         k: results per query.
         checkpoint: the checkpoint to encode the queries with (default: the one the index records); it must be
             the file the index was built with.
@@ -485,22 +695,39 @@ def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int =
         model: an already loaded :class:`~maxmatch_cli.api.Model` of that checkpoint (skips loading).
         block_size: gallery sets scored per block.
         engine, candidates, nprobe: as for :meth:`Index.search`.
+        images: image files; their features are extracted as the index's feature file's were (it must have been
+            written by ``extract-features --images``, or the checkpoint must read pixels itself).
+        image_ids: ids of images of a feature file (``data``, default the one the index was built from), encoded
+            from their stored features.
+        data: the feature file of ``image_ids``.
 
     Returns:
         ``(hits, engine)``: for each query its hits, best first, and the engine that answered.
 
     Raises:
-        MaxMatchError: an empty query, a captions index, a checkpoint other than the index's, a bad index.
+        MaxMatchError: no query or an empty one, a query of the wrong kind for the index, a checkpoint other than
+            the index's, an image that cannot be read, an unknown image id, a bad index.
     """
     from maxmatch_cli.api import load
 
-    index = index if isinstance(index, Index) else load_index(index)
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts or any(not t.strip() for t in texts):
-        raise MaxMatchError("empty query", hint='pass the text to search for, e.g. --text "a dog on a sofa"')
-    if index.kind != "images":
-        raise MaxMatchError(f"index {index.path} holds captions; text queries search an image index",
-                            hint="build one with `maxmatch index CKPT --kind images --out INDEX`")
+    index = index if isinstance(index, (Index, ShardedIndex)) else load_index(index)
+    given = [name for name, v in (("texts", texts), ("images", images), ("image_ids", image_ids)) if v is not None]
+    if len(given) != 1:
+        raise MaxMatchError("a query is text, image files or image ids (exactly one kind)" if given else "no query",
+                            hint='pass --text "..." (an image index), or --image PATH / --image-id ID (a captions '
+                                 'index)')
+    side = "text" if texts is not None else "image"
+    values = [v for v in (texts, images, image_ids) if v is not None][0]
+    values = [values] if isinstance(values, (str, Path, int)) else list(values)
+    if not values or any(isinstance(v, str) and not v.strip() for v in values):
+        raise MaxMatchError("empty query", hint='pass the text to search for, e.g. --text "a dog on a sofa"'
+                            if side == "text" else "pass an image, e.g. --image photo.jpg")
+    if index.kind != QUERY_KINDS[side]:
+        raise MaxMatchError(f"index {index.path} holds {index.kind}; {side} queries search "
+                            f"{'an image' if side == 'text' else 'a captions'} index",
+                            hint=f"build one with `maxmatch index CKPT --kind {QUERY_KINDS[side]} --out INDEX`"
+                            + (", or query this one with --text" if side == "image" else
+                               ", or query this one with --image / --image-id"))
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. -k 10")
     if engine not in ENGINES:  # before the model is loaded
@@ -509,17 +736,50 @@ def query_index(index: Index | str | os.PathLike, texts: Sequence[str], k: int =
                                                                  else index.checkpoint)
     index.check_checkpoint(ckpt_path)
     model = model if model is not None else load(ckpt_path, device)
-    queries = model.encode_texts(texts)
+    if texts is not None:
+        queries = model.encode_texts(values)
+    elif images is not None:
+        queries = model.encode_images([Path(v) for v in values], extractor=_extraction_for(index, model))
+    else:
+        queries = _encode_image_ids(model, values, data or index.manifest["data"])
     ranking, engine = index.search(queries, k, engine=engine, candidates=candidates, nprobe=nprobe,
                                    device=model.device, block_size=block_size)
     results = []
     for q, (rows, scores) in enumerate(zip(ranking.indices.tolist(), ranking.scores.tolist())):
         hits = []
         for r, (row, score) in enumerate(((row, score) for row, score in zip(rows, scores) if row >= 0), 1):
-            gallery_set = torch.from_numpy(np.asarray(index.sets[row], dtype=np.float32))
-            hits.append(Hit(r, row, index.ids[row], score, _matching(gallery_set, queries[q])))
+            item_id, item_set, text = index.item(row)
+            hits.append(Hit(r, row, item_id, score, _matching(torch.from_numpy(item_set), queries[q], side), text))
         results.append(hits)
     return results, engine
+
+
+def _extraction_for(index, model) -> dict[str, Any] | None:
+    """The feature extraction image-file queries must repeat (None for a checkpoint that reads pixels)."""
+    if model.recipe.model.image_encoder == "cnn":
+        return None
+    extraction = index.image_extraction
+    if extraction is None:
+        raise MaxMatchError(f"the features of index {index.path} ({index.manifest['data']}) were not extracted from "
+                            "image files by maxmatch (synthetic, precomputed or BUTD features), so a new image "
+                            "cannot be encoded like them",
+                            hint="query with an image of that feature file by id (--image-id ID), or index a "
+                                 "feature file written by `extract-features --images`")
+    return extraction
+
+
+def _encode_image_ids(model, ids: list[Any], data: str | os.PathLike) -> torch.Tensor:
+    from maxmatch_cli.features.store import open_store
+
+    store = open_store(data)
+    lookup = {str(_py(v)): i for i, v in enumerate(np.asarray(store.image_ids))}
+    missing = [str(v) for v in ids if str(v) not in lookup]
+    if missing:
+        from maxmatch_cli.errors import first_few
+
+        raise MaxMatchError(f"{store.path} has no image with id {first_few(missing)}",
+                            hint="pass ids listed by `maxmatch features info`, or another feature file (--data)")
+    return model.encode_images(store, [lookup[str(v)] for v in ids])
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -669,6 +929,21 @@ def build_element_index(sets: np.ndarray, path: str | os.PathLike, nlist: int | 
     return {"kind": "faiss-ivf", "file": Path(path).name, "nlist": nlist, "vectors": "fp16",
             "metric": "inner_product", "n_elements": n_vectors, "train_size": n_train, "seed": seed,
             "faiss_version": faiss.__version__}
+
+
+def read_element_index(path: str | os.PathLike):
+    """Open a faiss element index memory-mapped (``IO_FLAG_MMAP``): the inverted lists stay in the file and the
+    operating system pages in only the lists a search probes, so opening costs no memory per element.
+
+    Raises:
+        MaxMatchError: faiss is missing, or the file is not a readable faiss index.
+    """
+    faiss = _faiss()
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+    except RuntimeError as exc:
+        raise MaxMatchError(f"cannot read the faiss element index {path} ({str(exc).splitlines()[0]})",
+                            hint=f"the index is damaged; rebuild it ({_BUILD_HINT} --engine faiss)") from None
 
 
 def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, candidates: int | None = None,
