@@ -117,7 +117,7 @@ class Model:
 
     @torch.no_grad()
     def encode_images(self, features: Any, indices: Sequence[int] | np.ndarray | None = None,
-                      batch_size: int | None = None) -> torch.Tensor:
+                      batch_size: int | None = None, extractor: Any = None) -> torch.Tensor:
         """Encode images into sets.
 
         Args:
@@ -126,9 +126,14 @@ class Model:
                 images, all regions real); a list of ``(R_i, F)`` arrays or tensors (region counts may differ;
                 they are padded and masked); or an open
                 :class:`~maxmatch_cli.features.store.FeatureStore` with ``indices``. A store of image files
-                (end-to-end CNN checkpoints) is read and transformed as at evaluation.
+                (end-to-end CNN checkpoints) is read and transformed as at evaluation. Or image files: a path
+                or a list of paths (``str`` or :class:`~pathlib.Path`); see ``extractor``.
             indices: store indices of the images to encode (only with a store; default: all its images).
             batch_size: images per forward pass (default: the recipe's ``eval.batch_size``).
+            extractor: for image files and a checkpoint trained on extracted features: the feature file (an open
+                FeatureStore or its path) written by ``extract-features --images`` whose extractor settings and
+                weights compute the files' features exactly as that file's were computed. Not needed for an
+                end-to-end CNN checkpoint (``model.image_encoder='cnn'``), which reads pixels itself.
 
         Returns:
             ``(N, K, D)`` float32 sets on the CPU, in input order.
@@ -138,6 +143,13 @@ class Model:
                 arrays are given to a checkpoint that reads raw images.
         """
         batch_size = batch_size or self.batch_size
+        if isinstance(features, (str, Path)) or (isinstance(features, (list, tuple)) and features
+                                                  and all(isinstance(f, (str, Path)) for f in features)):
+            if indices is not None:
+                raise MaxMatchError("encode_images: indices are only taken with a FeatureStore",
+                                    hint="pass the image files you want")
+            paths = [features] if isinstance(features, (str, Path)) else list(features)
+            return self._encode_files([Path(p) for p in paths], extractor, batch_size)
         if hasattr(features, "image_features") and hasattr(features, "split"):  # a FeatureStore
             return self._encode_store(features, indices, batch_size)
         if indices is not None:
@@ -149,6 +161,34 @@ class Model:
             feats, mask = pad_regions(items[start: start + batch_size])
             out.append(self.network.encode_images(feats.to(self.device), mask.to(self.device)).sets.float().cpu())
         return torch.cat(out) if out else self._empty()
+
+    def _encode_files(self, paths: list[Path], extractor: Any, batch_size: int) -> torch.Tensor:
+        if self.recipe.model.image_encoder == "cnn":
+            from maxmatch_cli.data import decode_image_file, pixel_transform
+
+            transform = pixel_transform(self.recipe.data.image_size, train=False)
+            out = []
+            for start in range(0, len(paths), batch_size):
+                pixels = torch.stack([transform(decode_image_file(p)) for p in paths[start: start + batch_size]])
+                out.append(self.network.encode_images(pixels.to(self.device), None).sets.float().cpu())
+            return torch.cat(out)
+        from maxmatch_cli.features.images import extraction_of, features_of_files
+        from maxmatch_cli.features.store import open_store
+
+        if extractor is None:
+            raise MaxMatchError(f"checkpoint {self.checkpoint} reads extracted image features, so image files need "
+                                "the extractor its features came from",
+                                hint="pass extractor= a feature file written by `extract-features --images` "
+                                     "(its settings and weights are reused)")
+        store = open_store(extractor) if isinstance(extractor, (str, Path)) else extractor
+        extraction = extraction_of(store) if hasattr(store, "metadata") else extractor
+        if not isinstance(extraction, dict) or "config" not in extraction:
+            source = getattr(store, "source", None) or "another source"
+            raise MaxMatchError(f"the features of {getattr(store, 'path', extractor)} were not extracted from image "
+                                f"files by maxmatch ({source}), so new image files cannot be encoded like them",
+                                hint="query with images of that feature file by id instead, or build the index "
+                                     "from a feature file written by `extract-features --images`")
+        return self.encode_images(features_of_files(paths, extraction, str(self.device)), batch_size=batch_size)
 
     def _encode_store(self, store, indices, batch_size: int) -> torch.Tensor:
         check_features(_CheckpointView(self), store)

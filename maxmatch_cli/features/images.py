@@ -122,7 +122,9 @@ def build_grid_model(backbone: str, weights: str | None) -> torch.nn.Module:
         raise MaxMatchError(f"unknown grid backbone '{backbone}'.", hint=f"use one of: {', '.join(GRID_BACKBONES)}")
     spec = BACKBONES[backbone]
     path = resolve_weights(backbone, weights, spec.files, f"run {spec.how_to_get}")
-    trunk, _ = build_cnn_trunk(backbone, RANDOM_WEIGHTS if path is None else str(path))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every process: an index can encode query images
+        trunk, _ = build_cnn_trunk(backbone, RANDOM_WEIGHTS if path is None else str(path))
     if path is None:
         # Untrained residual branches compound over 50 blocks beyond float16's range; starting them at zero
         # (torchvision's zero_init_residual) keeps smoke-test activations storable.
@@ -142,8 +144,10 @@ def build_detector(arch: str, weights: str | None, image_size: int) -> torch.nn.
     spec = detectors[arch]
     path = resolve_weights(arch, weights, spec.files, f"download {spec.url}")
     # 300 proposals per image at test time, as the bottom-up-attention detector (torchvision: 1000).
-    model = spec.build(weights=None, weights_backbone=None, num_classes=91, min_size=image_size,
-                       max_size=max(image_size, int(image_size * 1333 / 800)), rpn_post_nms_top_n_test=300)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random weights are the same in every process (see build_grid_model)
+        model = spec.build(weights=None, weights_backbone=None, num_classes=91, min_size=image_size,
+                           max_size=max(image_size, int(image_size * 1333 / 800)), rpn_post_nms_top_n_test=300)
     if path is not None:
         _load_state(model, path, arch)
     return model.eval()
@@ -344,6 +348,58 @@ def extract_from_images(
     shards = wait_for_shards(out, world_size, merge_timeout_s)
     return merge_shards(shards, out, captions=captions, captions_per_image=config.captions_per_image,
                         args_fingerprint=fp, overwrite=overwrite)
+
+
+def extraction_of(store) -> dict[str, Any] | None:
+    """How a feature file's images were turned into features, when `extract-features --images` wrote it:
+    ``{"config": ExtractConfig fields, "weights": ...}``; ``None`` for synthetic, precomputed or BUTD files."""
+    meta = getattr(store, "metadata", None) or {}
+    config, extractor = meta.get("config"), str(meta.get("extractor", ""))
+    if not isinstance(config, dict) or not extractor.startswith("torchvision:"):
+        return None
+    known = set(ExtractConfig.__dataclass_fields__)
+    return {"config": {k: v for k, v in config.items() if k in known}, "weights": meta.get("weights", "None")}
+
+
+def features_of_files(paths: list[str | os.PathLike], extraction: dict[str, Any],
+                      device: str = "auto") -> list[np.ndarray]:
+    """Local features of image files, computed exactly as `extract-features --images` computed a feature file's.
+
+    Args:
+        paths: image files.
+        extraction: :func:`extraction_of` a feature file (its extractor settings and weights).
+        device: where the extractor runs.
+
+    Returns:
+        One ``(R, F)`` float32 array per path (grid cells or region features), in order.
+
+    Raises:
+        MaxMatchError: a file that is missing or cannot be decoded (named), or weights that are no longer where
+            the feature file's extraction found them.
+    """
+    config = ExtractConfig(**extraction["config"])
+    weights = extraction.get("weights")
+    weights = None if weights in (None, "None") else weights
+    files = [Path(p) for p in paths]
+    for path in files:
+        if not path.is_file():
+            raise MaxMatchError(f"image {path} does not exist", hint="pass the path of an image file")
+    dev = _resolve_device(device)
+    decoded = ImageFiles(files, config.image_size, crop=config.kind == "grid")
+    images = []
+    for k in range(len(files)):
+        _, x, error, _ = decoded[k]
+        if x is None:
+            raise MaxMatchError(f"cannot decode image {files[k]} ({error})",
+                                hint="pass a readable image file (JPEG, PNG, ...)")
+        images.append(x)
+    if config.kind == "grid":
+        model = build_grid_model(config.backbone, weights).to(dev)
+        return grid_features(model, images, dev)
+    model = build_detector(config.backbone, weights, config.image_size).to(dev)
+    results = region_features(model, images, dev, num_boxes=config.num_boxes, min_boxes=config.min_boxes,
+                              max_boxes=config.max_boxes, score_threshold=config.score_threshold)
+    return [f for f, _ in results]
 
 
 def _find_image(root: Path, im: KarpathyImage) -> Path:
