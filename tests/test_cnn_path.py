@@ -261,3 +261,21 @@ def test_train_frozen_epoch_then_fine_tune_then_evaluate(pixel_store, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["protocol"] == "full" and 0 <= report["metrics"]["rsum"] <= 600
+
+
+def test_image_files_encode_as_the_store_images(pixel_store, folder, tmp_path):
+    """An end-to-end CNN checkpoint encodes image files itself (no extractor): the same decode and evaluation
+    transform as its image-file store, so the same sets."""
+    import maxmatch_cli
+
+    run = tmp_path / "run"
+    result = invoke("train", "--recipe", "demo", "--set", f"data.path={pixel_store}", "--set", "data.num_workers=0",
+                    *overrides(train__max_steps=1), "--out", run)
+    assert result.exit_code == 0, result.output
+    model = maxmatch_cli.load(run / "last.safetensors", device="cpu")
+    store = open_store(pixel_store)
+    root, _ = folder
+    picked = [10, 3]
+    files = [root / store.image_files[k] for k in picked]
+    torch.testing.assert_close(model.encode_images(files), model.encode_images(store, picked))
+    torch.testing.assert_close(model.encode_images(str(files[0])), model.encode_images(store, picked[:1]))
