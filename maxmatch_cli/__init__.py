@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Index", "Model", "Ranking", "__version__", "load", "load_index"]
+__all__ = ["Index", "Model", "Ranking", "ShardedIndex", "__version__", "load", "load_index"]
 
 _API = {"load": "maxmatch_cli.api", "Model": "maxmatch_cli.api", "Ranking": "maxmatch_cli.api",
-        "load_index": "maxmatch_cli.index", "Index": "maxmatch_cli.index"}
+        "load_index": "maxmatch_cli.index", "Index": "maxmatch_cli.index", "ShardedIndex": "maxmatch_cli.index"}
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from maxmatch_cli import __version__
 from maxmatch_cli.errors import MaxMatchError
@@ -18,15 +20,97 @@ from maxmatch_cli.progress import console
 
 err_console = Console(stderr=True, highlight=False)
 
+
+# --help that reads well in an 80-column log. Typer shows `<str>`, `<bool>`, `<list[Path]>` and `{inputs}`, and in
+# rich mode keeps every line break of a docstring; these classes keep the rendering and fix those three things.
+
+
+class _Option(TyperOption):
+    """An option whose help shows click's metavars (TEXT, INTEGER, FLOAT, PATH; none for a flag) rather than
+    typer's ``<str>``, ``<bool>`` and ``<list[str]>``."""
+
+    _NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "Path": "PATH"}
+
+    def display_type_rich(self, ctx):
+        if self.metavar is not None:
+            return self.metavar
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        shown = (self.display_type(ctx) or "").strip("<>")
+        if shown.startswith("list[") and shown.endswith("]"):  # a repeatable option: one value each time
+            shown = shown[5:-1]
+        return self._NAMES.get(shown, shown if "|" in shown else shown.upper()) or None
+
+
+class _Argument(TyperArgument):
+    """An argument named in capitals in the usage line and the help (``CHECKPOINT``, ``INPUTS...``), without a type
+    column repeating it."""
+
+    def display_type_rich(self, ctx):
+        return None
+
+    def get_usage_pieces(self, ctx):
+        return [self.metavar if self.required else f"[{self.metavar}]"]
+
+
+def _reflow(text: str | None) -> str | None:
+    """A docstring as rich help wants it: the lines of each prose paragraph joined, so that the terminal wraps
+    them (rich keeps single line breaks, which at 80 columns leave half-empty lines); paragraphs with indented
+    lines (examples) kept line by line."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n"))
+                         for p in paragraphs)
+
+
+def _readable(params: list) -> list:
+    """Options with click's metavars, arguments in capitals (:class:`_Option`, :class:`_Argument`)."""
+    for param in params:
+        if type(param) is TyperOption:
+            param.__class__ = _Option  # the same object; only methods that render help differ
+        elif type(param) is TyperArgument:
+            param.__class__ = _Argument
+            param.metavar = param.metavar or param.name.upper() + ("..." if param.nargs != 1 else "")
+    return params
+
+
+class _ReadableCommand(TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx):  # the parameters and --help, which click adds here
+        return _readable(super().get_params(ctx))
+
+
+class _ReadableGroup(TyperGroup):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx):
+        return _readable(super().get_params(ctx))
+
+
+def readable_help(*typers: typer.Typer) -> None:
+    """Make every command registered so far on ``typers`` a :class:`_ReadableCommand` (the groups are
+    :class:`_ReadableGroup` from their creation)."""
+    for t in typers:
+        for info in t.registered_commands:
+            if info.cls in (None, TyperCommand):
+                info.cls = _ReadableCommand
+
+
 app = typer.Typer(
     name="maxmatch",
+    cls=_ReadableGroup,
     help="Set-based image-text retrieval with Maximal Pair Assignment Similarity (MaxMatch, ACL 2025).",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-features_app = typer.Typer(help="Inspect feature caches.", no_args_is_help=True)
+features_app = typer.Typer(cls=_ReadableGroup, help="Inspect feature caches.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 
 # Shared option types.
@@ -185,10 +269,12 @@ def extract_features_cmd(
     batch_size: Annotated[int, typer.Option(help="--images: images per forward pass.")] = 16,
     num_workers: Annotated[Optional[int], typer.Option(help="--images: decoding workers.")] = None,
     skip_unreadable: Annotated[bool, typer.Option(
+        "--skip-unreadable",
         help="--images: leave unreadable images out (listed in the metadata) instead of stopping.")] = False,
     allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing",
         help="--from-butd-tsv: leave out json images that no TSV row provides instead of stopping.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Build a feature cache (HDF5 schema v1) that `train` and `evaluate` read.
 
@@ -197,11 +283,16 @@ def extract_features_cmd(
 
     Examples:
       [bold]maxmatch extract-features --synthetic demo --out demo/features.h5[/]
-      [bold]maxmatch extract-features --from-precomp data/coco_precomp --dataset coco --out coco.h5[/]
-      [bold]maxmatch extract-features --from-butd-tsv trainval_36/*.tsv --captions dataset_coco.json --out coco_butd.h5[/]
-      [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
-      [bold]maxmatch extract-features --images coco/images --captions dataset_coco.json --kind pixels --out coco_images.h5[/]
-      [bold]maxmatch extract-features --images photos/ --kind grid --out gallery.h5[/]   (no captions: split gallery)
+      [bold]maxmatch extract-features --from-precomp data/coco_precomp --dataset coco \\
+          --out coco.h5[/]
+      [bold]maxmatch extract-features --from-butd-tsv trainval_36/*.tsv \\
+          --captions dataset_coco.json --out coco_butd.h5[/]
+      [bold]maxmatch extract-features --images coco/images \\
+          --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
+      [bold]maxmatch extract-features --images coco/images \\
+          --captions dataset_coco.json --kind pixels --out coco_images.h5[/]
+      [bold]maxmatch extract-features --images photos/ --kind grid --out gallery.h5[/]
+          (no captions: the split is called gallery)
     """
     from maxmatch_cli.features.extract import extract_features
     from maxmatch_cli.features.store import describe_store, store_state
@@ -286,11 +377,13 @@ def features_merge_cmd(
     out: Annotated[Path, typer.Option("--out", help="Merged HDF5 feature cache to write.")],
     captions: Annotated[Optional[Path], typer.Option(
         "--captions", help="Karpathy json giving image order, captions and splits (for extraction shards).")] = None,
-    keep_shards: Annotated[bool, typer.Option(help="Keep the shard files after merging.")] = False,
+    keep_shards: Annotated[bool, typer.Option("--keep-shards", help="Keep the shard files after merging.")] = False,
 ) -> None:
     """Merge per-rank shards (or compatible caches) into one, checking no image is lost or doubled.
 
-    Example: [bold]maxmatch features merge coco_grid.h5.shards/rank-*.h5 --captions dataset_coco.json --out coco_grid.h5[/]
+    Example:
+      [bold]maxmatch features merge coco_grid.h5.shards/rank-*.h5 \\
+          --captions dataset_coco.json --out coco_grid.h5[/]
     """
     from maxmatch_cli.features.merge import merge_shards
     from maxmatch_cli.features.store import describe_store
@@ -316,7 +409,9 @@ def train_cmd(
 
     A folder that already holds a run is refused: continue it with --resume or replace it with --overwrite.
 
-    Example: [bold]maxmatch train --recipe demo --set data.path=demo/features.h5 --out runs/demo[/]
+    Example:
+      [bold]maxmatch train --recipe demo --set data.path=demo/features.h5 \\
+          --out runs/demo[/]
     """
     from rich.syntax import Syntax
 
@@ -395,7 +490,8 @@ def ensemble_cmd(
 
     Every checkpoint keeps its own recipe, vocabulary and similarity; all must see the same images and captions.
 
-    Example: [bold]maxmatch ensemble runs/seed0 runs/seed1 --split test --json ensemble.json[/]
+    Example:
+      [bold]maxmatch ensemble runs/seed0 runs/seed1 --split test --json ensemble.json[/]
     """
     from maxmatch_cli.evaluate import ensemble_checkpoints
     from maxmatch_cli.report import recall_table
@@ -435,7 +531,9 @@ def analyze_collapse_cmd(
     per-element retrieval with its diversity (§4.5); writes collapse.json, CSV files and the heatmaps as PNG/PDF.
     With --tsne N also the t-SNE of Figure 3: colour = element, dots = image, crosses = text.
 
-    Example: [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test --out analysis/ --tsne 100[/]
+    Example:
+      [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test \\
+          --out analysis/ --tsne 100[/]
     """
     from maxmatch_cli.collapse import analyze_collapse
     from maxmatch_cli.report import collapse_tables
@@ -490,12 +588,18 @@ def compare_cmd(
     latex: Annotated[Optional[Path], typer.Option("--latex", help="Also write the table as LaTeX (booktabs) here.")
                      ] = None,
     csv_path: CsvOption = None,
+    figure: Annotated[Optional[Path], typer.Option(
+        "--figure", metavar="STEM", help="Also draw the recalls as grouped bars (one bar per row, error bars: std "
+                                         "over seeds) to STEM.png and STEM.pdf.")] = None,
 ) -> None:
     """One table across runs or evaluation files: mean ± std over seeds, ΔRSUM against a baseline row.
 
     Examples:
-      [bold]maxmatch compare runs/demo-seed0 runs/demo-seed1 runs/chamfer-seed0 runs/chamfer-seed1[/]
-      [bold]maxmatch compare benchmarks/demo_results.json --layout table3 --latex table3.tex --csv table3.csv[/]
+      [bold]maxmatch compare runs/demo-seed0 runs/demo-seed1 runs/chamfer-seed0 \\
+          runs/chamfer-seed1[/]
+      [bold]maxmatch compare benchmarks/demo_results.json --layout table3 \\
+          --latex table3.tex --csv table3.csv[/]
+      [bold]maxmatch compare benchmarks/demo_results.json --figure recall-bars[/]
     """
     from maxmatch_cli.compare import compare_runs, rich_table, write_comparison
 
@@ -508,6 +612,8 @@ def compare_cmd(
 
 
 from maxmatch_cli import cli_index  # noqa: E402,F401  (registers `index` and `query` on app)
+
+readable_help(app, features_app)
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def query_cmd(
     Examples:
       [bold]maxmatch query demo/index --text "a red bus next to a tree" -k 5[/]
       [bold]maxmatch query demo/index --text "two dogs" --text "a cat" --json > hits.json[/]
-      [bold]maxmatch query demo/captions --image-id 17 -k 5[/]
+      [bold]maxmatch query demo/captions --image-id 3517 -k 5[/]
       [bold]maxmatch query photos/captions --image photo.jpg[/]
     """
     from rich.table import Table

@@ -24,6 +24,11 @@ The checkpoint fingerprint is the SHA-256 of the checkpoint's safetensors header
 recipe, vocabulary, provenance with its creation time), cheap to read and unchanged by copying or touching the
 file; a query that would encode its text with another checkpoint is refused.
 
+A gallery too large for one machine is built in shards: ``build_index(..., shard=(i, n))`` writes the contiguous
+rows :func:`shard_rows` of shard ``i`` as a complete index folder ``out/shard-i-of-n`` (each shard its own job);
+:func:`load_index` on ``out`` opens every shard as one :class:`ShardedIndex`, which refuses shards of different
+builds or a missing shard, and answers a search by asking every shard and merging their top-k by exact score.
+
 Search engines:
 
 - ``exact`` (always available): exhaustive exact scoring. Every query is scored against every gallery set with

@@ -132,3 +132,27 @@ def test_api_does_not_import_the_training_loop(trained):
             "assert not bad, bad\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_python_example_runs_and_ranks_by_the_similarity(trained, tiny_h5):
+    """The README's Python block, on the tiny run and feature file: it runs as printed and its top-5 is the
+    brute-force top-5 under the checkpoint's similarity."""
+    import re
+    from pathlib import Path
+
+    from maxmatch_cli.similarity import set_similarity
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Using a trained model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "maxmatch_cli.load(" in code and "encode_texts" in code and "rank(" in code
+    code = code.replace("demo/run/best.safetensors", str(trained / "best.safetensors"))
+    code = code.replace("demo/features.h5", str(tiny_h5))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    model, gallery, top = namespace["model"], namespace["gallery"], namespace["top"]
+    query = model.encode_texts([re.search(r'encode_texts\(\["([^"]+)"\]\)', code).group(1)])
+    scores = set_similarity(gallery, query, kind=model.similarity,
+                            **model.similarity_options(model.similarity))[:, 0]
+    assert top.indices.shape == (1, 5)
+    assert top.indices[0].tolist() == torch.sort(scores, descending=True, stable=True).indices[:5].tolist()
