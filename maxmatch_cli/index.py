@@ -16,9 +16,11 @@ elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K 
 
 A build streams: the gallery is encoded ``batch_size`` items at a time into a preallocated
 :func:`numpy.lib.format.open_memmap`, so memory stays bounded whatever the gallery size. It writes into a hidden
-temporary folder next to the target, writes the manifest last and renames the folder into place, so a failed or
-killed build never leaves a folder at the target path that looks complete (an interrupted ``--overwrite`` keeps
-the old index).
+folder next to the target (``.NAME.partial``), writes the manifest last and renames the folder into place, so a
+failed or killed build never leaves a folder at the target path that looks complete (an interrupted
+``--overwrite`` keeps the old index). The partial folder records after each batch how many rows are encoded
+(``progress.json``, with the build's identity: checkpoint, feature file, split, kind, shard): the same command
+run again resumes after them; a different build starts the folder afresh.
 
 The checkpoint fingerprint is the SHA-256 of the checkpoint's safetensors header (tensor layout plus metadata:
 recipe, vocabulary, provenance with its creation time), cheap to read and unchanged by copying or touching the
@@ -558,29 +560,32 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     from maxmatch_cli.features.images import extraction_of
 
     extraction = extraction_of(store)  # how image files can be encoded for queries (None: not from image files)
+    ckpt_fp, data_fp = checkpoint_fingerprint(model.checkpoint), store.fingerprint()
+    build_id = hashlib.sha256(json.dumps([FORMAT_VERSION, ckpt_fp, data_fp, split, kind, shard_record, n, k, d],
+                                         sort_keys=True).encode()).hexdigest()
+    tmp, done = _open_partial(out, build_id)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".building", dir=out.parent))
-    except OSError as exc:
-        raise MaxMatchError(f"cannot write to {out.parent}: {exc.strerror or exc}",
-                            hint="choose an output folder you can write to (--out)") from None
-    try:
-        sets = np.lib.format.open_memmap(tmp / "sets.npy", mode="w+", dtype=np.float16, shape=(n, k, d))
+        sets = np.lib.format.open_memmap(tmp / "sets.npy", mode="r+" if done else "w+", dtype=np.float16,
+                                         shape=(n, k, d))
         with make_progress(transient=True) as progress:
-            task = progress.add_task(f"encoding {kind}", total=n, unit=kind[:3], status="", visible=show_progress)
-            for start in range(0, n, batch_size):
+            task = progress.add_task(f"encoding {kind}", total=n, completed=done, unit=kind[:3],
+                                     status=f"resumed at {done:,}" if done else "", visible=show_progress)
+            for start in range(done, n, batch_size):
                 chunk = rows[start: start + batch_size]
                 if kind == "images":
                     encoded = model.encode_images(store, chunk, batch_size=batch_size)
                 else:
                     encoded = model.encode_texts(texts[start: start + batch_size], batch_size=batch_size)
                 sets[start: start + len(chunk)] = F.normalize(encoded, dim=-1).numpy().astype(np.float16)
+                sets.flush()  # the rows first, then the record that they are there
+                _save_progress(tmp, build_id, start + len(chunk))
                 progress.advance(task, len(chunk))
-        sets.flush()
         del sets
         element_index = None
         if engine == "faiss":
             element_index = build_element_index(np.load(tmp / "sets.npy", mmap_mode="r"), tmp / ELEMENTS_FILE, nlist)
+        else:
+            (tmp / ELEMENTS_FILE).unlink(missing_ok=True)  # from an earlier attempt with --engine faiss
         _write_json(tmp / "ids.json", ids)
         if texts is not None:
             _write_json(tmp / "texts.json", texts)
@@ -590,20 +595,68 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             "dtype": "float16", "normalized": True, "similarity": model.similarity,
             "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
             "element_index": element_index,
-            "checkpoint": {"path": str(model.checkpoint.resolve()),
-                           "fingerprint": checkpoint_fingerprint(model.checkpoint),
+            "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
                            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-            "data": str(Path(store.path).resolve()), "data_fingerprint": store.fingerprint(), "split": split,
+            "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
             "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
             "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        (tmp / PROGRESS_FILE).unlink()
         _write_json(tmp / "manifest.json", manifest)  # last: a folder with a manifest is whole
         _chmod_published(tmp)
         _publish_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as exc:  # disk full, permissions: the rows so far stay, and a re-run resumes after them
+        raise MaxMatchError(f"building index {out} failed: {exc.strerror or exc}",
+                            hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
+                                 f"{kind} already encoded (kept in {tmp})") from None
+    # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
     return load_index(out)
+
+
+PROGRESS_FILE = "progress.json"
+"""In a partial build folder: the build's identity and how many rows of sets.npy are encoded."""
+
+
+def _partial_folder(out: Path) -> Path:
+    """Where a build of ``out`` works until it is complete (hidden, next to it; a re-run resumes there)."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _rows_in(partial: Path) -> int:
+    try:
+        return int(json.loads((partial / PROGRESS_FILE).read_text(encoding="utf-8"))["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _open_partial(out: Path, build_id: str) -> tuple[Path, int]:
+    """The partial folder of ``out`` and the rows already encoded in it: kept when an earlier attempt of the same
+    build (same checkpoint, feature file, split, kind, shard) was interrupted, else started afresh."""
+    partial = _partial_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if partial.is_dir():
+            try:
+                state = json.loads((partial / PROGRESS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                state = {}
+            if state.get("build") == build_id and (partial / "sets.npy").is_file():
+                return partial, int(state.get("done", 0))
+            shutil.rmtree(partial)  # another build's leftovers, or one that never recorded progress
+        elif partial.exists():
+            partial.unlink()
+        partial.mkdir()
+        _save_progress(partial, build_id, 0)
+    except OSError as exc:
+        raise MaxMatchError(f"cannot write to {out.parent}: {exc.strerror or exc}",
+                            hint="choose an output folder you can write to (--out)") from None
+    return partial, 0
+
+
+def _save_progress(partial: Path, build_id: str, done: int) -> None:
+    tmp = partial / f"{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps({"build": build_id, "done": done}) + "\n", encoding="utf-8")
+    os.replace(tmp, partial / PROGRESS_FILE)
 
 
 @dataclass

@@ -181,15 +181,47 @@ def _fail_on_call(monkeypatch, n):
     return calls
 
 
-def test_interrupted_build_leaves_no_complete_looking_index(ckpt, tiny_h5, tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_index_and_resumes(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):
     calls = _fail_on_call(monkeypatch, 3)
     out = tmp_path / "index"
-    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4)
+    args = ["index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4]
+    result = invoke(*args)
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
     assert len(calls) == 3  # it failed after two chunks had been written
-    assert list(tmp_path.iterdir()) == []  # neither the index nor its temporary folder is left behind
+    # Only the hidden partial folder is left, with the two chunks recorded.
+    assert [p.name for p in tmp_path.iterdir()] == [".index.partial"]
+    assert json.loads((tmp_path / ".index.partial" / "progress.json").read_text())["done"] == 8
     with pytest.raises(MaxMatchError, match="does not exist"):
         load_index(out)
+    # The same command resumes: only the remaining rows are encoded, and the index equals a clean build.
+    monkeypatch.undo()
+    encoded = []
+    original = Model.encode_images
+    monkeypatch.setattr(Model, "encode_images",
+                        lambda self, store, rows, **kw: encoded.extend(rows) or original(self, store, rows, **kw))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    images, _ = open_store(tiny_h5).split("test")
+    assert encoded == images[8:].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    np.testing.assert_array_equal(np.load(out / "sets.npy"), np.load(index_dir / "sets.npy"))
+    assert load_index(out).ids == load_index(index_dir).ids
+
+
+def test_partial_build_of_another_checkpoint_starts_afresh(ckpt, trained, tiny_h5, tmp_path, monkeypatch):
+    _fail_on_call(monkeypatch, 2)
+    out = tmp_path / "index"
+    assert invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4).exit_code
+    monkeypatch.undo()
+    other = tmp_path / "other.safetensors"
+    shutil.copy2(trained / "last.safetensors", other)
+    result = invoke("index", other, "--data", tiny_h5, "--split", "test", "--out", out, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    model = maxmatch_cli.load(other, device="cpu")
+    store = open_store(tiny_h5)
+    expected = F.normalize(model.encode_images(store, store.split("test")[0]), dim=-1)
+    torch.testing.assert_close(torch.from_numpy(np.load(out / "sets.npy").astype(np.float32)), expected,
+                               rtol=0, atol=1e-3)
 
 
 def test_interrupted_overwrite_keeps_the_old_index(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):
@@ -201,7 +233,7 @@ def test_interrupted_overwrite_keeps_the_old_index(index_dir, ckpt, tiny_h5, tmp
                     "--overwrite")
     assert result.exit_code != 0
     assert (out / "manifest.json").read_text() == before and len(load_index(out)) == len(load_index(index_dir))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.partial", "index"]  # the rows so far, to resume
     monkeypatch.undo()
     result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
