@@ -128,6 +128,7 @@ class Index:
     ids: list[Any] = field(repr=False)
     texts: list[str] | None = field(default=None, repr=False)
     _element_index: Any = field(default=None, init=False, repr=False, compare=False)
+    _gpu_element_index: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -192,17 +193,24 @@ class Index:
             if not self.has_element_index:
                 raise MaxMatchError(f"index {self.path} has no faiss element index",
                                     hint="rebuild it with `maxmatch index ... --engine faiss`, or use --engine exact")
-            element_index = self.element_index()
+            element_index = self.element_index(device)
         side = "text" if self.kind == "images" else "image"
         ranking = search_sets(self.sets, queries, k, self.similarity, self.similarity_options, engine=engine,
                               element_index=element_index, candidates=candidates, nprobe=nprobe,
                               query_side=side, device=device, block_size=block_size)
         return ranking, engine
 
-    def element_index(self):
-        """The faiss element index (memory-mapped on first use, :func:`read_element_index`)."""
+    def element_index(self, device: str | torch.device = "cpu"):
+        """The faiss element index (memory-mapped on first use, :func:`read_element_index`); for a CUDA
+        ``device`` with a faiss build that sees GPUs (faiss-gpu), a copy on the GPUs."""
         if self._element_index is None:
             self._element_index = read_element_index(self.path / self.manifest["element_index"]["file"])
+        if torch.device(device).type == "cuda":
+            faiss = _faiss()
+            if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+                if self._gpu_element_index is None:
+                    self._gpu_element_index = faiss.index_cpu_to_all_gpus(self._element_index)
+                return self._gpu_element_index
         return self._element_index
 
     @property
@@ -1024,8 +1032,12 @@ def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, 
     if d != element_index.d:
         raise MaxMatchError(f"query elements have D={d}, the element index D={element_index.d}",
                             hint="query with the checkpoint the index was built with")
-    element_index.nprobe = min(nprobe, element_index.nlist)
+    nlist = getattr(element_index, "nlist", None) or element_index.getNumLists()  # CPU / faiss-gpu index
+    element_index.nprobe = min(nprobe, nlist)
     flat = F.normalize(queries.float(), dim=-1).reshape(q * kq, d).numpy()
-    _, ids = element_index.search(np.ascontiguousarray(flat), min(candidates, element_index.ntotal))
+    fetch = min(candidates, element_index.ntotal)
+    if type(element_index).__name__.startswith("Gpu"):
+        fetch = min(fetch, 2048)  # faiss-gpu's k-selection limit
+    _, ids = element_index.search(np.ascontiguousarray(flat), fetch)
     ids = ids.reshape(q, -1)
     return [np.unique(row[row >= 0] // gallery_k) for row in ids]

@@ -55,3 +55,27 @@ def test_amp_training_and_cuda_evaluation(tiny_h5, tiny_overrides, tmp_path):
         assert result.exit_code == 0, result.output
         metrics[device] = json.loads(js.read_text())["metrics"]
     assert abs(metrics["cuda"]["rsum"] - metrics["cpu"]["rsum"]) < 1.0  # TF32/bf16 may flip a rare tie
+
+
+def test_index_search_on_cuda_equals_the_cpu(tiny_h5, tiny_overrides, tmp_path):
+    """An index searched on CUDA (exact engine, or faiss, on the GPUs when the faiss build sees them) returns the
+    CPU's results."""
+    import importlib.util
+
+    def run(*args):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        return result
+
+    run("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.max_steps=2", *tiny_overrides,
+        "--out", tmp_path / "run")
+    engine = "faiss" if importlib.util.find_spec("faiss") else "exact"
+    run("index", tmp_path / "run" / "last.safetensors", "--split", "test", "--engine", engine, "--nlist", 2,
+        "--out", tmp_path / "idx")
+    answers = {}
+    for device in ("cpu", "cuda"):
+        out = run("query", tmp_path / "idx", "--text", "a red car", "--text", "people", "-k", 5, "--json",
+                  "--device", device, "--nprobe", 2, "--candidates", 1000)
+        answers[device] = [[(h["row"], round(h["score"], 4)) for h in q["results"]]
+                           for q in json.loads(out.stdout)["queries"]]
+    assert answers["cuda"] == answers["cpu"]
