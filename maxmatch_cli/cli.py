@@ -126,6 +126,12 @@ SplitOption = Annotated[Optional[str], typer.Option("--split", help="Split to ev
 ProtocolOption = Annotated[Optional[str], typer.Option(
     "--protocol", help="auto, full, coco1k or coco5k (coco1k/coco5k: the 5,000-image COCO test split only; "
                        "default: eval.protocol).")]
+EvalProtocolOption = Annotated[Optional[str], typer.Option(
+    "--protocol", help="auto, full, coco1k, coco5k, eccv or cxc (coco1k/coco5k: the 5,000-image COCO test split only; "
+                       "eccv/cxc: coco5k plus the ECCV Caption or CxC metrics, extra 'eccv'; default: eval.protocol).")]
+CocoCaptionsOption = Annotated[Optional[Path], typer.Option(
+    "--coco-captions", metavar="JSON", help="COCO caption annotations (captions_val2014.json) giving --protocol "
+                                            "eccv/cxc the caption annotation ids, matched by image id and text.")]
 SimilarityOption = Annotated[Optional[str], typer.Option(
     "--similarity", help="Set similarity at test time (default: the training one).")]
 
@@ -447,29 +453,37 @@ def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (or run folder) from `maxmatch train`.")],
     data: DataOption = None,
     split: SplitOption = None,
-    protocol: ProtocolOption = None,
+    protocol: EvalProtocolOption = None,
     similarity: SimilarityOption = None,
     device: DeviceOption = "auto",
     json_path: JsonOption = None,
     csv_path: CsvOption = None,
     cache: CacheOption = True,
+    coco_captions: CocoCaptionsOption = None,
 ) -> None:
-    """Recall@K and RSUM of a checkpoint, as in the paper's tables.
+    """Recall@K and RSUM of a checkpoint, as in the paper's tables (and ECCV Caption / CxC on COCO 5K).
 
-    Example: [bold]maxmatch evaluate runs/demo/best.safetensors --split test --json results.json[/]
+    Examples:
+      [bold]maxmatch evaluate runs/demo/best.safetensors --split test --json results.json[/]
+      [bold]maxmatch evaluate runs/coco --split testall --protocol eccv --coco-captions captions_val2014.json[/]
     """
+    from maxmatch_cli.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluate import evaluate_checkpoint
     from maxmatch_cli.report import recall_table
 
     result = evaluate_checkpoint(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
-                                 device=device, json_path=json_path, csv_path=csv_path, cache=cache)
-    rows = [(f"{result.protocol} ({result.n_images:,} images)", result.metrics)]
+                                 device=device, json_path=json_path, csv_path=csv_path, cache=cache,
+                                 coco_captions=coco_captions)
+    recall_protocol = "coco5k" if result.protocol in ECCV_PROTOCOLS else result.protocol
+    rows = [(f"{recall_protocol} ({result.n_images:,} images)", result.metrics)]
     if result.folds_mean is not None:
         rows.append((f"coco1k (mean of {len(result.folds)} folds)", result.folds_mean))
     elif result.folds:
         rows += [(f"fold {i + 1}", m) for i, m in enumerate(result.folds)]
     _line(f"checkpoint {result.checkpoint} · split {result.split} of {result.data}")
     console.print(recall_table(rows, title=f"Recall@K (%) · similarity {escape(result.similarity)}"))
+    if result.protocol in ECCV_PROTOCOLS:
+        console.print(metrics_table(result.metrics, result.protocol))
     _wrote(*result.files)
 
 

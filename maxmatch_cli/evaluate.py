@@ -3,6 +3,9 @@
 Protocols (DESIGN §4): ``full`` scores all images of the split against all their captions (Flickr30K 1K test,
 or any split); ``coco5k`` is ``full`` on the 5,000-image COCO test; ``coco1k`` averages the metrics over 5 folds
 of 1,000 consecutive images. ``auto`` reports coco5k with the 1K folds for a 5,000-image split, else full.
+``eccv`` and ``cxc`` (``maxmatch evaluate`` only) are coco5k plus the ECCV Caption or CxC metrics of the
+``eccv-caption`` package, which need the split's COCO image and caption annotation ids
+(:mod:`maxmatch_cli.eccv`).
 
 Embeddings are encoded once per (checkpoint, feature file, split) and cached in a safetensors file under
 ``embeddings/`` next to the checkpoint (:func:`checkpoint_embeddings`); the cache is keyed by the checkpoint's
@@ -30,6 +33,7 @@ from maxmatch_cli.checkpoint import Checkpoint, load_checkpoint
 from maxmatch_cli.data import (CaptionDataset, ImageDataset, ImageSource, TextTokenizer, build_image_source,
                                build_tokenizer, check_image_input, split_layout)
 from maxmatch_cli.devices import resolve_device
+from maxmatch_cli.eccv import ECCV_PROTOCOLS, CocoIds, coco_metrics, require_package, split_coco_ids
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import atomic_write, write_text
 from maxmatch_cli.metrics import coco_1k_folds, retrieval_metrics
@@ -79,17 +83,22 @@ class EvalResult:
 
 
 PROTOCOLS = ("auto", "full", "coco1k", "coco5k")
-"""Evaluation protocols (module docstring)."""
+"""Evaluation protocols (module docstring); ``evaluate`` also takes :data:`~maxmatch_cli.eccv.ECCV_PROTOCOLS`."""
 COCO_TEST_IMAGES = 5000
 """Images of the COCO 5K test split, the only split coco1k and coco5k apply to."""
 METRIC_DECIMALS = 2
 """Decimals of every metric in the files written (recalls in %, ranks, RSUM): the paper reports one."""
 
 
-def check_protocol(protocol: str) -> str:
-    """Refuse a protocol name that is not one of :data:`PROTOCOLS`."""
-    if protocol not in PROTOCOLS:
-        raise MaxMatchError(f"unknown protocol '{protocol}'", hint=f"use one of: {', '.join(PROTOCOLS)}")
+def check_protocol(protocol: str, extra: tuple[str, ...] = ()) -> str:
+    """Refuse a protocol name that is not one of :data:`PROTOCOLS` or ``extra`` (what the caller also takes)."""
+    if protocol in ECCV_PROTOCOLS and protocol not in extra:
+        raise MaxMatchError(f"protocol {protocol} is computed by `maxmatch evaluate` only",
+                            hint=f"use `maxmatch evaluate CKPT --protocol {protocol}`, or here one of: "
+                                 f"{', '.join(PROTOCOLS)}")
+    allowed = PROTOCOLS + tuple(extra)
+    if protocol not in allowed:
+        raise MaxMatchError(f"unknown protocol '{protocol}'", hint=f"use one of: {', '.join(allowed)}")
     return protocol
 
 
@@ -97,11 +106,17 @@ def resolve_protocol(protocol: str, n_images: int, split: str | None = None) -> 
     """The protocol to apply to a split of ``n_images`` images: ``auto`` resolved, a misfit refused.
 
     coco1k and coco5k are defined on the 5,000-image COCO test split only; on any other size they would average a
-    different number of folds (or one) under the COCO name, so they are an error naming the split.
+    different number of folds (or one) under the COCO name, so they are an error naming the split. So are eccv and
+    cxc (whose ids :func:`~maxmatch_cli.eccv.split_coco_ids` checks in full).
     """
-    check_protocol(protocol)
+    check_protocol(protocol, ECCV_PROTOCOLS)
     if protocol == "auto":
         return "coco5k" if n_images == COCO_TEST_IMAGES else "full"
+    if protocol in ECCV_PROTOCOLS and n_images != COCO_TEST_IMAGES:
+        where = f"split '{split}'" if split else "the similarity matrix"
+        raise MaxMatchError(f"protocol {protocol} needs the {COCO_TEST_IMAGES:,}-image COCO 5K test split that ECCV "
+                            f"Caption and CxC annotate, but {where} has {n_images:,} images",
+                            hint="evaluate --split testall (or test) of a COCO feature file, or use --protocol full")
     if protocol in ("coco1k", "coco5k") and n_images != COCO_TEST_IMAGES:
         where = f"split '{split}'" if split else "the similarity matrix"
         raise MaxMatchError(f"protocol {protocol} needs the {COCO_TEST_IMAGES:,}-image COCO test split, but {where} "
@@ -194,17 +209,27 @@ def score(emb_images: torch.Tensor, emb_captions: torch.Tensor, kind: str, devic
     return out
 
 
-def metrics_for(sims: torch.Tensor, protocol: str, captions_per_image: int) -> EvalResult:
-    """Apply an evaluation protocol (:func:`resolve_protocol`) to a full similarity matrix."""
+def metrics_for(sims: torch.Tensor, protocol: str, captions_per_image: int,
+                coco_ids: CocoIds | None = None) -> EvalResult:
+    """Apply an evaluation protocol (:func:`resolve_protocol`) to a full similarity matrix.
+
+    eccv and cxc report coco5k's metrics and folds plus their own keys, and need ``coco_ids`` (the COCO ids of
+    the rows and columns, :func:`~maxmatch_cli.eccv.split_coco_ids`).
+    """
     n_images = sims.shape[0]
     protocol = resolve_protocol(protocol, n_images)
+    if protocol in ECCV_PROTOCOLS and coco_ids is None:
+        raise MaxMatchError(f"protocol {protocol} needs the COCO ids of the images and captions",
+                            hint="pass coco_ids=maxmatch_cli.eccv.split_coco_ids(store, split, captions_per_image)")
     result = EvalResult(protocol=protocol, metrics={}, n_images=n_images, n_captions=sims.shape[1])
     if protocol == "coco1k":
         result.metrics, result.folds = coco_1k_folds(sims, captions_per_image, n_folds=n_images // 1000)
         return result
     result.metrics = retrieval_metrics(sims, captions_per_image=captions_per_image)
-    if protocol == "coco5k":
+    if protocol in ("coco5k", *ECCV_PROTOCOLS):
         result.folds_mean, result.folds = coco_1k_folds(sims, captions_per_image, n_folds=n_images // 1000)
+    if protocol in ECCV_PROTOCOLS:
+        result.metrics.update(coco_metrics(sims, coco_ids, protocol, captions_per_image))
     return result
 
 
@@ -330,17 +355,25 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str | None = None,
                         protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                         json_path: Path | None = None, csv_path: Path | None = None,
-                        show_progress: bool = True, cache: bool = True) -> EvalResult:
+                        show_progress: bool = True, cache: bool = True,
+                        coco_captions: str | Path | None = None) -> EvalResult:
     """Evaluate a checkpoint on a split; writes the JSON of DESIGN §5 (and a one-row CSV) when asked.
 
     The JSON also records the checkpoint, split, feature file, similarity, sizes and provenance; metrics in files
     are rounded to :data:`METRIC_DECIMALS`, those returned are not. Every file written is listed in
-    ``result.files``.
+    ``result.files``. ``protocol`` may also be eccv or cxc; their caption annotation ids come from
+    ``coco_captions`` (``captions_val2014.json``) or the feature file (:mod:`maxmatch_cli.eccv`), and where they
+    came from is recorded as ``provenance["coco_caption_ids"]``.
     """
     from maxmatch_cli.features.store import open_store
 
     if protocol is not None:
-        check_protocol(protocol)
+        check_protocol(protocol, ECCV_PROTOCOLS)
+    if coco_captions is not None and protocol not in ECCV_PROTOCOLS:
+        raise MaxMatchError("a COCO caption file (--coco-captions) is used by the eccv and cxc protocols only",
+                            hint="add --protocol eccv or --protocol cxc, or leave out --coco-captions")
+    if protocol in ECCV_PROTOCOLS:
+        require_package()  # before loading anything
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe
@@ -349,14 +382,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     kind = similarity or recipe.eval.similarity or recipe.loss.similarity
     images, _ = split_layout(store, split, recipe.data.captions_per_image)
     protocol = resolve_protocol(protocol or recipe.eval.protocol, len(images), split)  # before the encoding
+    coco_ids = None
+    if protocol in ECCV_PROTOCOLS:  # a missing id mapping costs no encoding
+        coco_ids = split_coco_ids(store, split, recipe.data.captions_per_image, coco_captions)
     files: list[Path] = []
     emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=files)
     sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
                  **similarity_options(recipe, kind))
-    result = metrics_for(sims, protocol, recipe.data.captions_per_image)
+    result = metrics_for(sims, protocol, recipe.data.captions_per_image, coco_ids)
     result.similarity = kind
     result.checkpoint, result.split, result.data = str(ckpt.path), split, str(store.path)
     result.provenance = eval_provenance(ckpt)
+    if coco_ids is not None:
+        result.provenance["coco_caption_ids"] = coco_ids.source
     result.files = files
     write_result(result, json_path, csv_path)
     return result
