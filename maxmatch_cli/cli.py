@@ -618,7 +618,7 @@ def compare_cmd(
     from maxmatch_cli.compare import compare_runs, rich_table, write_comparison
 
     result = compare_runs(inputs, split=split, group_by=group_by, baseline=baseline)
-    console.print(rich_table(result, layout, decimals))
+    console.print(rich_table(result, layout, decimals, width=console.width))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     _wrote(*write_comparison(result, markdown=markdown, latex=latex, csv=csv_path, figure=figure, layout=layout,

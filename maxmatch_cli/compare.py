@@ -580,8 +580,11 @@ def to_csv(comp: Comparison) -> str:
     return comp.frame.to_csv(index=False)
 
 
-def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1):
-    """The table for the terminal; the best RSUM is bold when there are several rows."""
+def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1, width: int | None = None):
+    """The table for the terminal; the best RSUM is bold when there are several rows. With collapse columns
+    (``log Var.``) the recalls and the collapse figures are two tables sharing the row labels; a table wider than
+    ``width`` (the console's) puts each ``± std`` under its mean, so that nothing is cropped."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
@@ -590,18 +593,33 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1):
     if "source" in table and table["source"].nunique() == 1:  # room for the numbers
         caption += f"; source {table['source'][0]}"
         table = table.drop(columns="source")
-    out = Table(title="Comparison", title_justify="left", caption=caption, caption_justify="left")
     short = {"i2t R@5": "R@5", "i2t R@10": "R@10", "t2i R@5": "R@5", "t2i R@10": "R@10"}  # as recall_table
-    for col in table.columns:  # labels wrap between overrides, never cut inside one
-        longest = max((len(word) for cell in table[col] for word in str(cell).split()), default=0)
-        out.add_column(short.get(col, col), justify="left" if col in text_cols else "right", overflow="fold",
-                       min_width=min(longest, 40) if col in text_cols else None,
-                       style="bold" if col == "" else "cyan" if col == "RSUM" else None)
     best = comp.frame["rsum_mean"].idxmax()
-    for i, row in enumerate(table.itertuples(index=False)):
-        out.add_row(*(Text(str(v), style="bold" if len(table) > 1 and i == best and col == "RSUM" else "")
-                      for col, v in zip(table.columns, row)))
-    return out
+    extras = [c for c in table.columns if c.startswith("log Var.")]
+    parts = [("Comparison", [c for c in table.columns if c not in extras], None)]
+    if extras:
+        parts = [("Comparison · Recall@K (%)", parts[0][1], None),
+                 ("Comparison · collapse", [c for c in ("", "n") if c in table] + extras, caption)]
+    else:
+        parts = [(parts[0][0], parts[0][1], caption)]
+
+    def build(title: str, columns: list[str], note: str | None) -> Table:
+        one_line = 1 + sum(3 + max([len(short.get(c, c))] + [len(str(v)) for v in table[c]]) for c in columns)
+        stacked = width is not None and one_line > width
+        out = Table(title=title, title_justify="left", caption=note, caption_justify="left")
+        for col in columns:  # labels wrap between overrides, never cut inside one
+            longest = max((len(word) for cell in table[col] for word in str(cell).split()), default=0)
+            out.add_column(short.get(col, col), justify="left" if col in text_cols else "right", overflow="fold",
+                           min_width=min(longest, 40) if col in text_cols else None,
+                           style="bold" if col == "" else "cyan" if col == "RSUM" else None)
+        for i, row in enumerate(table[columns].itertuples(index=False)):
+            out.add_row(*(Text(str(v).replace(" ± ", "\n± ") if stacked and col not in text_cols else str(v),
+                               style="bold" if len(table) > 1 and i == best and col == "RSUM" else "")
+                          for col, v in zip(columns, row)))
+        return out
+
+    tables = [build(*part) for part in parts]
+    return tables[0] if len(tables) == 1 else Group(*tables)
 
 
 def write_comparison(comp: Comparison, *, markdown: Path | None = None, latex: Path | None = None,

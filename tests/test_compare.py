@@ -4,6 +4,7 @@ Every input is written by hand with known numbers: evaluation JSONs as `evaluate
 (recipe.toml, metrics.jsonl, optionally a checkpoint header) as `train` writes them, and a demo_results.json.
 """
 
+import io
 import json
 import statistics
 
@@ -277,3 +278,22 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path, case, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert result.output.count("error:") == 1
+
+
+@pytest.mark.parametrize("width", [100, 120, 160])
+def test_terminal_table_is_never_cropped(width):
+    """Every column (ΔRSUM last) and every mean and std is on screen at the widths of terminals and CI logs."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from maxmatch_cli.compare import compare_runs, rich_table
+
+    comp = compare_runs([Path(__file__).resolve().parents[1] / "benchmarks" / "demo_results.json"])
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(rich_table(comp, width=width))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "ΔRSUM" in text and "log Var. text" in text
+    for mean, std in zip(comp.frame["rsum_mean"], comp.frame["rsum_std"]):
+        assert f"{mean:.1f}" in text and f"± {std:.1f}" in text
