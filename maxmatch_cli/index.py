@@ -899,7 +899,7 @@ def _rerank(sets, queries: torch.Tensor, pools: list[np.ndarray], k: int, kind: 
     score function runs once over the ``(Q, P, K, K')`` matrices. One call per query, or one tiny matmul per
     pair (:func:`~maxmatch_cli.similarity.paired_similarity`), is several times slower at these sizes.
     """
-    from maxmatch_cli.api import Ranking
+    from maxmatch_cli.api import Ranking, _as_float_tensor
     from maxmatch_cli.similarity import _resolve  # the kind's score function, options checked as set_similarity does
 
     spec, opts, _ = _resolve(kind, options)
@@ -916,7 +916,7 @@ def _rerank(sets, queries: torch.Tensor, pools: list[np.ndarray], k: int, kind: 
             padded = np.zeros((stop - start, width), dtype=np.int64)  # row 0 pads; padded scores are dropped
             for i, pool in enumerate(pools[start:stop]):
                 padded[i, : len(pool)] = pool
-            gallery = torch.from_numpy(np.asarray(sets[padded.reshape(-1)], dtype=np.float32)).to(device)
+            gallery = _as_float_tensor(sets[padded.reshape(-1)]).to(device)
             n_q, (_, k_g, d) = stop - start, gallery.shape
             gallery = F.normalize(gallery, dim=-1).reshape(n_q, width * k_g, d)
             query = queries[start:stop].to(device)
