@@ -89,7 +89,8 @@ def query_cmd(
         "--engine", help="exact (exhaustive), faiss (approximate candidates, exact re-ranking; an index built with "
                          "--engine faiss) or auto (faiss when the index has it and faiss-cpu is installed).")] = "auto",
     candidates: Annotated[Optional[int], typer.Option(
-        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 128).")] = None,
+        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 128; about "
+                              "1,000 for 1M-item galleries, see benchmarks/RESULTS.md).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(
         "--nprobe", help="faiss: inverted lists searched per query element (default 32).")] = None,
 ) -> None:

@@ -83,7 +83,8 @@ installed, else exact)."""
 ELEMENTS_FILE = "elements.faiss"
 DEFAULT_CANDIDATES = 128
 """Nearest gallery elements fetched per query element by the faiss engine (with :data:`DEFAULT_NPROBE`: recall@10
-0.97 against exact search at ~9x its speed on 100,000 synthetic items, benchmarks/RESULTS.md)."""
+0.97 against exact search at 5x its speed on 100,000 synthetic items; 1,024 reach 1.00 at 1M items at 15x,
+benchmarks/RESULTS.md)."""
 DEFAULT_NPROBE = 32
 """Inverted lists searched per query element by the faiss engine."""
 _BUILD_HINT = "build one with `maxmatch index CKPT --data F.h5 --split test --out INDEX`"
