@@ -465,7 +465,8 @@ def evaluate_cmd(
 
     Examples:
       [bold]maxmatch evaluate runs/demo/best.safetensors --split test --json results.json[/]
-      [bold]maxmatch evaluate runs/coco --split testall --protocol eccv --coco-captions captions_val2014.json[/]
+      [bold]maxmatch evaluate runs/coco --split testall --protocol eccv \\
+          --coco-captions captions_val2014.json[/]
     """
     from maxmatch_cli.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluate import evaluate_checkpoint

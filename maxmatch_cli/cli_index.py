@@ -42,10 +42,10 @@ def index_cmd(
     for one machine is built in shards (one job per --shard I/N into a shared OUT) and queried as one index.
 
     Examples:
-      [bold]maxmatch index demo/run/best.safetensors --data demo/features.h5 --split test --out demo/index[/]
-      [bold]maxmatch index demo/run/best.safetensors --split test --engine faiss --out demo/index-faiss[/]
-      [bold]maxmatch index demo/run/best.safetensors --split test --kind captions --out demo/captions[/]
-      [bold]maxmatch index demo/run/best.safetensors --split test --shard 0/2 --out demo/sharded[/]
+      [bold]maxmatch index demo/run --split test --out demo/index[/]
+      [bold]maxmatch index demo/run --split test --engine faiss --out demo/index-faiss[/]
+      [bold]maxmatch index demo/run --split test --kind captions --out demo/captions[/]
+      [bold]maxmatch index demo/run --split test --shard 0/2 --out demo/sharded[/]
     """
     from maxmatch_cli.index import build_index
 
@@ -104,7 +104,7 @@ def query_cmd(
 
     Examples:
       [bold]maxmatch query demo/index --text "a red bus next to a tree" -k 5[/]
-      [bold]maxmatch query demo/index --text "two dogs" --text "a cat" --json > hits.json[/]
+      [bold]maxmatch query demo/index --text "dogs" --text "a cat" --json > hits.json[/]
       [bold]maxmatch query demo/captions --image-id 3517 -k 5[/]
       [bold]maxmatch query photos/captions --image photo.jpg[/]
     """
