@@ -297,8 +297,8 @@ def extract_features_cmd(
           --captions dataset_coco.json --kind grid --out coco_grid.h5[/]
       [bold]maxmatch extract-features --images coco/images \\
           --captions dataset_coco.json --kind pixels --out coco_images.h5[/]
+      # no captions: a gallery, its split is called gallery
       [bold]maxmatch extract-features --images photos/ --kind grid --out gallery.h5[/]
-          (no captions: the split is called gallery)
     """
     from maxmatch_cli.features.extract import extract_features
     from maxmatch_cli.features.store import describe_store, store_state

@@ -72,3 +72,21 @@ def test_shell_completion_completes_commands_and_options(words, cword, expected)
     result = CliRunner().invoke(app, [], prog_name="maxmatch", env=env)
     assert result.exit_code == 0, (result.output, result.exception)
     assert result.output.split() == [expected]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "maxmatch")
+def test_examples_are_not_wrapped(path):
+    """Every line of an Examples block starts a `maxmatch` command or continues one that ends in a backslash:
+    an example the terminal wrapped could not be copied into a shell."""
+    lines = [line.rstrip() for line in _help(path).splitlines()]
+    if not any(line.strip() == "Examples:" for line in lines):
+        return
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Examples:") + 1
+    block = []
+    for line in lines[start:]:
+        if not line.strip() or line.lstrip().startswith(("╭", "│")):
+            break
+        block.append(line.strip())
+    assert block
+    for before, line in zip([""] + block, block):
+        assert line.startswith(("maxmatch ", "# ")) or before.endswith("\\"), f"wrapped example line: {line!r}"
