@@ -145,7 +145,7 @@ def test_resolve_protocol():
         assert "--protocol full" in info.value.hint
     with pytest.raises(MaxMatchError, match="unknown protocol 'COCO5K'") as info:
         ev.resolve_protocol("COCO5K", 5000)
-    assert info.value.hint == "use one of: auto, full, coco1k, coco5k"
+    assert info.value.hint == "use one of: auto, full, coco1k, coco5k, eccv, cxc"
 
 
 def test_metrics_for_refuses_coco1k_folds_of_another_size():
