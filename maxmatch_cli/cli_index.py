@@ -89,8 +89,8 @@ def query_cmd(
         "--engine", help="exact (exhaustive), faiss (approximate candidates, exact re-ranking; an index built with "
                          "--engine faiss) or auto (faiss when the index has it and faiss-cpu is installed).")] = "auto",
     candidates: Annotated[Optional[int], typer.Option(
-        "--candidates", help="faiss: nearest gallery elements fetched per query element (default 128; about "
-                              "1,000 for 1M-item galleries, see benchmarks/RESULTS.md).")] = None,
+        "--candidates", help="faiss: nearest gallery elements fetched per query element (default: grows with "
+                              "the gallery, 128 up to 128K items, 1,024 at 1M; benchmarks/RESULTS.md).")] = None,
     nprobe: Annotated[Optional[int], typer.Option(
         "--nprobe", help="faiss: inverted lists searched per query element (default 32).")] = None,
 ) -> None:
@@ -117,13 +117,33 @@ def query_cmd(
                                 candidates=candidates, nprobe=nprobe, images=image, image_ids=image_id, data=data)
     side, queries = (("text", text) if text is not None else
                      ("image", [str(p) for p in image]) if image is not None else ("image_id", image_id))
+    depth = {}
+    if used == "faiss":
+        from maxmatch_cli.index import DEFAULT_NPROBE, default_candidates
+
+        def effective(part) -> tuple[int, int]:  # as faiss_candidates applies them: capped by the part's index
+            info = part.manifest["element_index"]
+            fetch = candidates if candidates is not None else default_candidates(len(part))
+            return min(fetch, info["n_elements"]), min(nprobe if nprobe is not None else DEFAULT_NPROBE,
+                                                       info["nlist"])
+
+        per_part = [effective(part) for part in getattr(idx, "shards", [idx])]
+        depth = {name: values[0] if len(values) == 1 else values
+                 for name, values in (("candidates", sorted({c for c, _ in per_part})),
+                                      ("nprobe", sorted({p for _, p in per_part})))}
     if as_json:
-        record = {"index": str(idx.path), "engine": used, "similarity": idx.similarity,
+        record = {"index": str(idx.path), "engine": used, **depth, "similarity": idx.similarity,
                   "checkpoint": str(checkpoint or idx.checkpoint),
                   "queries": [{side: q, "results": [h.to_json() for h in hits]} for q, hits in zip(queries, results)]}
         typer.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return
-    how = "exhaustive exact search" if used == "exact" else "faiss candidates, exact re-ranking"
+    how = "exhaustive exact search"
+    if used == "faiss":
+        def shown(value) -> str:
+            return "/".join(f"{v:,}" for v in value) if isinstance(value, list) else f"{value:,}"
+
+        how = (f"faiss candidates ({shown(depth['candidates'])} per query element, nprobe "
+               f"{shown(depth['nprobe'])}), exact re-ranking")
     shards = f" in {len(idx.shards)} shards" if hasattr(idx, "shards") else ""
     _line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · {how}")
     q_name, g_name = ("T", "V") if side == "text" else ("V", "T")

@@ -82,9 +82,10 @@ ENGINES = ("auto", "exact", "faiss")
 installed, else exact)."""
 ELEMENTS_FILE = "elements.faiss"
 DEFAULT_CANDIDATES = 128
-"""Nearest gallery elements fetched per query element by the faiss engine (with :data:`DEFAULT_NPROBE`: recall@10
-0.97 against exact search at 5x its speed on 100,000 synthetic items; 1,024 reach 1.00 at 1M items at 15x,
-benchmarks/RESULTS.md)."""
+"""The fewest nearest gallery elements the faiss engine fetches per query element by default; the default grows
+with the gallery, :func:`default_candidates`."""
+CANDIDATES_PER_ITEMS = 1000
+"""Gallery items per default candidate beyond :data:`DEFAULT_CANDIDATES` (:func:`default_candidates`)."""
 DEFAULT_NPROBE = 32
 """Inverted lists searched per query element by the faiss engine."""
 _BUILD_HINT = "build one with `maxmatch index CKPT --data F.h5 --split test --out INDEX`"
@@ -173,7 +174,7 @@ class Index:
             queries: ``(Q, K, D)`` query sets (caption sets for an image index).
             k: results per query.
             engine: ``exact``, ``faiss`` or ``auto`` (see :data:`ENGINES`).
-            candidates: faiss: nearest gallery elements per query element (default :data:`DEFAULT_CANDIDATES`).
+            candidates: faiss: nearest gallery elements per query element (default :func:`default_candidates`).
             nprobe: faiss: inverted lists searched (default :data:`DEFAULT_NPROBE`, at most the index's nlist).
             device: where the exact scoring runs.
             block_size: gallery sets per scoring block.
@@ -866,7 +867,7 @@ def search_sets(sets: np.ndarray | torch.Tensor, queries: torch.Tensor, k: int, 
         kind, options: the similarity and its options.
         engine: ``exact`` or ``faiss``.
         element_index: the faiss index over the N x K gallery elements (``faiss`` only).
-        candidates, nprobe: faiss search depth (:data:`DEFAULT_CANDIDATES`, :data:`DEFAULT_NPROBE`).
+        candidates, nprobe: faiss search depth (:func:`default_candidates`, :data:`DEFAULT_NPROBE`).
         query_side: as for :func:`maxmatch_cli.api.rank_sets`.
         device, block_size: where and in what blocks the exact scoring runs.
 
@@ -1013,6 +1014,22 @@ def read_element_index(path: str | os.PathLike):
                             hint=f"the index is damaged; rebuild it ({_BUILD_HINT} --engine faiss)") from None
 
 
+def default_candidates(n_items: int) -> int:
+    """Nearest elements fetched per query element when none are asked for, for a gallery (or shard) of ``n_items``.
+
+    The power of two at or above one per :data:`CANDIDATES_PER_ITEMS` items, at least :data:`DEFAULT_CANDIDATES`:
+    128 up to 128K items, 1,024 at 1M. The two points it passes through are measured (benchmarks/RESULTS.md,
+    "Index search", nprobe 32): recall@10 against exact search 0.97 with 128 at 100K items and 1.00 with 1,024 at
+    1M, where 128 gave 0.49. A gallery's near-ties grow with its size (more items share each concept), so a fixed
+    depth loses recall as the gallery grows; the cost grows with it (64 queries/s at 1M on 2 cores, still 15x the
+    exhaustive engine).
+    """
+    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 0:
+        raise ValueError(f"n_items must be a non-negative integer, got {n_items!r}")
+    wanted = -(-n_items // CANDIDATES_PER_ITEMS)  # ceil
+    return max(DEFAULT_CANDIDATES, 1 << max(0, wanted - 1).bit_length())
+
+
 def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, candidates: int | None = None,
                      nprobe: int | None = None) -> list[np.ndarray]:
     """Gallery rows owning the nearest elements of each query element, per query (sorted, unique).
@@ -1021,10 +1038,12 @@ def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, 
         element_index: from :func:`build_element_index`.
         queries: ``(Q, K', D)`` query sets (normalised here).
         gallery_k: K of the gallery sets (element id // K is the row).
-        candidates: nearest elements fetched per query element (default :data:`DEFAULT_CANDIDATES`).
+        candidates: nearest elements fetched per query element (default: :func:`default_candidates` of the
+            index's items).
         nprobe: inverted lists searched (default :data:`DEFAULT_NPROBE`, capped at nlist).
     """
-    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+    if candidates is None:
+        candidates = default_candidates(int(element_index.ntotal) // max(int(gallery_k), 1))
     nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
     for name, value in (("candidates", candidates), ("nprobe", nprobe)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

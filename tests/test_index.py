@@ -314,6 +314,38 @@ def test_faiss_candidates_are_the_nearest_elements_rescored_exactly(faiss_index_
             assert s == pytest.approx(exact[(q, r)], abs=1e-6)
 
 
+def test_default_candidates_grow_with_the_gallery():
+    from maxmatch_cli.index import default_candidates
+
+    # Hand-computed: the power of two at or above n / 1000, at least 128 (the measured 100K and 1M settings).
+    want = {0: 128, 1: 128, 100_000: 128, 128_000: 128, 128_001: 256, 256_000: 256, 256_001: 512,
+            1_000_000: 1024, 1_024_000: 1024, 1_024_001: 2048, 10_000_000: 16384}
+    assert {n: default_candidates(n) for n in want} == want
+    with pytest.raises(ValueError):
+        default_candidates(-1)
+
+
+def test_faiss_default_depth_is_the_galleries_and_reported(faiss_index_dir, model, monkeypatch):
+    from maxmatch_cli import index as index_mod
+
+    index = load_index(faiss_index_dir)
+    info, n_k = index.manifest["element_index"], index.manifest["K"]
+    queries = model.encode_texts(QUERIES)
+    record = _query_json(faiss_index_dir, "-k", 3)
+    assert record["candidates"] == min(128, info["n_elements"]) and record["nprobe"] == min(32, info["nlist"])
+    assert _query_json(faiss_index_dir, "-k", 3, "--candidates", 2, "--nprobe", 1)["candidates"] == 2
+    element_index = index.element_index()
+    # Shrink the rule so that this gallery's default is 1, then 2 elements: None must fetch exactly as many.
+    monkeypatch.setattr(index_mod, "DEFAULT_CANDIDATES", 1)
+    for per_items, fetched in ((len(index), 1), (-(-len(index) // 2), 2)):
+        monkeypatch.setattr(index_mod, "CANDIDATES_PER_ITEMS", per_items)
+        assert index_mod.default_candidates(len(index)) == fetched
+        by_default = index_mod.faiss_candidates(element_index, queries, n_k, None, info["nlist"])
+        explicit = index_mod.faiss_candidates(element_index, queries, n_k, fetched, info["nlist"])
+        assert [p.tolist() for p in by_default] == [p.tolist() for p in explicit]
+        assert all(1 <= len(p) <= fetched * queries.shape[1] for p in by_default)
+
+
 def test_faiss_missing_is_a_clear_error(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):
     result = invoke("query", index_dir, "--text", "a dog", "--engine", "faiss")
     assert result.exit_code == 2 and "no faiss element index" in result.output

@@ -100,7 +100,10 @@ def test_sharded_faiss_at_full_depth_equals_exact(ckpt, tiny_h5, whole, tmp_path
     args = [a for q in QUERIES for a in ("--text", q)] + ["-k", 5]
     full = query_json(out, *args, "--engine", "faiss", "--nprobe", 2, "--candidates", 10_000)
     exact = query_json(whole, *args, "--engine", "exact")
-    assert full["engine"] == "faiss"
+    assert full["engine"] == "faiss" and full["nprobe"] == 2
+    # The depth reported is what each shard's search applied: 10,000 capped at the shard's element count.
+    per_shard = sorted({load_index(out / f"shard-{i}-of-2").manifest["element_index"]["n_elements"] for i in range(2)})
+    assert full["candidates"] == (per_shard[0] if len(per_shard) == 1 else per_shard)
     for a, b in zip(hits(full), hits(exact)):
         assert [r for r, _, _ in a] == [r for r, _, _ in b]
         np.testing.assert_allclose([s for _, _, s in a], [s for _, _, s in b], rtol=0, atol=1e-6)
