@@ -14,6 +14,13 @@ unit vectors instead, the hard case for any element-level candidate generator.
 
     .venv/bin/python benchmarks/index.py                       # 100,000 items, 200 queries, table on stdout
     .venv/bin/python benchmarks/index.py --items 20000 --json /tmp/index.json
+    .venv/bin/python benchmarks/index.py --shards 4 --settings auto:32   # also the gallery in 4 shards
+
+A setting ``auto:P`` searches at the default depth (maxmatch_cli.index.default_candidates of the gallery, or of
+each shard). ``--shards N`` also splits the gallery into N contiguous shards, each with its own faiss element
+index (as ``maxmatch index --shard I/N`` builds them), and searches them as ``maxmatch query`` searches a sharded
+index (maxmatch_cli.index.fan_out: one search per shard, merged): recall against the same exact top-10 and
+queries/s, "× exact" against the unsharded exhaustive engine.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.index import (ELEMENTS_FILE, build_element_index, default_nlist, faiss_candidates,  # noqa: E402
-                                read_element_index, search_sets)
+from maxmatch_cli.index import (ELEMENTS_FILE, build_element_index, default_candidates,  # noqa: E402
+                                default_nlist, faiss_candidates, fan_out, read_element_index, search_sets,
+                                shard_rows)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -116,6 +124,8 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=None,
                         help="queries in the timed runs of the exact engine (default: all; its first run, over "
                              "all queries, is the ground truth)")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="also search the gallery split into this many shards (each its own element index)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the index files (default: tmp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -152,16 +162,50 @@ def main() -> None:
     exact_s = float(np.median(exact_times))
     rows = [{"engine": "exact", "candidates": None, "nprobe": None, "recall@10": 1.0,
              "queries_per_s": args.queries / exact_s, "mean_pool": args.items}]
-    for setting in args.settings.split(","):
-        candidates, nprobe = (int(v) for v in setting.split(":"))
+    settings = [(None if c == "auto" else int(c), int(p))
+                for c, p in (setting.split(":") for setting in args.settings.split(","))]
+
+    def recall_of(found) -> float:
+        got = found.indices.numpy()
+        return float(np.mean([len(set(t) & set(g[g >= 0])) / len(t) for t, g in zip(truth, got)]))
+
+    for candidates, nprobe in settings:
         pool_sizes = [len(p) for p in faiss_candidates(element_index, queries, args.k, candidates, nprobe)]
         seconds, found = timed(lambda: search_sets(sets, queries, 10, "maxmatch", engine="faiss",
                                                    element_index=element_index, candidates=candidates,
                                                    nprobe=nprobe), args.repeats)
-        got = found.indices.numpy()
-        recall = float(np.mean([len(set(t) & set(g[g >= 0])) / len(t) for t, g in zip(truth, got)]))
-        rows.append({"engine": "faiss", "candidates": candidates, "nprobe": nprobe, "recall@10": recall,
+        rows.append({"engine": "faiss", "shards": 1, "candidates": candidates or default_candidates(args.items),
+                     "auto": candidates is None, "nprobe": nprobe, "recall@10": recall_of(found),
                      "queries_per_s": args.queries / seconds, "mean_pool": float(np.mean(pool_sizes))})
+
+    if args.shards > 1:  # the same gallery in shards: row ranges of the one sets.npy, one element index each
+        bounds = [shard_rows(args.items, i, args.shards) for i in range(args.shards)]
+        shard_build = []
+        parts = []
+        for i, (lo, hi) in enumerate(bounds):
+            seconds, _ = timed(lambda: build_element_index(sets[lo:hi], workdir / f"shard-{i}.faiss", None,
+                                                           seed=args.seed))
+            shard_build.append(seconds)
+            parts.append((sets[lo:hi], read_element_index(workdir / f"shard-{i}.faiss")))
+        offsets = [lo for lo, _ in bounds]
+        exact_searches = [lambda part=part: (search_sets(part[0], queries, 10, "maxmatch", engine="exact"), "exact")
+                          for part in parts]
+        seconds, found = timed(lambda: fan_out(exact_searches, offsets, 10)[0], args.repeats)
+        rows.append({"engine": "exact", "shards": args.shards, "candidates": None, "nprobe": None,
+                     "recall@10": recall_of(found), "queries_per_s": args.queries / seconds,
+                     "mean_pool": args.items})
+        for candidates, nprobe in settings:
+            searches = [lambda part=part, c=candidates, p=nprobe: (
+                search_sets(part[0], queries, 10, "maxmatch", engine="faiss", element_index=part[1], candidates=c,
+                            nprobe=p), "faiss") for part in parts]
+            pool_sizes = np.sum([[len(p) for p in faiss_candidates(ix, queries, args.k, candidates, nprobe)]
+                                 for _, ix in parts], axis=0)
+            seconds, found = timed(lambda: fan_out(searches, offsets, 10)[0], args.repeats)
+            rows.append({"engine": "faiss", "shards": args.shards,
+                         "candidates": candidates or default_candidates(bounds[0][1] - bounds[0][0]),
+                         "auto": candidates is None, "nprobe": nprobe, "recall@10": recall_of(found),
+                         "queries_per_s": args.queries / seconds, "mean_pool": float(np.mean(pool_sizes))})
+        del parts
     after = memory_mib()
 
     record = {
@@ -172,7 +216,8 @@ def main() -> None:
         "items": args.items, "K": args.k, "D": args.dim, "queries": args.queries,
         "data": "isotropic" if args.isotropic else f"concepts ({args.concepts})",
         "nlist": info["nlist"], "train_size": info["train_size"],
-        "build_s": {"sets": write_s, "faiss": build_s},
+        "build_s": {"sets": write_s, "faiss": build_s,
+                    **({"faiss_shards": shard_build} if args.shards > 1 else {})},
         "bytes_per_item": {"sets": sets_bytes / args.items, "faiss": faiss_bytes / args.items},
         "memory_mib": {"before_open": before, "after_open": opened, "after_queries": after},
         "exact_timing": {"runs": args.repeats, "queries_per_timed_run": [args.queries] + [n_timed] * (args.repeats - 1)},
@@ -190,17 +235,22 @@ def main() -> None:
           f"({touched * 2**20 / args.items:,.0f} B/item) of index file pages resident (the exact engine reads "
           f"every set; the operating system may drop these pages again)")
     print(f"timing: median of {args.repeats} runs (exact: {args.queries} then {n_timed} queries per run)")
+    if args.shards > 1:
+        print(f"shards: {args.shards} element indexes built in {sum(shard_build):.1f} s in all "
+              f"(one after another); searched through fan_out with {min(args.shards, max(1, (os.cpu_count() or 1) // 2))}"
+              f" thread(s)")
     print()
-    print("| engine | candidates/element | nprobe | mean items re-ranked | recall@10 | queries/s | × exact |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| shards | engine | candidates/element | nprobe | mean items re-ranked | recall@10 | queries/s | × exact |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['engine']} | {r['candidates'] or '—'} | {r['nprobe'] or '—'} | {r['mean_pool']:,.0f} | "
+        fetched = f"{r['candidates']:,}{' (auto)' if r.get('auto') else ''}" if r["candidates"] else "—"
+        print(f"| {r.get('shards', 1)} | {r['engine']} | {fetched} | {r['nprobe'] or '—'} | {r['mean_pool']:,.0f} | "
               f"{r['recall@10']:.3f} | {r['queries_per_s']:,.1f} | {r['queries_per_s'] / rows[0]['queries_per_s']:,.1f} |")
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.workdir is None:
-        for name in ("sets.npy", ELEMENTS_FILE):
+        for name in ("sets.npy", ELEMENTS_FILE, *(f"shard-{i}.faiss" for i in range(args.shards))):
             (workdir / name).unlink(missing_ok=True)
         workdir.rmdir()
 

@@ -48,6 +48,7 @@ Search engines:
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -59,7 +60,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -438,24 +439,37 @@ class ShardedIndex:
                nprobe: int | None = None, device: str | torch.device = "cpu",
                block_size: int | None = None) -> tuple[Any, str]:
         """:meth:`Index.search` over every shard (in parallel threads), merged into the global top-k."""
-        from concurrent.futures import ThreadPoolExecutor
+        searches = [functools.partial(shard.search, queries, k, engine=engine, candidates=candidates, nprobe=nprobe,
+                                      device=device, block_size=block_size) for shard in self.shards]
+        return fan_out(searches, self.offsets, k)
 
-        from maxmatch_cli.api import Ranking
 
-        def one(shard: Index):
-            return shard.search(queries, k, engine=engine, candidates=candidates, nprobe=nprobe, device=device,
-                                block_size=block_size)
+def fan_out(searches: Sequence[Callable[[], tuple[Any, str]]], offsets: Sequence[int], k: int) -> tuple[Any, str]:
+    """Run one search per shard (threads: half the CPUs, at most one per shard) and merge into the global top-k.
 
-        workers = min(len(self.shards), max(1, (os.cpu_count() or 1) // 2))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            answers = list(pool.map(one, self.shards))
-        rows = torch.cat([torch.where(r.indices >= 0, r.indices + off, r.indices)
-                          for (r, _), off in zip(answers, self.offsets)], dim=1)
-        scores = torch.cat([r.scores for r, _ in answers], dim=1)
-        # Shards come in row order and each list is sorted with ties to the lower row: a stable sort keeps that.
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-        engines = sorted({used for _, used in answers})
-        return Ranking(rows.gather(1, order), scores.gather(1, order)), "+".join(engines)
+    Args:
+        searches: per shard, in row order, a call returning ``(Ranking, engine)`` over that shard's local rows.
+        offsets: the global row of each shard's first item.
+        k: results kept.
+
+    Returns:
+        ``(Ranking, engines)``: global rows, ties to the lower row as within a shard; the engines used, joined by
+        ``+``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from maxmatch_cli.api import Ranking
+
+    workers = min(len(searches), max(1, (os.cpu_count() or 1) // 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        answers = list(pool.map(lambda search: search(), searches))
+    rows = torch.cat([torch.where(r.indices >= 0, r.indices + off, r.indices)
+                      for (r, _), off in zip(answers, offsets)], dim=1)
+    scores = torch.cat([r.scores for r, _ in answers], dim=1)
+    # Shards come in row order and each list is sorted with ties to the lower row: a stable sort keeps that.
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    engines = sorted({used for _, used in answers})
+    return Ranking(rows.gather(1, order), scores.gather(1, order)), "+".join(engines)
 
 
 # ----------------------------------------------------------------------------------------------- building
