@@ -224,7 +224,10 @@ def recipes_cmd(
 @app.command("similarities")
 @guarded
 def similarities_cmd() -> None:
-    """List the set-to-set similarities (loss.similarity / eval.similarity / --similarity)."""
+    """List the set-to-set similarities (loss.similarity / eval.similarity / --similarity).
+
+    Example: [bold]maxmatch evaluate demo/run --split test --similarity chamfer[/]
+    """
     from rich.table import Table
 
     from maxmatch_cli.similarity import list_similarities

@@ -51,6 +51,13 @@ def test_help_fits_80_columns(path):
     assert "{" not in usage and not re.search(r"\b[a-z_]+\.\.\.", usage), usage
 
 
+@pytest.mark.parametrize("path", [p for p in COMMANDS if p and p != ("features",)], ids=" ".join)
+def test_every_command_shows_an_example(path):
+    text = _help(path)
+    assert re.search(r"^\s*Examples?:", text, re.M), text
+    assert re.search(r"maxmatch [a-z]", text.split("Example", 1)[1]), text
+
+
 def test_help_prose_is_reflowed_and_examples_kept():
     text = _help(("extract-features",))
     # The docstring's line break after "does" is not kept: the sentence runs on to the terminal's width.
