@@ -497,35 +497,45 @@ def ensemble_cmd(
     checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints (files or run folders).")],
     data: DataOption = None,
     split: SplitOption = None,
-    protocol: ProtocolOption = None,
+    protocol: EvalProtocolOption = None,
     similarity: SimilarityOption = None,
     device: DeviceOption = "auto",
     json_path: JsonOption = None,
     csv_path: CsvOption = None,
     cache: CacheOption = True,
+    coco_captions: CocoCaptionsOption = None,
 ) -> None:
     """Average the similarities of several checkpoints (paper §4.2: two seeds) and report each and the ensemble.
 
     Every checkpoint keeps its own recipe, vocabulary and similarity; all must see the same images and captions.
 
-    Example:
+    Examples:
       [bold]maxmatch ensemble runs/seed0 runs/seed1 --split test --json ensemble.json[/]
+      [bold]maxmatch ensemble runs/seed0 runs/seed1 --split testall --protocol eccv \\
+          --coco-captions captions_val2014.json[/]
     """
+    from maxmatch_cli.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluate import ensemble_checkpoints
     from maxmatch_cli.report import recall_table
 
     result = ensemble_checkpoints(checkpoints, data=data, split=split, protocol=protocol, similarity=similarity,
-                                  device=device, json_path=json_path, csv_path=csv_path, cache=cache)
+                                  device=device, json_path=json_path, csv_path=csv_path, cache=cache,
+                                  coco_captions=coco_captions)
     ens = result.ensemble
     # Long paths would wrap inside the table: members are numbered there and listed here in full.
     for i, (path, m) in enumerate(zip(result.checkpoints, result.members), 1):
         _line(f"member {i}: {path} ({m.similarity})")
     labels = [f"member {i}" for i in range(1, len(result.members) + 1)]
     rows = [*zip(labels, (m.metrics for m in result.members)), (f"ensemble of {len(labels)}", ens.metrics)]
-    console.print(recall_table(rows, title=f"Recall@K (%) · {ens.protocol} ({ens.n_images:,} images)"))
+    recall_protocol = "coco5k" if ens.protocol in ECCV_PROTOCOLS else ens.protocol
+    console.print(recall_table(rows, title=f"Recall@K (%) · {recall_protocol} ({ens.n_images:,} images)"))
     if ens.folds_mean is not None:
         rows = [*zip(labels, (m.folds_mean for m in result.members)), (f"ensemble of {len(labels)}", ens.folds_mean)]
         console.print(recall_table(rows, title=f"Recall@K (%) · coco1k (mean of {len(ens.folds)} folds)"))
+    if ens.protocol in ECCV_PROTOCOLS:
+        for label, m in zip(labels, result.members):
+            console.print(metrics_table(m.metrics, ens.protocol, label))
+        console.print(metrics_table(ens.metrics, ens.protocol, f"ensemble of {len(labels)}"))
     _wrote(*result.files)
 
 

@@ -379,15 +379,16 @@ def coco_metrics(sims, ids: CocoIds, protocol: str, captions_per_image: int = 5)
     return {key: out[key] for key in keys}
 
 
-def metrics_table(metrics: dict[str, float], protocol: str):
-    """A rich table of the ECCV Caption or CxC metrics in ``metrics`` (one row per direction)."""
+def metrics_table(metrics: dict[str, float], protocol: str, label: str | None = None):
+    """A rich table of the ECCV Caption or CxC metrics in ``metrics`` (one row per direction), its title naming
+    ``label`` (e.g. an ensemble member) where given."""
     from rich.table import Table
 
     if protocol == "eccv":
         title, heads, names = "ECCV Caption (%)", ("mAP@R", "R-P", "R@1"), ("map_at_r", "rprecision", "r1")
     else:
         title, heads, names = "CxC (%)", ("R@1", "R@5", "R@10"), ("r1", "r5", "r10")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=f"{title} · {label}" if label else title, title_justify="left")
     table.add_column("", style="bold")
     for head in heads:
         table.add_column(head, justify="right")

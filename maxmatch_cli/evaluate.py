@@ -93,7 +93,7 @@ METRIC_DECIMALS = 2
 def check_protocol(protocol: str, extra: tuple[str, ...] = ()) -> str:
     """Refuse a protocol name that is not one of :data:`PROTOCOLS` or ``extra`` (what the caller also takes)."""
     if protocol in ECCV_PROTOCOLS and protocol not in extra:
-        raise MaxMatchError(f"protocol {protocol} is computed by `maxmatch evaluate` only",
+        raise MaxMatchError(f"protocol {protocol} is computed by `maxmatch evaluate` and `ensemble` only",
                             hint=f"use `maxmatch evaluate CKPT --protocol {protocol}`, or here one of: "
                                  f"{', '.join(PROTOCOLS)}")
     allowed = PROTOCOLS + tuple(extra)
@@ -472,7 +472,7 @@ def check_aligned(first: tuple[Path, Any], other: tuple[Path, Any], split: str, 
 def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = None, split: str | None = None,
                          protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                          json_path: Path | None = None, csv_path: Path | None = None, show_progress: bool = True,
-                         cache: bool = True) -> EnsembleResult:
+                         cache: bool = True, coco_captions: str | Path | None = None) -> EnsembleResult:
     """Average the similarity matrices of several checkpoints (paper §4.2: two seeds) and report Recall@K.
 
     Each checkpoint is rebuilt from its own recipe and vocabulary, reads ``data`` or its own recipe's feature
@@ -483,7 +483,8 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     Args:
         checkpoints: two or more checkpoint files or run folders.
         data: feature file for every member (default: each recipe's ``data.path``).
-        split, protocol: as for :func:`evaluate_checkpoint`; default the recipes' (which must then agree).
+        split, protocol: as for :func:`evaluate_checkpoint` (eccv and cxc too: the ensemble and every member
+            get their metrics); default the recipes' (which must then agree).
         similarity: one similarity for every member (default: each checkpoint's).
         device: auto, cpu, cuda or cuda:N.
         json_path, csv_path: also write the results there (JSON: DESIGN §5 keys, what they come from, and
@@ -491,6 +492,7 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
             read different files). Metrics in files are rounded to :data:`METRIC_DECIMALS`.
         show_progress: progress bars.
         cache: use the embedding cache (:func:`checkpoint_embeddings`).
+        coco_captions: eccv / cxc: ``captions_val2014.json``, as for :func:`evaluate_checkpoint`.
 
     Returns:
         :class:`EnsembleResult`.
@@ -498,7 +500,12 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     from maxmatch_cli.features.store import open_store
 
     if protocol is not None:
-        check_protocol(protocol)
+        check_protocol(protocol, ECCV_PROTOCOLS)
+    if coco_captions is not None and protocol not in ECCV_PROTOCOLS:
+        raise MaxMatchError("a COCO caption file (--coco-captions) is used by the eccv and cxc protocols only",
+                            hint="add --protocol eccv or --protocol cxc, or leave out --coco-captions")
+    if protocol in ECCV_PROTOCOLS:
+        require_package()  # before loading anything
     if len(checkpoints) < 2:
         raise MaxMatchError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}",
                             hint="pass two or more checkpoints (e.g. two seeds), or use `maxmatch evaluate`")
@@ -519,6 +526,9 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         check_aligned((members[0][0].path, members[0][1]), (ckpt.path, store), split, cpi)
     images, _ = split_layout(members[0][1], split, cpi)
     protocol = resolve_protocol(protocol, len(images), split)  # before the encoding
+    coco_ids = None
+    if protocol in ECCV_PROTOCOLS:  # the members are aligned: the first one's ids are every member's
+        coco_ids = split_coco_ids(members[0][1], split, cpi, coco_captions)
     total, results, files = None, [], []
     for ckpt, store in members:
         recipe = ckpt.recipe
@@ -527,19 +537,23 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
                                     written=files)
         sims = score(emb.images, emb.captions, kind, dev, recipe.eval.block_size, show_progress=show_progress,
                      **similarity_options(recipe, kind))
-        result = metrics_for(sims, protocol, cpi)
+        result = metrics_for(sims, protocol, cpi, coco_ids)
         result.similarity = kind
         result.checkpoint, result.split, result.data = str(ckpt.path), split, str(store.path)
         result.provenance = eval_provenance(ckpt)
+        if coco_ids is not None:
+            result.provenance["coco_caption_ids"] = coco_ids.source
         results.append(result)
         total = sims if total is None else total.add_(sims)
     total /= len(members)
-    ensemble = metrics_for(total, protocol, cpi)
+    ensemble = metrics_for(total, protocol, cpi, coco_ids)
     kinds = list(dict.fromkeys(r.similarity for r in results))
     ensemble.similarity = kinds[0] if len(kinds) == 1 else "mean(" + ", ".join(kinds) + ")"
     data_files = list(dict.fromkeys(r.data for r in results))
     ensemble.split, ensemble.data = split, data_files[0] if len(data_files) == 1 else data_files
     ensemble.provenance = eval_provenance()
+    if coco_ids is not None:
+        ensemble.provenance["coco_caption_ids"] = coco_ids.source
     out = EnsembleResult(ensemble, results, [str(c.path) for c in ckpts], files)
     if json_path:
         files.append(write_text(json_path, json.dumps(_rounded_record(out.to_json()), indent=2) + "\n"))

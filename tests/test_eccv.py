@@ -470,8 +470,12 @@ def test_cli_eccv_on_a_split_that_is_not_coco_5k(trained):
 def test_cli_option_misuse(trained, tmp_path):
     result = invoke("evaluate", trained, "--split", "test", "--coco-captions", tmp_path / "c.json")
     assert result.exit_code == 2 and "--coco-captions" in result.output and "eccv" in result.output
-    result = invoke("ensemble", trained, trained, "--protocol", "cxc")
-    assert result.exit_code == 2 and "computed by `maxmatch evaluate` only" in result.output
+    result = invoke("ensemble", trained, trained, "--split", "test", "--protocol", "cxc")
+    assert result.exit_code == 2 and "protocol cxc needs the 5,000-image COCO 5K test split" in result.output
+    result = invoke("ensemble", trained, trained, "--split", "test", "--coco-captions", tmp_path / "c.json")
+    assert result.exit_code == 2 and "--coco-captions" in result.output and "eccv" in result.output
+    result = invoke("analyze-collapse", trained, "--split", "test", "--protocol", "eccv")
+    assert result.exit_code == 2 and "`maxmatch evaluate` and `ensemble` only" in result.output
     result = invoke("evaluate", trained, "--protocol", "eccv5")
     assert result.exit_code == 2 and "eccv, cxc" in result.output
 
@@ -513,3 +517,34 @@ def test_cli_eccv_and_cxc_end_to_end(trained, coco_h5, coco_json, tmp_path, monk
     assert result.exit_code == 0, result.output
     assert "CxC (%)" in result.output
     assert set(eccv.CXC_KEYS) <= set(json.loads(out.read_text())["metrics"])
+
+
+@pytest.mark.slow
+def test_cli_ensemble_eccv_scores_the_mean_matrix(trained, coco_h5, coco_json, tmp_path, monkeypatch):
+    """ensemble --protocol eccv: every member and the ensemble get the ECCV Caption metrics, the ensemble's those
+    of the mean of the members' matrices (scoring swapped for two fixed matrices, as in the test above)."""
+    from maxmatch_cli import evaluate as ev
+
+    rng = np.random.default_rng(3)
+    mats = [torch.from_numpy(rng.standard_normal((5000, 25000)).astype(np.float32)) for _ in range(2)]
+    calls = iter(range(2))
+    monkeypatch.setattr(ev, "score", lambda *args, **kwargs: mats[next(calls)].clone())
+    runs = []
+    for name in ("seed0", "seed1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.safetensors").write_bytes((trained / "best.safetensors").read_bytes())
+        runs.append(tmp_path / name / "best.safetensors")
+    out = tmp_path / "ens.json"
+    result = invoke("ensemble", *runs, "--data", coco_h5, "--split", "testall", "--protocol", "eccv",
+                    "--coco-captions", coco_json, "--json", out, "--csv", tmp_path / "ens.csv")
+    assert result.exit_code == 0, result.output
+    assert "ECCV Caption (%) · ensemble of 2" in result.output and "ECCV Caption (%) · member 2" in result.output
+    record = json.loads(out.read_text())
+    ids = eccv.split_coco_ids(open_store(coco_h5), "testall", CPI, coco_json)
+    want = [ev.metrics_for(m, "eccv", CPI, ids).metrics for m in (*mats, (mats[0] + mats[1]) / 2)]
+    got = [m["metrics"] for m in record["members"]] + [record["metrics"]]
+    for g, w in zip(got, want):
+        for key in (*eccv.ECCV_KEYS, "rsum"):
+            assert g[key] == pytest.approx(w[key], abs=0.006), key  # files round to 2 decimals
+    assert record["protocol"] == "eccv" and record["provenance"]["coco_caption_ids"] == str(coco_json)
+    assert "eccv_t2i_map_at_r" in (tmp_path / "ens.csv").read_text().splitlines()[0]
