@@ -608,7 +608,8 @@ def compare_cmd(
     split: Annotated[Optional[str], typer.Option(
         "--split", help="Compare results of this split (a run folder: its evaluation JSON of that split).")] = None,
     layout: Annotated[str, typer.Option(
-        "--layout", help="recall (the six recalls, RSUM) or table3 (Similarity | Div | MMD | GD | ISD | RSUM).")
+        "--layout", help="recall (the six recalls, RSUM), table3 (Similarity | Div | MMD | GD | ISD | RSUM), "
+                         "eccv or cxc (ECCV Caption / CxC metrics of evaluation files).")
     ] = "recall",
     decimals: Annotated[int, typer.Option("--decimals", help="Decimals shown (the CSV keeps every digit).")] = 1,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown here.")

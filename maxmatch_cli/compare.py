@@ -30,6 +30,7 @@ else:  # pragma: no cover
 
 import pandas as pd
 
+from maxmatch_cli.eccv import CXC_KEYS, ECCV_KEYS
 from maxmatch_cli.errors import MaxMatchError
 
 __all__ = ["Comparison", "GROUP_BY", "LAYOUTS", "RunResult", "compare", "compare_runs", "display_frame",
@@ -39,12 +40,16 @@ METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 """The recalls (%) and RSUM every row reports, in the paper's column order."""
 EXTRAS = ("log_var_image", "log_var_text")
 """Further per-run figures shown when an input has them (demo_results.json: log circular variance, Table 4)."""
+COCO_EXTRAS = {"eccv": ECCV_KEYS, "cxc": CXC_KEYS}
+"""The ECCV Caption and CxC metrics of evaluation files (``evaluate`` / ``ensemble --protocol eccv|cxc``): the
+columns of the layouts of the same names."""
 GROUP_BY = ("config", "recipe", "run")
 """config: runs whose resolved recipes differ only in the seed share a row; recipe: runs of the same recipe name
 share a row, whatever their overrides; run: one row per run."""
-LAYOUTS = ("recall", "table3")
+LAYOUTS = ("recall", "table3", "eccv", "cxc")
 """recall: label, n, the six recalls, RSUM, ΔRSUM, source; table3: the paper's Table 3 (similarity, which
-regularisers are on, RSUM)."""
+regularisers are on, RSUM); eccv: ECCV Caption mAP@R, R-Precision and R@1 per direction, the COCO 5K RSUM; cxc:
+CxC R@1/5/10 per direction, the COCO 5K RSUM."""
 NOT_CONFIG = frozenset({"train.seed", "train.device", "train.log_every", "data.num_workers", "eval.batch_size",
                         "eval.block_size"})
 """Recipe keys that do not define the configuration: the seed (averaged over) and settings of where and how fast a
@@ -215,9 +220,11 @@ def _from_evaluation(path: Path, raw: dict[str, Any], given: Path, run: tuple[st
             run = _run_recipe(path.parent)
     name, recipe = run if run else (str(given), None)
     similarity = raw.get("similarity") if isinstance(raw.get("similarity"), str) else None
+    coco = {k: float(v) for keys in COCO_EXTRAS.values() for k in keys
+            for v in [raw["metrics"].get(k)] if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return RunResult(path=given, file=path, metrics=metrics, kind="evaluate", split=str(raw.get("split", "")),
                      protocol=str(raw.get("protocol", "")), name=name, recipe=recipe,
-                     seed=recipe.get("train.seed") if recipe else None, eval_similarity=similarity)
+                     seed=recipe.get("train.seed") if recipe else None, eval_similarity=similarity, extras=coco)
 
 
 def _last_validation(path: Path) -> dict[str, Any] | None:
@@ -440,7 +447,8 @@ def compare(results: Sequence[RunResult], group_by: str = "config", baseline: st
         groups[keys[_group_key(r, group_by)]].append(r)
     labels = _labels(groups, group_by)
 
-    extras = [k for k in EXTRAS if any(k in r.extras for r in results)]
+    extras = [k for k in (*EXTRAS, *(k for keys in COCO_EXTRAS.values() for k in keys))
+              if any(k in r.extras for r in results)]
     long = pd.DataFrame([{"group": keys[_group_key(r, group_by)], **r.metrics,
                           **{k: r.extras.get(k, math.nan) for k in extras}} for r in results])
     stats = long.groupby("group", sort=True)[[*METRICS, *extras]]
@@ -496,6 +504,8 @@ def compare_runs(inputs: Sequence[str | Path], *, split: str | None = None, grou
 _RECALL_HEADS = {"i2t_r1": "i2t R@1", "i2t_r5": "i2t R@5", "i2t_r10": "i2t R@10", "t2i_r1": "t2i R@1",
                  "t2i_r5": "t2i R@5", "t2i_r10": "t2i R@10", "rsum": "RSUM",
                  "log_var_image": "log Var. image", "log_var_text": "log Var. text"}
+_COCO_HEADS = {"map_at_r": "mAP@R", "rprecision": "R-P", "r1": "R@1", "r5": "R@5", "r10": "R@10"}
+_COCO_NAMES = {"eccv": "ECCV Caption", "cxc": "CxC"}
 
 
 def _cell(mean: float, std: float, n: int, decimals: int, pm: str) -> str:
@@ -533,6 +543,24 @@ def display_frame(comp: Comparison, layout: str = "recall", decimals: int = 1,
         out[delta_head] = deltas
         out["n"] = [str(n) for n in f["n"]]
         return pd.DataFrame(out), ["Similarity"]
+    if layout in COCO_EXTRAS:
+        keys = COCO_EXTRAS[layout]
+        lacking = [label for i, label in enumerate(f["label"])
+                   if any(f"{k}_mean" not in f or math.isnan(f.loc[i, f"{k}_mean"]) for k in keys)]
+        if lacking:
+            raise MaxMatchError(f"--layout {layout}: {len(lacking)} row(s) have no {_COCO_NAMES[layout]} metrics "
+                                f"({', '.join(repr(x) for x in lacking[:3])}{' ...' if len(lacking) > 3 else ''})",
+                                hint=f"compare evaluation files of `maxmatch evaluate CKPT --split testall --protocol "
+                                     f"{layout} --json F` (or ensemble), one per run")
+        out[""] = list(f["label"])
+        out["n"] = [str(n) for n in f["n"]]
+        for k in keys:  # eccv_i2t_map_at_r -> "i2t mAP@R"
+            direction, name = k.split("_", 2)[1:]
+            out[f"{direction} {_COCO_HEADS[name]}"] = stat(k)
+        out["RSUM"] = stat("rsum")
+        out[delta_head] = deltas
+        out["source"] = list(f["source"])
+        return pd.DataFrame(out), ["", "source"]
     out[""] = list(f["label"])
     out["n"] = [str(n) for n in f["n"]]
     for m in METRICS:
@@ -596,7 +624,10 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1, widt
     short = {"i2t R@5": "R@5", "i2t R@10": "R@10", "t2i R@5": "R@5", "t2i R@10": "R@10"}  # as recall_table
     best = comp.frame["rsum_mean"].idxmax()
     extras = [c for c in table.columns if c.startswith("log Var.")]
-    parts = [("Comparison", [c for c in table.columns if c not in extras], None)]
+    title = "Comparison"
+    if layout in COCO_EXTRAS:  # their R@K are not the COCO 5K recalls that RSUM sums
+        title += f" · {_COCO_NAMES[layout]} (%); RSUM of the COCO 5K recalls"
+    parts = [(title, [c for c in table.columns if c not in extras], None)]
     if extras:
         parts = [("Comparison · Recall@K (%)", parts[0][1], None),
                  ("Comparison · collapse", [c for c in ("", "n") if c in table] + extras, caption)]

@@ -43,10 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from maxmatch_cli.errors import MaxMatchError, first_few
-from maxmatch_cli.metrics import validate_sims
 
 ECCV_PROTOCOLS = ("eccv", "cxc")
 """Protocols computed by the eccv-caption package."""
@@ -290,6 +288,8 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         (n, k) int64, the first k of a stable descending sort of each row.
     """
+    import torch
+
     n, m = scores.shape
     out = torch.empty(n, k, dtype=torch.long)
     rows = max(1, _BLOCK_ELEMENTS // max(m, 1))
@@ -353,6 +353,8 @@ def coco_metrics(sims, ids: CocoIds, protocol: str, captions_per_image: int = 5)
     if protocol not in ECCV_PROTOCOLS:
         raise MaxMatchError(f"unknown protocol '{protocol}' for the eccv-caption metrics",
                             hint=f"use one of: {', '.join(ECCV_PROTOCOLS)}")
+    from maxmatch_cli.metrics import validate_sims
+
     sims = validate_sims(sims, captions_per_image)
     image_ids = check_image_ids(ids.image_ids, "the similarity matrix's rows")
     if len(image_ids) != sims.shape[0]:

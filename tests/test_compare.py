@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from maxmatch_cli import compare as cmp
 from maxmatch_cli.cli import app
+from maxmatch_cli.eccv import CXC_KEYS, ECCV_KEYS
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.recipes import load_recipe, to_toml
 
@@ -229,6 +230,45 @@ def test_markdown_and_latex_hold_the_rows(runs):
     assert r"demo & 3 & 42.00 $\pm$ 2.00 &" in latex
     assert r"demo loss.similarity=chamfer loss.gd\_weight=0 loss.isd\_weight=0 & 2 & 30.50 $\pm$ 0.71" in latex
     assert r"$\Delta$RSUM" in latex and "booktabs" in latex.splitlines()[1]
+
+
+def coco_metrics(protocol: str, base: float) -> dict:
+    """ECCV Caption or CxC keys with distinct values: base + position (as evaluate --protocol eccv|cxc adds them)."""
+    keys = {"eccv": ECCV_KEYS, "cxc": CXC_KEYS}[protocol]
+    return {k: base + i for i, k in enumerate(keys)}
+
+
+def test_eccv_and_cxc_layouts_average_the_evaluation_files(tmp_path):
+    demo = [make_run(tmp_path / f"demo-s{s}", s) for s in range(2)]
+    chamfer = make_run(tmp_path / "chamfer-s0", 0, overrides=CHAMFER)
+    files = [eval_json(run / "eccv.json", {**metrics(40 + s, 20), **coco_metrics("eccv", 30 + 4 * s)},
+                       split="testall", protocol="eccv") for s, run in enumerate(demo)]
+    files.append(eval_json(chamfer / "eccv.json", {**metrics(30, 15), **coco_metrics("eccv", 10)},
+                           split="testall", protocol="eccv"))
+    comp = cmp.compare_runs(files)
+    assert list(comp.frame["n"]) == [2, 1]
+    table, _ = cmp.display_frame(comp, "eccv")
+    assert list(table.columns) == ["", "n", "i2t mAP@R", "i2t R-P", "i2t R@1", "t2i mAP@R", "t2i R-P", "t2i R@1",
+                                   "RSUM", "ΔRSUM", "source"]
+    # demo: eccv_i2t_map_at_r is 30 and 34 over the seeds -> 32.0 ± 2.8 (sample std); eccv_t2i_r1 is 35 and 39.
+    assert table.loc[0, "i2t mAP@R"] == "32.0 ± 2.8" and table.loc[0, "t2i R@1"] == "37.0 ± 2.8"
+    assert table.loc[1, "i2t mAP@R"] == "10.0" and table.loc[1, "source"] == "testall/eccv"
+    md = cmp.to_markdown(comp, "eccv")
+    assert "| demo | 2 | 32.0 ± 2.8 | 33.0 ± 2.8 |" in md
+    back = cmp.to_csv(comp)
+    assert "eccv_t2i_rprecision_mean" in back.splitlines()[0]
+    # No ECCV numbers in a row: the layout names it and says how to get them.
+    plain = eval_json(tmp_path / "plain.json", metrics(50, 25))
+    with pytest.raises(MaxMatchError, match=r"1 row\(s\) have no ECCV Caption metrics") as info:
+        cmp.display_frame(cmp.compare_runs([*files, plain]), "eccv")
+    assert "plain.json" in str(info.value) and "--protocol eccv" in info.value.hint
+    with pytest.raises(MaxMatchError, match="no CxC metrics"):
+        cmp.display_frame(comp, "cxc")
+    cxc = [eval_json(tmp_path / f"cxc{s}.json", {**metrics(40, 20), **coco_metrics("cxc", 50 + s)},
+                     split="testall", protocol="cxc") for s in range(2)]
+    result = invoke(*cxc, "--layout", "cxc", "--group-by", "run")
+    assert result.exit_code == 0, result.output
+    assert "R@10" in result.output and "50.0" in result.output and "51.0" in result.output
 
 
 def test_bad_input_raises_a_clear_error(tmp_path):
