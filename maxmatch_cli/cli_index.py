@@ -118,16 +118,13 @@ def query_cmd(
     side, queries = (("text", text) if text is not None else
                      ("image", [str(p) for p in image]) if image is not None else ("image_id", image_id))
     depth = {}
-    if used == "faiss":
-        from maxmatch_cli.index import DEFAULT_NPROBE, default_candidates
+    if used == "faiss":  # what each shard's search applied (one value, or the distinct values of the shards)
+        from maxmatch_cli.devices import resolve_device
+        from maxmatch_cli.index import search_depth
 
-        def effective(part) -> tuple[int, int]:  # as faiss_candidates applies them: capped by the part's index
-            info = part.manifest["element_index"]
-            fetch = candidates if candidates is not None else default_candidates(len(part))
-            return min(fetch, info["n_elements"]), min(nprobe if nprobe is not None else DEFAULT_NPROBE,
-                                                       info["nlist"])
-
-        per_part = [effective(part) for part in getattr(idx, "shards", [idx])]
+        dev = resolve_device(device)
+        per_part = [search_depth(part.element_index(dev), part.manifest["K"], candidates, nprobe)
+                    for part in getattr(idx, "shards", [idx])]
         depth = {name: values[0] if len(values) == 1 else values
                  for name, values in (("candidates", sorted({c for c, _ in per_part})),
                                       ("nprobe", sorted({p for _, p in per_part})))}

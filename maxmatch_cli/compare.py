@@ -506,6 +506,9 @@ _RECALL_HEADS = {"i2t_r1": "i2t R@1", "i2t_r5": "i2t R@5", "i2t_r10": "i2t R@10"
                  "log_var_image": "log Var. image", "log_var_text": "log Var. text"}
 _COCO_HEADS = {"map_at_r": "mAP@R", "rprecision": "R-P", "r1": "R@1", "r5": "R@5", "r10": "R@10"}
 _COCO_NAMES = {"eccv": "ECCV Caption", "cxc": "CxC"}
+_COCO_PREFIX = {"eccv": "ECCV", "cxc": "CxC"}
+COCO_RSUM_HEAD = "5K RSUM"
+"""The RSUM column of the eccv and cxc layouts: the COCO 5K recalls' sum, not a sum of the columns beside it."""
 
 
 def _cell(mean: float, std: float, n: int, decimals: int, pm: str) -> str:
@@ -549,15 +552,16 @@ def display_frame(comp: Comparison, layout: str = "recall", decimals: int = 1,
                    if any(f"{k}_mean" not in f or math.isnan(f.loc[i, f"{k}_mean"]) for k in keys)]
         if lacking:
             raise MaxMatchError(f"--layout {layout}: {len(lacking)} row(s) have no {_COCO_NAMES[layout]} metrics "
+                                f"(or NaN ones) "
                                 f"({', '.join(repr(x) for x in lacking[:3])}{' ...' if len(lacking) > 3 else ''})",
                                 hint=f"compare evaluation files of `maxmatch evaluate CKPT --split testall --protocol "
                                      f"{layout} --json F` (or ensemble), one per run")
         out[""] = list(f["label"])
         out["n"] = [str(n) for n in f["n"]]
-        for k in keys:  # eccv_i2t_map_at_r -> "i2t mAP@R"
+        for k in keys:  # eccv_i2t_map_at_r -> "ECCV i2t mAP@R": never mistaken for the COCO 5K recalls
             direction, name = k.split("_", 2)[1:]
-            out[f"{direction} {_COCO_HEADS[name]}"] = stat(k)
-        out["RSUM"] = stat("rsum")
+            out[f"{_COCO_PREFIX[layout]} {direction} {_COCO_HEADS[name]}"] = stat(k)
+        out[COCO_RSUM_HEAD] = stat("rsum")
         out[delta_head] = deltas
         out["source"] = list(f["source"])
         return pd.DataFrame(out), ["", "source"]
@@ -573,8 +577,10 @@ def display_frame(comp: Comparison, layout: str = "recall", decimals: int = 1,
     return pd.DataFrame(out), ["", "source"]
 
 
-def _caption(comp: Comparison) -> str:
-    return (f"mean ± sample std over the n runs of a row (n − 1); ΔRSUM against '{comp.baseline}'; "
+def _caption(comp: Comparison, layout: str = "recall") -> str:
+    note = (f"{_COCO_NAMES[layout]} metrics (%) of the eccv-caption package; {COCO_RSUM_HEAD}: sum of the COCO 5K "
+            f"recalls; " if layout in COCO_EXTRAS else "")
+    return (f"{note}mean ± sample std over the n runs of a row (n − 1); ΔRSUM against '{comp.baseline}'; "
             f"rows grouped by {comp.group_by}")
 
 
@@ -587,7 +593,7 @@ def to_markdown(comp: Comparison, layout: str = "recall", decimals: int = 1) -> 
 
     lines = [cells(table.columns), "| " + " | ".join("---" if c in text_cols else "---:" for c in table.columns) + " |"]
     lines += [cells(row) for row in table.itertuples(index=False)]
-    return "\n".join(lines) + f"\n\n{_caption(comp)}\n"
+    return "\n".join(lines) + f"\n\n{_caption(comp, layout)}\n"
 
 
 def to_latex(comp: Comparison, layout: str = "recall", decimals: int = 1) -> str:
@@ -600,7 +606,7 @@ def to_latex(comp: Comparison, layout: str = "recall", decimals: int = 1) -> str
     except ImportError as exc:  # Styler needs jinja2 (torch brings it)
         raise MaxMatchError(f"LaTeX output needs jinja2 ({exc})", hint="pip install jinja2") from None
     needs = r"\usepackage{booktabs}" + (r" and \usepackage{amssymb} (\checkmark)" if layout == "table3" else "")
-    return f"% maxmatch compare: {_caption(comp)}\n% needs {needs}\n{body}"
+    return f"% maxmatch compare: {_caption(comp, layout)}\n% needs {needs}\n{body}"
 
 
 def to_csv(comp: Comparison) -> str:
@@ -617,16 +623,19 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1, widt
     from rich.text import Text
 
     table, text_cols = display_frame(comp, layout, decimals)
-    caption = _caption(comp)
+    caption = _caption(comp, layout)
     if "source" in table and table["source"].nunique() == 1:  # room for the numbers
         caption += f"; source {table['source'][0]}"
         table = table.drop(columns="source")
     short = {"i2t R@5": "R@5", "i2t R@10": "R@10", "t2i R@5": "R@5", "t2i R@10": "R@10"}  # as recall_table
+    if layout in COCO_EXTRAS:  # the title names the family: "CxC i2t R@5" -> "R@5", "ECCV t2i R-P" -> "R-P"
+        for col in table.columns:
+            if col.startswith(_COCO_PREFIX[layout] + " "):
+                head = col.split(" ", 1)[1]
+                short[col] = short.get(head, head if head.endswith(("mAP@R", "R@1")) else head.split(" ", 1)[1])
     best = comp.frame["rsum_mean"].idxmax()
     extras = [c for c in table.columns if c.startswith("log Var.")]
-    title = "Comparison"
-    if layout in COCO_EXTRAS:  # their R@K are not the COCO 5K recalls that RSUM sums
-        title += f" · {_COCO_NAMES[layout]} (%); RSUM of the COCO 5K recalls"
+    title = f"Comparison · {_COCO_NAMES[layout]}" if layout in COCO_EXTRAS else "Comparison"
     parts = [(title, [c for c in table.columns if c not in extras], None)]
     if extras:
         parts = [("Comparison · Recall@K (%)", parts[0][1], None),
@@ -642,10 +651,11 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1, widt
             longest = max((len(word) for cell in table[col] for word in str(cell).split()), default=0)
             out.add_column(short.get(col, col), justify="left" if col in text_cols else "right", overflow="fold",
                            min_width=min(longest, 40) if col in text_cols else None,
-                           style="bold" if col == "" else "cyan" if col == "RSUM" else None)
+                           style="bold" if col == "" else "cyan" if col in ("RSUM", COCO_RSUM_HEAD) else None)
         for i, row in enumerate(table[columns].itertuples(index=False)):
             out.add_row(*(Text(str(v).replace(" ± ", "\n± ") if stacked and col not in text_cols else str(v),
-                               style="bold" if len(table) > 1 and i == best and col == "RSUM" else "")
+                               style="bold" if len(table) > 1 and i == best and col in ("RSUM", COCO_RSUM_HEAD)
+                               else "")
                           for col, v in zip(columns, row)))
         return out
 

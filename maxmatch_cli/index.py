@@ -1044,6 +1044,33 @@ def default_candidates(n_items: int) -> int:
     return max(DEFAULT_CANDIDATES, 1 << max(0, wanted - 1).bit_length())
 
 
+FAISS_GPU_MAX_K = 2048
+"""faiss-gpu's k-selection limit: a GPU element index fetches at most this many elements per query element."""
+
+
+def search_depth(element_index: Any, gallery_k: int, candidates: int | None = None,
+                 nprobe: int | None = None) -> tuple[int, int]:
+    """``(elements fetched, lists probed)`` per query element, as :func:`faiss_candidates` searches
+    ``element_index``: the defaults (:func:`default_candidates` of its items, :data:`DEFAULT_NPROBE`) or the values
+    given, capped by its element and list counts and, on a faiss-gpu index, :data:`FAISS_GPU_MAX_K`.
+
+    Raises:
+        MaxMatchError: ``candidates`` or ``nprobe`` is not a positive integer.
+    """
+    n_elements = int(element_index.ntotal)
+    if candidates is None:
+        candidates = default_candidates(n_elements // max(int(gallery_k), 1))
+    nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
+    for name, value in (("candidates", candidates), ("nprobe", nprobe)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+    nlist = getattr(element_index, "nlist", None) or element_index.getNumLists()  # CPU / faiss-gpu index
+    fetch = min(candidates, n_elements)
+    if type(element_index).__name__.startswith("Gpu"):
+        fetch = min(fetch, FAISS_GPU_MAX_K)
+    return fetch, min(nprobe, int(nlist))
+
+
 def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, candidates: int | None = None,
                      nprobe: int | None = None) -> list[np.ndarray]:
     """Gallery rows owning the nearest elements of each query element, per query (sorted, unique).
@@ -1055,23 +1082,15 @@ def faiss_candidates(element_index: Any, queries: torch.Tensor, gallery_k: int, 
         candidates: nearest elements fetched per query element (default: :func:`default_candidates` of the
             index's items).
         nprobe: inverted lists searched (default :data:`DEFAULT_NPROBE`, capped at nlist).
+
+    The depth applied is :func:`search_depth`'s.
     """
-    if candidates is None:
-        candidates = default_candidates(int(element_index.ntotal) // max(int(gallery_k), 1))
-    nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
-    for name, value in (("candidates", candidates), ("nprobe", nprobe)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+    fetch, element_index.nprobe = search_depth(element_index, gallery_k, candidates, nprobe)
     q, kq, d = queries.shape
     if d != element_index.d:
         raise MaxMatchError(f"query elements have D={d}, the element index D={element_index.d}",
                             hint="query with the checkpoint the index was built with")
-    nlist = getattr(element_index, "nlist", None) or element_index.getNumLists()  # CPU / faiss-gpu index
-    element_index.nprobe = min(nprobe, nlist)
     flat = F.normalize(queries.float(), dim=-1).reshape(q * kq, d).numpy()
-    fetch = min(candidates, element_index.ntotal)
-    if type(element_index).__name__.startswith("Gpu"):
-        fetch = min(fetch, 2048)  # faiss-gpu's k-selection limit
     _, ids = element_index.search(np.ascontiguousarray(flat), fetch)
     ids = ids.reshape(q, -1)
     return [np.unique(row[row >= 0] // gallery_k) for row in ids]

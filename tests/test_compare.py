@@ -11,6 +11,7 @@ import statistics
 import numpy as np
 import pandas as pd
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from maxmatch_cli import compare as cmp
@@ -248,13 +249,22 @@ def test_eccv_and_cxc_layouts_average_the_evaluation_files(tmp_path):
     comp = cmp.compare_runs(files)
     assert list(comp.frame["n"]) == [2, 1]
     table, _ = cmp.display_frame(comp, "eccv")
-    assert list(table.columns) == ["", "n", "i2t mAP@R", "i2t R-P", "i2t R@1", "t2i mAP@R", "t2i R-P", "t2i R@1",
-                                   "RSUM", "ΔRSUM", "source"]
+    # Headers name the metric family, so a pasted table is not read as the COCO 5K recalls RSUM sums.
+    assert list(table.columns) == ["", "n", "ECCV i2t mAP@R", "ECCV i2t R-P", "ECCV i2t R@1", "ECCV t2i mAP@R",
+                                   "ECCV t2i R-P", "ECCV t2i R@1", "5K RSUM", "ΔRSUM", "source"]
     # demo: eccv_i2t_map_at_r is 30 and 34 over the seeds -> 32.0 ± 2.8 (sample std); eccv_t2i_r1 is 35 and 39.
-    assert table.loc[0, "i2t mAP@R"] == "32.0 ± 2.8" and table.loc[0, "t2i R@1"] == "37.0 ± 2.8"
-    assert table.loc[1, "i2t mAP@R"] == "10.0" and table.loc[1, "source"] == "testall/eccv"
+    assert table.loc[0, "ECCV i2t mAP@R"] == "32.0 ± 2.8" and table.loc[0, "ECCV t2i R@1"] == "37.0 ± 2.8"
+    assert table.loc[1, "ECCV i2t mAP@R"] == "10.0" and table.loc[1, "source"] == "testall/eccv"
+    assert table.loc[0, "5K RSUM"] == "241.5 ± 2.1"  # metrics(40 + s, 20): rsum 240 + 3 s -> 240 and 243
     md = cmp.to_markdown(comp, "eccv")
-    assert "| demo | 2 | 32.0 ± 2.8 | 33.0 ± 2.8 |" in md
+    assert "| demo | 2 | 32.0 ± 2.8 | 33.0 ± 2.8 |" in md and "ECCV Caption metrics (%)" in md
+    for width in (80, 100):  # the terminal table fits: the title names the family, headers stay short
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(cmp.rich_table(comp, "eccv", width=width))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width and "Comparison · ECCV Caption" in text
+        assert "ΔRSUM" in text and "mAP@R" in text and "32.0" in text and "± 2.8" in text
+    assert "5K RSUM: sum of the COCO 5K recalls" in cmp.to_latex(comp, "eccv")
     back = cmp.to_csv(comp)
     assert "eccv_t2i_rprecision_mean" in back.splitlines()[0]
     # No ECCV numbers in a row: the layout names it and says how to get them.
@@ -268,7 +278,7 @@ def test_eccv_and_cxc_layouts_average_the_evaluation_files(tmp_path):
                      split="testall", protocol="cxc") for s in range(2)]
     result = invoke(*cxc, "--layout", "cxc", "--group-by", "run")
     assert result.exit_code == 0, result.output
-    assert "R@10" in result.output and "50.0" in result.output and "51.0" in result.output
+    assert "CxC" in result.output and "50.0" in result.output and "51.0" in result.output
 
 
 def test_bad_input_raises_a_clear_error(tmp_path):

@@ -72,3 +72,17 @@ def test_gpu_check_dry_run_runs_every_step_and_records_a_failed_one(minilm_fp16,
     assert "steps failed: eval" in done.stdout
     log = (out / "gpu-check.log").read_text()
     assert "== train-bert" in log and str(minilm_fp16) in log
+
+
+def test_gpu_check_names_what_the_interpreter_lacks(tmp_path):
+    # An interpreter without site-packages (-S): the check must say what is missing, not "no CUDA device".
+    wrapper = tmp_path / "bare-python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+                          env=dict(os.environ, PY=str(wrapper), WORK=str(tmp_path / "work")),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = (out / "summary.md").read_text()
+    assert "cannot run the check (missing: torch" in summary and "no CUDA" not in summary
