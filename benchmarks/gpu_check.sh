@@ -22,13 +22,20 @@
 # (default .venv/bin/python, else python3); BERT_PATH the MiniLM (default .device/minilm if present, else the
 # package).
 set -uo pipefail
+# OUT_DIR and WORK are taken from the caller's folder, before the script moves to the repository root.
+OUT=$(realpath -m -- "${1:-gpu-check}")
+WORK=$(realpath -m -- "${WORK:-/tmp/maxmatch-gpu-check}")
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-OUT=${1:-gpu-check}
-WORK=${WORK:-/tmp/maxmatch-gpu-check}
-mkdir -p "$OUT" "$WORK"
+for dir in "$OUT" "$WORK"; do
+  if [ -e "$dir" ] && [ ! -d "$dir" ]; then
+    echo "gpu_check: $dir exists and is not a folder; give another OUT_DIR (or WORK)" >&2
+    exit 2
+  fi
+done
+mkdir -p "$OUT" "$WORK" || exit 2
 LOG="$OUT/gpu-check.log"
 : > "$LOG"
 : > "$WORK/status.txt"

@@ -160,3 +160,6 @@ def query_cmd(
             cells = [str(h.rank), escape(str(h.id))] + ([escape(h.text or "")] if idx.kind == "captions" else [])
             table.add_row(*cells, f"{h.score:.4f}", pairs)
         console.print(table)
+        if len(hits) < min(top_k, len(idx)):
+            _line(f"note: {len(hits)} of {min(top_k, len(idx)):,} results: the faiss candidates ran out; raise "
+                  f"--candidates or --nprobe, or use --engine exact")

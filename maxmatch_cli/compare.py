@@ -124,11 +124,21 @@ def _metrics(raw: Any, where: str, prefix: str = "") -> dict[str, float]:
     """The :data:`METRICS` of a record, as floats; an error naming ``where`` when any is missing."""
     if not isinstance(raw, dict):
         raise MaxMatchError(f"{where} has no metrics", hint=_HINT_INPUTS)
-    missing = [m for m in METRICS if not isinstance(raw.get(prefix + m), (int, float))]
+    missing = [m for m in METRICS if prefix + m not in raw]
     if missing:
         raise MaxMatchError(f"{where} has no {', '.join(prefix + m for m in missing)} in its metrics",
                             hint=_HINT_INPUTS)
+    for m in METRICS:
+        _number(raw[prefix + m], prefix + m, where)
     return {m: float(raw[prefix + m]) for m in METRICS}
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    """``value`` as a finite float; an error naming ``key`` and ``where`` for a string, bool, NaN or infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MaxMatchError(f"{where}: {key} is {value!r}, not a finite number",
+                            hint="re-run the evaluation that wrote it (maxmatch evaluate CKPT --json F)")
+    return float(value)
 
 
 def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -220,8 +230,8 @@ def _from_evaluation(path: Path, raw: dict[str, Any], given: Path, run: tuple[st
             run = _run_recipe(path.parent)
     name, recipe = run if run else (str(given), None)
     similarity = raw.get("similarity") if isinstance(raw.get("similarity"), str) else None
-    coco = {k: float(v) for keys in COCO_EXTRAS.values() for k in keys
-            for v in [raw["metrics"].get(k)] if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    coco = {k: _number(raw["metrics"][k], k, str(path)) for keys in COCO_EXTRAS.values() for k in keys
+            if k in raw["metrics"]}
     return RunResult(path=given, file=path, metrics=metrics, kind="evaluate", split=str(raw.get("split", "")),
                      protocol=str(raw.get("protocol", "")), name=name, recipe=recipe,
                      seed=recipe.get("train.seed") if recipe else None, eval_similarity=similarity, extras=coco)
@@ -673,6 +683,8 @@ def write_comparison(comp: Comparison, *, markdown: Path | None = None, latex: P
     """
     from maxmatch_cli.fileio import write_text
 
+    if figure is not None and not Path(figure).name:
+        raise MaxMatchError(f"--figure {str(figure)!r} names no file", hint="give a file stem, e.g. --figure recall-bars")
     if figure is not None:
         from maxmatch_cli.plots import require_pyplot
 

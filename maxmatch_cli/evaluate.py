@@ -116,7 +116,7 @@ def resolve_protocol(protocol: str, n_images: int, split: str | None = None) -> 
         where = f"split '{split}'" if split else "the similarity matrix"
         raise MaxMatchError(f"protocol {protocol} needs the {COCO_TEST_IMAGES:,}-image COCO 5K test split that ECCV "
                             f"Caption and CxC annotate, but {where} has {n_images:,} images",
-                            hint="evaluate --split testall (or test) of a COCO feature file, or use --protocol full")
+                            hint="use --split testall (or test) of a COCO feature file, or --protocol full")
     if protocol in ("coco1k", "coco5k") and n_images != COCO_TEST_IMAGES:
         where = f"split '{split}'" if split else "the similarity matrix"
         raise MaxMatchError(f"protocol {protocol} needs the {COCO_TEST_IMAGES:,}-image COCO test split, but {where} "

@@ -57,12 +57,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         MaxMatchError: the folder cannot be created or written to.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MaxMatchError(f"{path} is a folder; an output file cannot replace it",
+                            hint=f"give a file name, e.g. {path / 'results'}{path.suffix or ''}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise MaxMatchError(f"cannot write to {path.parent}: {exc.strerror}",
-                            hint="choose an output folder you can write to (--out)") from None
+                            hint="choose an output path in a folder you can write to") from None
     os.close(fd)
     try:
         write(Path(tmp))

@@ -274,16 +274,27 @@ def load_index(path: str | os.PathLike) -> Index | ShardedIndex:
                             hint=f"rebuild it with this maxmatch ({_BUILD_HINT})")
     try:
         n, k, d = int(manifest["n_items"]), int(manifest["K"]), int(manifest["D"])
-        manifest["checkpoint"]["path"], manifest["checkpoint"]["fingerprint"], manifest["similarity"]
+        manifest["checkpoint"]["path"], manifest["checkpoint"]["fingerprint"]
         if manifest["kind"] not in KINDS:
             raise ValueError(f"kind {manifest['kind']!r}")
+        from maxmatch_cli.similarity import list_similarities
+
+        if manifest["similarity"] not in {name for name, _ in list_similarities()}:
+            raise ValueError(f"similarity {manifest['similarity']!r}")
+        if not isinstance(manifest.get("similarity_options", {}), dict):
+            raise ValueError(f"similarity_options {manifest['similarity_options']!r}")
+        element = manifest.get("element_index")
+        if element is not None and not (isinstance(element, dict) and isinstance(element.get("file"), str)
+                                        and isinstance(element.get("nlist"), int)
+                                        and isinstance(element.get("n_elements"), int)):
+            raise ValueError(f"element_index {element!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise MaxMatchError(f"the manifest of index {path} lacks or garbles a field ({exc})",
                             hint=f"rebuild the index ({_BUILD_HINT})") from None
     try:
         sets = np.load(path / "sets.npy", mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise MaxMatchError(f"cannot read the sets of index {path} ({exc})",
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut file
+        raise MaxMatchError(f"cannot read the sets of index {path} ({exc or type(exc).__name__})",
                             hint=f"the index is damaged; rebuild it ({_BUILD_HINT})") from None
     if sets.shape != (n, k, d) or sets.dtype != np.float16:
         raise MaxMatchError(f"index {path}: sets.npy holds {sets.dtype} {sets.shape}, the manifest announces float16 "
@@ -536,6 +547,11 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         raise MaxMatchError(f"unknown index engine '{engine}'", hint="use --engine exact or --engine faiss")
     if engine == "faiss":
         _faiss()  # a missing package is reported before anything is encoded
+    if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
+        raise MaxMatchError(f"nlist must be a positive integer, got {nlist!r}",
+                            hint="leave --nlist unset for about the square root of the element count")
+    if nlist is not None and engine != "faiss":
+        raise MaxMatchError("--nlist sets the faiss element index", hint="add --engine faiss, or leave out --nlist")
     if batch_size is not None and batch_size < 1:
         raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
     out = Path(out)
@@ -546,6 +562,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
                                 hint="choose another --out for the sharded index")
         out = out / shard_name(*shard)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is simply filled
+        if shard is None and out.is_dir() and _shard_folders(out):
+            raise MaxMatchError(f"{out} is a sharded index; not replacing it with an unsharded one",
+                                hint="add --shard I/N to (re)build one of its shards, or choose another --out")
         if not (out.is_dir() and (out / "manifest.json").is_file()):
             raise MaxMatchError(f"{out} exists and is not a maxmatch index; not replacing it",
                                 hint="choose another --out, or remove it yourself")
@@ -580,6 +599,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         texts = store.captions_text(rows)
     batch_size = batch_size or recipe.eval.batch_size
     n, k, d = len(rows), model.num_embeds, model.embed_dim
+    if nlist is not None and nlist > n * k:  # before any encoding
+        raise MaxMatchError(f"nlist={nlist} must lie in 1..{n * k} (the number of set elements)",
+                            hint="leave --nlist unset for about the square root of the element count")
 
     from maxmatch_cli.features.images import extraction_of
 
@@ -792,6 +814,9 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
     """
     from maxmatch_cli.api import load
 
+    for name, value in (("candidates", candidates), ("nprobe", nprobe)):  # also when the exact engine ignores them
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
     index = index if isinstance(index, (Index, ShardedIndex)) else load_index(index)
     given = [name for name, v in (("texts", texts), ("images", images), ("image_ids", image_ids)) if v is not None]
     if len(given) != 1:
@@ -902,6 +927,7 @@ def search_sets(sets: np.ndarray | torch.Tensor, queries: torch.Tensor, k: int, 
                             else f"unknown search engine '{engine}'", hint="use engine='exact' or 'faiss'")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. k=10")
+    k = min(k, int(sets.shape[0]))  # as the exact engine: never more results than items
     pools = faiss_candidates(element_index, queries, int(sets.shape[1]), candidates, nprobe)
     return _rerank(sets, queries, pools, k, kind, options, query_side, device)
 
@@ -1025,7 +1051,7 @@ def read_element_index(path: str | os.PathLike):
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
     except RuntimeError as exc:
         raise MaxMatchError(f"cannot read the faiss element index {path} ({str(exc).splitlines()[0]})",
-                            hint=f"the index is damaged; rebuild it ({_BUILD_HINT} --engine faiss)") from None
+                            hint=f"the index is damaged; rebuild it (build it with `maxmatch index CKPT --data F.h5 --split test --out INDEX --engine faiss`)") from None
 
 
 def default_candidates(n_items: int) -> int:

@@ -316,18 +316,29 @@ def test_cli_prints_the_table_and_announces_files(runs, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"), ("nometrics", "holds no metrics"), ("empty", "has no results"),
     ("group", "unknown --group-by"), ("layout", "unknown --layout"), ("baseline", "matches no row"),
+    ("nan", "i2t_r1 is nan, not a finite number"), ("string", "rsum is '37.8', not a finite number"),
+    ("bool", "t2i_r5 is True, not a finite number"), ("eccv-inf", "eccv_i2t_r1 is inf, not a finite number"),
+    ("figure", "names no file"), ("csv-folder", "is a folder; an output file cannot replace it"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(tmp_path, case, message):
     good = eval_json(tmp_path / "good.json", metrics(40, 20))
     (tmp_path / "nometrics.json").write_text('{"runs_are": []}')
     make_run(tmp_path / "empty", 0)
+    broken = {"nan": {"i2t_r1": float("nan")}, "string": {"rsum": "37.8"}, "bool": {"t2i_r5": True},
+              "eccv-inf": {"eccv_i2t_r1": float("inf")}}
+    if case in broken:
+        eval_json(tmp_path / "broken.json", {**metrics(40, 20), **broken[case]})
+    (tmp_path / "a-folder").mkdir()
     args = {"missing": [tmp_path / "missing"], "nometrics": [tmp_path / "nometrics.json"],
             "empty": [tmp_path / "empty"], "group": [good, "--group-by", "seed"],
-            "layout": [good, "--layout", "table9"], "baseline": [good, "--baseline", "nothing"]}[case]
+            "layout": [good, "--layout", "table9"], "baseline": [good, "--baseline", "nothing"],
+            "figure": [good, "--figure", ""], "csv-folder": [good, "--csv", tmp_path / "a-folder"],
+            **{c: [good, tmp_path / "broken.json"] for c in broken}}[case]
     result = invoke(*args)
     assert result.exit_code == 2, result.output
-    assert message in result.output and "Traceback" not in result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert result.output.count("error:") == 1
+    assert [p.name for p in (tmp_path / "a-folder").iterdir()] == []
 
 
 @pytest.mark.parametrize("width", [100, 120, 160])

@@ -86,3 +86,17 @@ def test_gpu_check_names_what_the_interpreter_lacks(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     summary = (out / "summary.md").read_text()
     assert "cannot run the check (missing: torch" in summary and "no CUDA" not in summary
+
+
+def test_gpu_check_refuses_a_file_as_out_dir_and_resolves_out_from_the_caller(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_check.sh")
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run(["bash", script, "a-file"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PY=sys.executable, WORK=str(tmp_path / "work")))
+    assert done.returncode == 2 and "a-file exists and is not a folder" in done.stderr
+    # Where no CUDA device is, the check says so in OUT_DIR/summary.md, OUT_DIR taken from the caller's folder.
+    done = subprocess.run(["bash", script, "out"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PY=sys.executable, WORK=str(tmp_path / "work")))
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the full check would run")
+    assert done.returncode == 0 and "no CUDA device" in (tmp_path / "out" / "summary.md").read_text()

@@ -123,6 +123,12 @@ def _damaged(index_dir, tmp_path, how):
     elif how == "manifest":
         (bad / "manifest.json").unlink()
         return bad
+    elif how == "empty-sets":
+        (bad / "sets.npy").write_bytes(b"")
+    elif how in ("element-index-type", "similarity-name", "options-type"):
+        key, value = {"element-index-type": ("element_index", "yes"), "similarity-name": ("similarity", "bogus"),
+                      "options-type": ("similarity_options", [1])}[how]
+        manifest[key] = value
     (bad / "manifest.json").write_text(json.dumps(manifest))
     return bad
 
@@ -134,13 +140,24 @@ def _damaged(index_dir, tmp_path, how):
     ("fingerprint", "another checkpoint"),
     ("other-checkpoint", "another checkpoint"),
     ("empty-query", "empty query"),
+    ("empty-sets", "cannot read the sets of index"),
+    ("element-index-type", "garbles a field (element_index 'yes')"),
+    ("similarity-name", "garbles a field (similarity 'bogus')"),
+    ("options-type", "garbles a field (similarity_options [1])"),
+    ("candidates-0", "candidates must be a positive integer"),
+    ("nprobe-negative", "nprobe must be a positive integer"),
 ])
 def test_bad_query_input_exits_2_without_traceback(index_dir, trained, tmp_path, case, message):
     target, extra, text = index_dir, [], "a dog"
     if case == "missing":
         target = tmp_path / "nothing-here"
-    elif case in ("manifest", "version", "fingerprint"):
+    elif case in ("manifest", "version", "fingerprint", "empty-sets", "element-index-type", "similarity-name",
+                  "options-type"):
         target = _damaged(index_dir, tmp_path, case)
+    elif case == "candidates-0":  # refused although the exact engine (this index's) would not use it
+        extra = ["--candidates", 0]
+    elif case == "nprobe-negative":
+        extra = ["--nprobe", -5]
     elif case == "other-checkpoint":
         extra = ["--checkpoint", trained / "last.safetensors"]
     elif case == "empty-query":
@@ -344,6 +361,29 @@ def test_faiss_default_depth_is_the_galleries_and_reported(faiss_index_dir, mode
         explicit = index_mod.faiss_candidates(element_index, queries, n_k, fetched, info["nlist"])
         assert [p.tolist() for p in by_default] == [p.tolist() for p in explicit]
         assert all(1 <= len(p) <= fetched * queries.shape[1] for p in by_default)
+
+
+def test_faiss_caps_k_and_says_when_candidates_run_out(faiss_index_dir):
+    n = len(load_index(faiss_index_dir))
+    record = _query_json(faiss_index_dir, "-k", 10**12, "--candidates", 10**6, "--nprobe", 10**6)
+    assert all(len(q["results"]) == n for q in record["queries"])  # k capped at the gallery, as the exact engine
+    result = invoke("query", faiss_index_dir, "--text", QUERIES[0], "-k", 10, "--candidates", 1, "--nprobe", 1,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    shown = len(json.loads(invoke("query", faiss_index_dir, "--text", QUERIES[0], "-k", 10, "--candidates", 1,
+                                  "--nprobe", 1, "--json").stdout)["queries"][0]["results"])
+    assert shown < 10 and f"note: {shown} of 10 results: the faiss candidates ran out" in " ".join(
+        result.output.split())
+
+
+def test_nlist_is_checked_before_encoding(ckpt, tiny_h5, tmp_path):
+    for value, message in ((0, "nlist must be a positive integer"), (10**9, "must lie in 1..")):
+        result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", tmp_path / "i",
+                        "--engine", "faiss", "--nlist", value)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+        assert not list(tmp_path.iterdir())  # nothing encoded, no partial build
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", tmp_path / "i", "--nlist", 4)
+    assert result.exit_code == 2 and "add --engine faiss" in result.output
 
 
 def test_faiss_missing_is_a_clear_error(index_dir, ckpt, tiny_h5, tmp_path, monkeypatch):

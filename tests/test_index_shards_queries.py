@@ -134,6 +134,8 @@ def test_sharded_index_errors(ckpt, trained, tiny_h5, sharded, whole, tmp_path):
         assert result.exit_code == 2 and "--shard must be I/N" in result.output, bad
     result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--shard", "0/2", "--out", whole)
     assert result.exit_code == 2 and "not a folder of shards" in result.output
+    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--out", sharded, "--overwrite")
+    assert result.exit_code == 2 and "is a sharded index" in result.output and "--shard I/N" in result.output
     n = len(load_index(whole))
     result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--shard", f"0/{n + 1}", "--out",
                     tmp_path / "s")
