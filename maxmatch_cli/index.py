@@ -378,11 +378,21 @@ class ShardedIndex:
         shards = []
         for folder in folders:
             if not (folder / "manifest.json").is_file():
-                continue  # reported below as missing: a build of that shard has not finished
+                if any(folder.iterdir()):  # builds publish a folder whole, manifest included: this one is damaged
+                    raise MaxMatchError(f"shard {folder} has files but no manifest.json: it is damaged",
+                                        hint=f"remove it and rebuild that shard (`maxmatch index CKPT ... --shard "
+                                             f"I/N --out {path}`)")
+                continue  # an empty folder: reported below as missing
             shard = load_index(folder)
             if not isinstance(shard, Index) or "shard" not in shard.manifest:
                 raise MaxMatchError(f"{folder} is not a shard (its manifest has no shard record)",
                                     hint="build shards with `maxmatch index ... --shard I/N --out FOLDER`")
+            record = shard.manifest["shard"]
+            if folder.name != shard_name(record["index"], record["count"]):
+                raise MaxMatchError(f"folder {folder.name} of {path} holds shard {record['index']}/{record['count']} "
+                                    f"(its manifest), which belongs in {shard_name(record['index'], record['count'])}",
+                                    hint="rename or remove the folder; a shard copied under another name is counted "
+                                         "twice")
             shards.append(shard)
         if not shards:
             raise MaxMatchError(f"{path} holds shard folders but none is complete",

@@ -117,9 +117,20 @@ def test_sharded_index_errors(ckpt, trained, tiny_h5, sharded, whole, tmp_path):
     result = invoke("query", partial, "--text", "a dog")
     assert result.exit_code == 2 and "lacks 1 of its 3 shards (1)" in result.output
     assert "--shard 1/3" in result.output and "Traceback" not in result.output
-    # An unfinished shard build (no manifest yet) counts as missing.
+    # An empty shard folder counts as missing.
     (partial / "shard-1-of-3").mkdir()
     assert "lacks 1 of its 3 shards" in invoke("query", partial, "--text", "a dog").output
+    # A shard copied under another shard's name is named, not counted twice.
+    shutil.rmtree(partial / "shard-1-of-3")
+    shutil.copytree(partial / "shard-0-of-3", partial / "shard-1-of-3")
+    result = invoke("query", partial, "--text", "a dog")
+    assert result.exit_code == 2 and "folder shard-1-of-3" in result.output and "holds shard 0/3" in result.output
+    # A shard folder with files but no manifest is damaged, not missing.
+    (partial / "shard-1-of-3" / "manifest.json").unlink()
+    result = invoke("query", partial, "--text", "a dog")
+    assert result.exit_code == 2 and "has files but no manifest.json: it is damaged" in result.output
+    shutil.rmtree(partial / "shard-1-of-3")
+    (partial / "shard-1-of-3").mkdir()
     # Shards of another checkpoint.
     other = tmp_path / "other.safetensors"
     shutil.copy2(trained / "last.safetensors", other)
