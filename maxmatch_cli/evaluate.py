@@ -352,6 +352,18 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
     return emb
 
 
+def _check_eval_protocol(protocol: str | None, coco_captions: str | Path | None) -> None:
+    """Refuse, before anything is loaded, a protocol ``evaluate`` / ``ensemble`` do not take, a COCO caption file
+    without eccv or cxc, and eccv or cxc without the eccv-caption package."""
+    if protocol is not None:
+        check_protocol(protocol, ECCV_PROTOCOLS)
+    if coco_captions is not None and protocol not in ECCV_PROTOCOLS:
+        raise MaxMatchError("a COCO caption file (--coco-captions) is used by the eccv and cxc protocols only",
+                            hint="add --protocol eccv or --protocol cxc, or leave out --coco-captions")
+    if protocol in ECCV_PROTOCOLS:
+        require_package()
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str | None = None,
                         protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                         json_path: Path | None = None, csv_path: Path | None = None,
@@ -367,13 +379,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     """
     from maxmatch_cli.features.store import open_store
 
-    if protocol is not None:
-        check_protocol(protocol, ECCV_PROTOCOLS)
-    if coco_captions is not None and protocol not in ECCV_PROTOCOLS:
-        raise MaxMatchError("a COCO caption file (--coco-captions) is used by the eccv and cxc protocols only",
-                            hint="add --protocol eccv or --protocol cxc, or leave out --coco-captions")
-    if protocol in ECCV_PROTOCOLS:
-        require_package()  # before loading anything
+    _check_eval_protocol(protocol, coco_captions)
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe
@@ -499,13 +505,7 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     """
     from maxmatch_cli.features.store import open_store
 
-    if protocol is not None:
-        check_protocol(protocol, ECCV_PROTOCOLS)
-    if coco_captions is not None and protocol not in ECCV_PROTOCOLS:
-        raise MaxMatchError("a COCO caption file (--coco-captions) is used by the eccv and cxc protocols only",
-                            hint="add --protocol eccv or --protocol cxc, or leave out --coco-captions")
-    if protocol in ECCV_PROTOCOLS:
-        require_package()  # before loading anything
+    _check_eval_protocol(protocol, coco_captions)
     if len(checkpoints) < 2:
         raise MaxMatchError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}",
                             hint="pass two or more checkpoints (e.g. two seeds), or use `maxmatch evaluate`")

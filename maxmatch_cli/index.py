@@ -557,9 +557,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         raise MaxMatchError(f"unknown index engine '{engine}'", hint="use --engine exact or --engine faiss")
     if engine == "faiss":
         _faiss()  # a missing package is reported before anything is encoded
-    if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
-        raise MaxMatchError(f"nlist must be a positive integer, got {nlist!r}",
-                            hint="leave --nlist unset for about the square root of the element count")
+    _check_nlist(nlist)
     if nlist is not None and engine != "faiss":
         raise MaxMatchError("--nlist sets the faiss element index", hint="add --engine faiss, or leave out --nlist")
     if batch_size is not None and batch_size < 1:
@@ -609,9 +607,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         texts = store.captions_text(rows)
     batch_size = batch_size or recipe.eval.batch_size
     n, k, d = len(rows), model.num_embeds, model.embed_dim
-    if nlist is not None and nlist > n * k:  # before any encoding
-        raise MaxMatchError(f"nlist={nlist} must lie in 1..{n * k} (the number of set elements)",
-                            hint="leave --nlist unset for about the square root of the element count")
+    _check_nlist(nlist, n * k)  # before any encoding
 
     from maxmatch_cli.features.images import extraction_of
 
@@ -824,9 +820,7 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
     """
     from maxmatch_cli.api import load
 
-    for name, value in (("candidates", candidates), ("nprobe", nprobe)):  # also when the exact engine ignores them
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+    _check_depth(candidates, nprobe)  # also when the exact engine ignores them
     index = index if isinstance(index, (Index, ShardedIndex)) else load_index(index)
     given = [name for name, v in (("texts", texts), ("images", images), ("image_ids", image_ids)) if v is not None]
     if len(given) != 1:
@@ -1001,6 +995,17 @@ def _faiss():
     return faiss
 
 
+def _check_nlist(nlist: int | None, n_vectors: int | None = None) -> None:
+    """Refuse an ``nlist`` that is given and not an integer in 1..``n_vectors`` (the set elements, when known)."""
+    hint = "leave --nlist unset for about the square root of the element count"
+    if nlist is None:
+        return
+    if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
+        raise MaxMatchError(f"nlist must be a positive integer, got {nlist!r}", hint=hint)
+    if n_vectors is not None and nlist > n_vectors:
+        raise MaxMatchError(f"nlist={nlist} must lie in 1..{n_vectors} (the number of set elements)", hint=hint)
+
+
 def default_nlist(n_vectors: int) -> int:
     """Inverted lists for ``n_vectors`` elements: about their square root, with at least 39 training points per
     list (faiss's minimum for a stable k-means)."""
@@ -1028,10 +1033,8 @@ def build_element_index(sets: np.ndarray, path: str | os.PathLike, nlist: int | 
     faiss = _faiss()
     n, k, d = sets.shape
     n_vectors = n * k
-    nlist = nlist or default_nlist(n_vectors)
-    if not 1 <= nlist <= n_vectors:
-        raise MaxMatchError(f"nlist={nlist} must lie in 1..{n_vectors} (the number of set elements)",
-                            hint="leave --nlist unset for about the square root of the element count")
+    _check_nlist(nlist, n_vectors)
+    nlist = default_nlist(n_vectors) if nlist is None else nlist
     flat = sets.reshape(n_vectors, d)
     rng = np.random.default_rng(seed)
     n_train = min(n_vectors, 64 * nlist)
@@ -1084,6 +1087,13 @@ FAISS_GPU_MAX_K = 2048
 """faiss-gpu's k-selection limit: a GPU element index fetches at most this many elements per query element."""
 
 
+def _check_depth(candidates: int | None, nprobe: int | None) -> None:
+    """Refuse a ``candidates`` or ``nprobe`` that is given and not a positive integer."""
+    for name, value in (("candidates", candidates), ("nprobe", nprobe)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+
+
 def search_depth(element_index: Any, gallery_k: int, candidates: int | None = None,
                  nprobe: int | None = None) -> tuple[int, int]:
     """``(elements fetched, lists probed)`` per query element, as :func:`faiss_candidates` searches
@@ -1097,9 +1107,7 @@ def search_depth(element_index: Any, gallery_k: int, candidates: int | None = No
     if candidates is None:
         candidates = default_candidates(n_elements // max(int(gallery_k), 1))
     nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
-    for name, value in (("candidates", candidates), ("nprobe", nprobe)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MaxMatchError(f"{name} must be a positive integer, got {value!r}", hint=f"e.g. --{name} 64")
+    _check_depth(candidates, nprobe)
     nlist = getattr(element_index, "nlist", None) or element_index.getNumLists()  # CPU / faiss-gpu index
     fetch = min(candidates, n_elements)
     if type(element_index).__name__.startswith("Gpu"):
