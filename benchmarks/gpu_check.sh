@@ -53,7 +53,7 @@ print(' '.join(n for n in names if u.find_spec(n) is None))" 2>&1) || [ -n "$mis
 fi
 if [ "${DRY_RUN:-0}" != 0 ]; then
   DEV=cpu STEPS=2 LOG_EVERY=1 BATCH=4 WORKERS=0 EVAL_IMAGES=${EVAL_IMAGES:-200} SIM_B=16 SIM_REPEATS=2 AMP=false
-  TESTS=(-m "not gpu" tests/test_assignment.py)  # the gpu tests skip without CUDA: exercise the step on others
+  TESTS=(-m "not gpu" tests/method/test_assignment.py)  # the gpu tests skip without CUDA: exercise the step on others
 else
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: no CUDA device visible to torch; nothing to measure here (the CPU-side checks are: make test;" \

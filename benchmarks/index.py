@@ -2,7 +2,7 @@
 
 Measures, for a gallery of ``--items`` sets (default 100,000, K = 4, D = 256: the demo model's shape):
 recall@10 of the faiss engine against the exact top-10, queries/s of both engines, bytes per item of the index
-files, and build time. Both engines are the code `maxmatch query` runs (maxmatch_cli.index.search_sets over a
+files, and build time. Both engines are the code `maxmatch query` runs (maxmatch_cli.retrieval.index.search_sets over a
 float16 memory-mapped sets.npy, and build_element_index for the faiss part); only the encoder is left out.
 
 Synthetic data with the structure retrieval has (isotropic random sets would make every score a near-tie):
@@ -16,10 +16,10 @@ unit vectors instead, the hard case for any element-level candidate generator.
     .venv/bin/python benchmarks/index.py --items 20000 --json /tmp/index.json
     .venv/bin/python benchmarks/index.py --shards 4 --settings auto:32   # also the gallery in 4 shards
 
-A setting ``auto:P`` searches at the default depth (maxmatch_cli.index.default_candidates of the gallery, or of
+A setting ``auto:P`` searches at the default depth (maxmatch_cli.retrieval.index.default_candidates of the gallery, or of
 each shard). ``--shards N`` also splits the gallery into N contiguous shards, each with its own faiss element
 index (as ``maxmatch index --shard I/N`` builds them), and searches them as ``maxmatch query`` searches a sharded
-index (maxmatch_cli.index.fan_out: one search per shard, merged): recall against the same exact top-10 and
+index (maxmatch_cli.retrieval.index.fan_out: one search per shard, merged): recall against the same exact top-10 and
 queries/s, "× exact" against the unsharded exhaustive engine.
 """
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.index import (ELEMENTS_FILE, build_element_index, default_candidates,  # noqa: E402
+from maxmatch_cli.retrieval.index import (ELEMENTS_FILE, build_element_index, default_candidates,  # noqa: E402
                                 default_nlist, faiss_candidates, fan_out, read_element_index, search_sets,
                                 shard_rows)
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.data import EpochSampler, ImageCaptionsDataset, StoredFeatures, Vocab  # noqa: E402
+from maxmatch_cli.data.datasets import EpochSampler, ImageCaptionsDataset, StoredFeatures, Vocab  # noqa: E402
 from maxmatch_cli.features.store import open_store  # noqa: E402
 
 

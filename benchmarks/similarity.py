@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.assignment import (  # noqa: E402
+from maxmatch_cli.method.assignment import (  # noqa: E402
     ENUMERATION_MAX_MAPS,
     SOLVERS,
     SPLIT_MAX_K,
@@ -44,7 +44,7 @@ from maxmatch_cli.assignment import (  # noqa: E402
     resolve_solver,
 )
 from maxmatch_cli.errors import MaxMatchError  # noqa: E402
-from maxmatch_cli.similarity import SIMILARITIES, set_similarity  # noqa: E402
+from maxmatch_cli.method.similarity import SIMILARITIES, set_similarity  # noqa: E402
 
 
 def floor_step(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["Index", "Model", "Ranking", "ShardedIndex", "__version__", "load", "load_index"]
+__all__ = ["Index", "Model", "Ranking", "ShardedIndex", "__version__", "circular_variance", "load", "load_index",
+           "retrieval_metrics", "set_similarity"]
 
-_API = {"load": "maxmatch_cli.api", "Model": "maxmatch_cli.api", "Ranking": "maxmatch_cli.api",
-        "load_index": "maxmatch_cli.index", "Index": "maxmatch_cli.index", "ShardedIndex": "maxmatch_cli.index"}
+# Public names, wherever their module lives (DESIGN.md section 5).
+_API = {"load": "maxmatch_cli.retrieval.api", "Model": "maxmatch_cli.retrieval.api",
+        "Ranking": "maxmatch_cli.retrieval.api", "load_index": "maxmatch_cli.retrieval.index",
+        "Index": "maxmatch_cli.retrieval.index", "ShardedIndex": "maxmatch_cli.retrieval.index",
+        "set_similarity": "maxmatch_cli.method.similarity",
+        "retrieval_metrics": "maxmatch_cli.evaluation.metrics",
+        "circular_variance": "maxmatch_cli.evaluation.collapse"}
 
 
 def __getattr__(name: str):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from maxmatch_cli import distributed as dist
 from maxmatch_cli.errors import MaxMatchError
+
+def local_rank() -> int:
+    """This process's GPU slot under torchrun (``LOCAL_RANK``); 0 when not launched by torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
 
 OPTION_HINT = "use --device cpu or auto"
 """The fix for commands that take ``--device`` (evaluate, ensemble, analyze-collapse)."""
@@ -24,7 +30,7 @@ def resolve_device(name: str = "auto", hint: str = OPTION_HINT) -> torch.device:
     """
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
+            return torch.device("cuda", local_rank())
         return torch.device("cpu")
     try:
         device = torch.device(name)

@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from maxmatch_cli.cli import app
+from maxmatch_cli.cli.app import app
 
 # A model small enough to train in seconds on 2 CPU cores.
 TINY = ["--set", "model.embed_dim=32", "--set", "model.word_dim=16", "--set", "model.set_depth=1",

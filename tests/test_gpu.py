@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maxmatch_cli.assignment import assignment_objective, max_trace_assignment
-from maxmatch_cli.cli import app
-from maxmatch_cli.similarity import set_similarity
+from maxmatch_cli.method.assignment import assignment_objective, max_trace_assignment
+from maxmatch_cli.cli.app import app
+from maxmatch_cli.method.similarity import set_similarity
 
 pytestmark = pytest.mark.gpu
 

@@ -172,7 +172,7 @@ def build_model(cfg, vocab_words: Sequence[str] | None = None, pretrained: bool 
     """Builds the model a ``ModelConfig`` describes.
 
     Args:
-        cfg: the recipe's ``[model]`` section (:class:`maxmatch_cli.recipes.ModelConfig`).
+        cfg: the recipe's ``[model]`` section (:class:`maxmatch_cli.config.recipes.ModelConfig`).
         vocab_words: the Bi-GRU vocabulary in index order (GloVe rows are matched to it); None for BERT.
         pretrained: load pre-trained weights (GloVe, CNN, BERT). False builds the same architecture with
             random weights and reads no weight file (BERT still needs its folder's config.json), for

@@ -1,0 +1,1 @@
+"""Recipes: the frozen dataclasses of every section, loading, --set overrides and the shipped registry."""

@@ -1,0 +1,1 @@
+"""Training data: tokenizers and vocabulary, image sources, datasets, samplers and batches."""

@@ -1,0 +1,1 @@
+"""Training: the trainer in phases, schedule, checkpoints, run folder, tracking, distributed."""
