@@ -20,7 +20,7 @@ $(BIN)/maxmatch: pyproject.toml $(LOCK)
 install: $(BIN)/maxmatch
 
 demo: install
-	$(BIN)/maxmatch extract-features --synthetic demo --out $(DEMO)/features.h5
+	$(BIN)/maxmatch extract-features synthetic demo --out $(DEMO)/features.h5
 	$(BIN)/maxmatch train --recipe demo --set data.path=$(DEMO)/features.h5 --set train.report_to=jsonl,tensorboard \
 		--out $(DEMO)/run --overwrite
 	$(BIN)/maxmatch evaluate $(DEMO)/run/best.safetensors --split test --json $(DEMO)/test_metrics.json

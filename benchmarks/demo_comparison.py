@@ -139,7 +139,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // args.jobs)
     if not args.features.exists():
-        _cli("extract-features", "--synthetic", "demo", "--out", str(args.features), threads=cores)
+        _cli("extract-features", "synthetic", "demo", "--out", str(args.features), threads=cores)
     jobs = [(key, ov, seed) for seed in args.seeds for key, _, ov in CONFIGS if key in args.configs]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda j: run_one(args.work, args.features, j[0], j[1], j[2], threads), jobs))

@@ -1,7 +1,7 @@
 """Evaluation at COCO 5K scale: scoring 5,000 image sets against 25,000 caption sets, plus the metrics.
 
 Random unit-norm sets (K = 4, D = 1024) stand in for encoded embeddings, so this times exactly what `maxmatch
-evaluate` does after encoding: blockwise set similarities on the device (maxmatch_cli.evaluation.evaluate.score), the
+evaluate` does after encoding: blockwise set similarities on the device (maxmatch_cli.evaluation.encoding.score), the
 COCO 5K metrics and the five 1K folds. Floor: the mean-pooled similarity (one GEMM per block).
 
     .venv/bin/python benchmarks/eval_scale.py --device cuda
@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.evaluation.evaluate import metrics_for, score  # noqa: E402
+from maxmatch_cli.evaluation.encoding import score  # noqa: E402
+from maxmatch_cli.evaluation.protocols import metrics_for  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

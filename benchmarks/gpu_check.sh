@@ -86,7 +86,7 @@ step similarity 70 "$PY" benchmarks/similarity.py --device "$DEV" --batch "$SIM_
 step solvers 40 "$PY" benchmarks/similarity.py --device "$DEV" --solvers --batch "$SIM_B" --k 8 16 --repeats 5
 
 DATA=${DATA:-$WORK/features.h5}
-[ -f "$DATA" ] || step data 40 "$PY" -m maxmatch_cli extract-features --synthetic demo --out "$DATA"
+[ -f "$DATA" ] || step data 40 "$PY" -m maxmatch_cli extract-features synthetic demo --out "$DATA"
 common=(--set "data.path=$DATA" --set data.val_split= --set "train.max_steps=$STEPS" --set "train.log_every=$LOG_EVERY"
         --set "train.amp=$AMP" --set "data.num_workers=$WORKERS" --set "train.batch_size=$BATCH"
         --set "train.device=$DEV")

@@ -7,7 +7,7 @@ the ceiling the input side sets; compare it with the images/s a training run rep
 benchmarks/train_speed.py) to see whether a GPU would wait for data. Floor: 0 workers (reading in the main
 process); the table gives each worker count's speed-up over it, median of several runs.
 
-    .venv/bin/maxmatch extract-features --synthetic demo --out demo/features.h5
+    .venv/bin/maxmatch extract-features synthetic demo --out demo/features.h5
     .venv/bin/python benchmarks/input_pipeline.py --data demo/features.h5 --workers 0 1 4
 """
 
@@ -27,7 +27,10 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maxmatch_cli.data.datasets import EpochSampler, ImageCaptionsDataset, StoredFeatures, Vocab  # noqa: E402
+from maxmatch_cli.data.datasets import ImageCaptionsDataset  # noqa: E402
+from maxmatch_cli.data.images import StoredFeatures  # noqa: E402
+from maxmatch_cli.data.samplers import EpochSampler  # noqa: E402
+from maxmatch_cli.data.tokenizers import Vocab  # noqa: E402
 from maxmatch_cli.features.store import open_store  # noqa: E402
 
 
@@ -59,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data.exists():
         raise SystemExit(f"{args.data} does not exist: make it with "
-                         f"`maxmatch extract-features --synthetic demo --out {args.data}`")
+                         f"`maxmatch extract-features synthetic demo --out {args.data}`")
     rates = {w: [measure(args.data, w, args.batch, args.batches, seed=r) for r in range(args.repeats)]
              for w in args.workers}
     floor = statistics.median(rates[args.workers[0]])

@@ -1,4 +1,4 @@
-"""The `maxmatch index` and `maxmatch query` commands (registered on the main app by maxmatch_cli.cli.app)."""
+"""``maxmatch index`` (encode a gallery once) and ``maxmatch query`` (search it)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from maxmatch_cli.cli.app import DataOption, DeviceOption, _line, _wrote, app, guarded
-from maxmatch_cli.progress import console
+from maxmatch_cli.cli.options import (CheckpointArgument, DataOption, DeviceOption, command_group, console, guarded,
+                                      line, wrote)
+
+PANEL = "Retrieval"
+
+app = command_group()
 
 
-@app.command("index")
+@app.command("index", rich_help_panel=PANEL)
 @guarded
 def index_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint file (or run folder) from `maxmatch train`.")],
+    checkpoint: CheckpointArgument,
     out: Annotated[Path, typer.Option("--out", help="Index folder to create.")],
     data: DataOption = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Split to index (default: eval.split).")] = None,
@@ -54,18 +58,18 @@ def index_cmd(
     m = index.manifest
     if "shard" in m:
         sh = m["shard"]
-        _line(f"shard {sh['index']}/{sh['count']}: rows {sh['rows'][0]:,}..{sh['rows'][1] - 1:,} of {sh['n_total']:,}")
-    _line(f"indexed {m['n_items']:,} {m['kind']} of split {m['split']} of {m['data']}")
-    _line(f"checkpoint {m['checkpoint']['path']} · K={m['K']}, D={m['D']} · similarity {m['similarity']} · "
+        line(f"shard {sh['index']}/{sh['count']}: rows {sh['rows'][0]:,}..{sh['rows'][1] - 1:,} of {sh['n_total']:,}")
+    line(f"indexed {m['n_items']:,} {m['kind']} of split {m['split']} of {m['data']}")
+    line(f"checkpoint {m['checkpoint']['path']} · K={m['K']}, D={m['D']} · similarity {m['similarity']} · "
           f"{(index.path / 'sets.npy').stat().st_size / 2**20:,.1f} MiB of sets")
     if index.has_element_index:
         info = m["element_index"]
         size = (index.path / info["file"]).stat().st_size
-        _line(f"faiss element index: {info['n_elements']:,} elements, nlist {info['nlist']}, {size / 2**20:,.1f} MiB")
-    _wrote(index.path)
+        line(f"faiss element index: {info['n_elements']:,} elements, nlist {info['nlist']}, {size / 2**20:,.1f} MiB")
+    wrote(index.path)
 
 
-@app.command("query")
+@app.command("query", rich_help_panel=PANEL)
 @guarded
 def query_cmd(
     index: Annotated[Path, typer.Argument(help="An index folder written by `maxmatch index` (or a folder of "
@@ -142,7 +146,7 @@ def query_cmd(
         how = (f"faiss candidates ({shown(depth['candidates'])} per query element, nprobe "
                f"{shown(depth['nprobe'])}), exact re-ranking")
     shards = f" in {len(idx.shards)} shards" if hasattr(idx, "shards") else ""
-    _line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · {how}")
+    line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · {how}")
     q_name, g_name = ("T", "V") if side == "text" else ("V", "T")
     for query, hits in zip(queries, results):
         label = {"text": "query", "image": "image", "image_id": "image id"}[side]
@@ -161,5 +165,5 @@ def query_cmd(
             table.add_row(*cells, f"{h.score:.4f}", pairs)
         console.print(table)
         if len(hits) < min(top_k, len(idx)):
-            _line(f"note: {len(hits)} of {min(top_k, len(idx)):,} results: the faiss candidates ran out; raise "
+            line(f"note: {len(hits)} of {min(top_k, len(idx)):,} results: the faiss candidates ran out; raise "
                   f"--candidates or --nprobe, or use --engine exact")

@@ -3,14 +3,14 @@
 :func:`circular_variance` (public, stable) and the analyses behind ``maxmatch analyze-collapse``: circular
 variance summaries and the per-slot ablation (paper §4.4, Table 4), the K x K pair heatmaps (Figure 4),
 per-element retrieval with its diversity (§4.5) and, on request, a t-SNE of the set elements (Figure 3).
-:func:`analyze_collapse` runs them all on a checkpoint.
+:func:`analyze_collapse` runs them all on a checkpoint and returns a :class:`CollapseReport`; writing it (CSV files,
+figures, ``collapse.json``) is :func:`maxmatch_cli.reporting.collapse.write_collapse_report`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.fileio import write_text
 
 __all__ = ["CollapseReport", "TsnePoints", "analyze_collapse", "circular_variance", "pair_heatmaps",
            "slot_ablation", "slot_retrieval", "tsne_points", "variance_summary"]
@@ -71,9 +70,10 @@ def slot_ablation(images: torch.Tensor, captions: torch.Tensor, kind: str = "max
 
     Returns:
         ``{"full": metrics, "image": [{"slot": k (1-based), **metrics}], "text": [...]}`` with the metrics of
-        :func:`maxmatch_cli.evaluation.evaluate.metrics_for` under ``protocol`` (its main ``metrics``).
+        :func:`maxmatch_cli.evaluation.protocols.metrics_for` under ``protocol`` (its main ``metrics``).
     """
-    from maxmatch_cli.evaluation.evaluate import metrics_for, score
+    from maxmatch_cli.evaluation.encoding import score
+    from maxmatch_cli.evaluation.protocols import metrics_for
 
     device = torch.device(device)
 
@@ -214,12 +214,6 @@ class TsnePoints:
                 "points": int(len(self.coords)), "perplexity": self.perplexity, "random_state": self.random_state,
                 "init": "pca", "kl_divergence": self.kl_divergence}
 
-    def to_csv(self) -> str:
-        lines = ["modality,item,element,x,y"]
-        lines += [f"{m},{i},{k + 1},{x:.6f},{y:.6f}"
-                  for m, i, k, (x, y) in zip(self.modality, self.item, self.slot, self.coords)]
-        return "\n".join(lines) + "\n"
-
 
 def tsne_points(images: torch.Tensor, captions: torch.Tensor, n_images: int, captions_per_image: int = 5,
                 random_state: int = 0, perplexity: float = 30.0) -> TsnePoints:
@@ -298,25 +292,27 @@ class CollapseReport:
     notes: list[str] = field(default_factory=list)
     cache_files: list[str] = field(default_factory=list)
     """Embedding cache files written on the way (full paths; not part of the report on disk)."""
+    points: TsnePoints | None = None
+    """The t-SNE's points when one was asked for (written as tsne.csv; not part of collapse.json)."""
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        del out["cache_files"]
+        """The report as ``collapse.json`` holds it (without the cache files and the t-SNE points)."""
+        out = asdict(replace(self, points=None))
+        del out["cache_files"], out["points"]
         return out
 
 
 def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str | None = None,
-                     protocol: str | None = None, similarity: str | None = None, out_dir: Path | None = None,
-                     device: str = "auto", cache: bool = True, show_progress: bool = True,
-                     tsne: int = 0, tsne_seed: int = 0) -> CollapseReport:
-    """Set-collapse analyses of a checkpoint on a split, written to ``out_dir``.
+                     protocol: str | None = None, similarity: str | None = None, device: str = "auto",
+                     cache: bool = True, show_progress: bool = True, tsne: int = 0,
+                     tsne_seed: int = 0) -> CollapseReport:
+    """Set-collapse analyses of a checkpoint on a split.
 
     Encodes the split (or reads the embedding cache), then computes the circular variance of both modalities,
     the per-slot ablation with the checkpoint's similarity (or ``similarity``), the pair heatmaps and
-    per-element retrieval. Writes ``collapse.json`` (everything), ``circular_variance.csv``,
-    ``slot_ablation.csv``, ``heatmap_raw.csv``, ``heatmap_aligned.csv``, ``slot_retrieval.csv`` and, when
-    matplotlib is importable, ``heatmaps.png`` and ``heatmaps.pdf``. With ``tsne`` > 0 also the t-SNE of the first
-    ``tsne`` images' and their captions' elements (:func:`tsne_points`): ``tsne.csv``, ``tsne.png``, ``tsne.pdf``.
+    per-element retrieval; with ``tsne`` > 0 also the t-SNE of the first ``tsne`` images' and their captions'
+    elements (:func:`tsne_points`). Nothing but the embedding cache is written here:
+    :func:`maxmatch_cli.reporting.collapse.write_collapse_report` writes the report.
 
     Args:
         checkpoint: checkpoint file or run folder.
@@ -324,7 +320,6 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         split: split (default: ``eval.split``).
         protocol: protocol of the ablation's metrics (default: ``eval.protocol``).
         similarity: similarity of the ablation (default: the checkpoint's test-time similarity).
-        out_dir: output folder (default: ``collapse-<checkpoint stem>-<split>`` next to the checkpoint).
         device: auto, cpu, cuda or cuda:N.
         cache: use the embedding cache.
         show_progress: progress bars while encoding.
@@ -332,12 +327,15 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         tsne_seed: random_state of the t-SNE.
 
     Returns:
-        :class:`CollapseReport`, with the files written.
+        :class:`CollapseReport` (``points`` set when ``tsne`` > 0; ``out_dir`` and ``files`` empty until it is
+        written).
     """
     from maxmatch_cli.models.checkpoint import load_checkpoint
     from maxmatch_cli.data.datasets import split_layout
     from maxmatch_cli.devices import resolve_device
-    from maxmatch_cli.evaluation.evaluate import check_protocol, checkpoint_embeddings, resolve_protocol, similarity_options
+    from maxmatch_cli.evaluation.cache import checkpoint_embeddings
+    from maxmatch_cli.evaluation.encoding import similarity_options
+    from maxmatch_cli.evaluation.protocols import check_protocol, resolve_protocol
     from maxmatch_cli.features.store import open_store
 
     if protocol is not None:
@@ -372,112 +370,11 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         heatmaps={name: m.tolist() for name, m in maps.items()},
         contrast={name: heatmap_contrast(m) for name, m in maps.items()},
         retrieval=slot_retrieval(images, captions, cpi, dev, recipe.eval.block_size))
-    points = None
     if tsne:
-        points = tsne_points(images, captions, tsne, cpi, random_state=tsne_seed)
-        report.tsne = points.summary()
-        if points.n_images < tsne:
-            report.notes.append(f"split {split} has {points.n_images:,} images: the t-SNE shows all of them")
-    out = Path(out_dir) if out_dir is not None else ckpt.path.parent / f"collapse-{ckpt.path.stem}-{split}"
-    write_collapse_report(report, out, tsne=points)
+        report.points = tsne_points(images, captions, tsne, cpi, random_state=tsne_seed)
+        report.tsne = report.points.summary()
+        if report.points.n_images < tsne:
+            report.notes.append(f"split {split} has {report.points.n_images:,} images: the t-SNE shows all of them")
     report.cache_files = [str(p) for p in written]
     return report
 
-
-def _matrix_csv(m: list[list[float]]) -> str:
-    head = "," + ",".join(f"text{l + 1}" for l in range(len(m[0])))
-    return "\n".join([head, *(f"image{k + 1}," + ",".join(f"{v:.6f}" for v in row) for k, row in enumerate(m))]) + "\n"
-
-
-def _collapse_csvs(report: CollapseReport) -> dict[str, str]:
-    from maxmatch_cli.evaluation.metrics import METRIC_KEYS
-
-    var = ["modality,mean,median,min,max,log_mean"]
-    for name, v in report.variance.items():
-        log_mean = "" if v["log_mean"] is None else f"{v['log_mean']:.6f}"
-        var.append(f"{name},{v['mean']:.6f},{v['median']:.6f},{v['min']:.6f},{v['max']:.6f},{log_mean}")
-    abl = ["set,slot," + ",".join(METRIC_KEYS)]
-    rows = [("all", "all", report.ablation["full"])]
-    rows += [(side, str(r["slot"]), r) for side in ("image", "text") for r in report.ablation[side]]
-    abl += [f"{side},{slot}," + ",".join(f"{m[key]:.4f}" for key in METRIC_KEYS) for side, slot, m in rows]
-    ret = ["direction,measure,value"]
-    for direction in ("i2t", "t2i"):
-        r = report.retrieval[direction]
-        ret += [f"{direction},r1_element{k + 1},{v:.4f}" for k, v in enumerate(r["r1"])]
-        ret += [f"{direction},{key},{r[key]:.4f}" for key in ("r1_any", "distinct", "distinct_images") if key in r]
-    return {"circular_variance.csv": "\n".join(var) + "\n", "slot_ablation.csv": "\n".join(abl) + "\n",
-            "heatmap_raw.csv": _matrix_csv(report.heatmaps["raw"]),
-            "heatmap_aligned.csv": _matrix_csv(report.heatmaps["aligned"]), "slot_retrieval.csv": "\n".join(ret) + "\n"}
-
-
-def _heatmap_figures(report: CollapseReport, stem: Path) -> list[str]:
-    """Both heatmaps side by side as ``stem``.png and .pdf; [] when matplotlib is not installed.
-
-    One colour scale for both panels, fitted to their values (the cosines of a trained model sit in a narrow band
-    that a fixed [0, 1] scale would flatten); the title names the checkpoint, split and similarity."""
-    from maxmatch_cli.reporting.plots import pyplot, save_figure
-
-    plt = pyplot()
-    if plt is None:
-        return []
-    mats = {name: np.asarray(report.heatmaps[name]) for name in ("raw", "aligned")}
-    lo = min(float(m.min()) for m in mats.values())
-    hi = max(float(m.max()) for m in mats.values())
-    hi = hi if hi > lo else lo + 1e-6
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.2), constrained_layout=True)
-    for ax, (name, title) in zip(axes, (("raw", "stored order"), ("aligned", "MaxMatch-aligned"))):
-        m = mats[name]
-        im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi)
-        for (k, l), v in np.ndenumerate(m):
-            ax.text(l, k, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                    color="w" if (v - lo) / (hi - lo) < 0.6 else "k")
-        ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
-        ax.set_yticks(range(m.shape[0]), [f"V{k + 1}" for k in range(m.shape[0])])
-        ax.set_xlabel("text element")
-        ax.set_ylabel("image element")
-        ax.set_title(title)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine, image set vs its own captions")
-    ckpt = Path(report.checkpoint)
-    fig.suptitle(f"{ckpt.parent.name}/{ckpt.name} · split {report.split} · {report.similarity} "
-                 f"({report.n_images:,} images)", fontsize=10)
-    return save_figure(fig, stem)
-
-
-def _tsne_figure(report: CollapseReport, points: TsnePoints, stem: Path) -> list[str]:
-    """Figure 3 as ``stem``.png and .pdf (:func:`maxmatch_cli.reporting.plots.tsne_figure`); [] without matplotlib."""
-    from maxmatch_cli.reporting.plots import pyplot, save_figure, tsne_figure
-
-    if pyplot() is None:
-        return []
-    ckpt = Path(report.checkpoint)
-    n_caps = points.n_images * points.captions_per_image
-    title = (f"{ckpt.parent.name}/{ckpt.name} · split {report.split}\n"
-             f"t-SNE of the set elements of {points.n_images:,} images and their {n_caps:,} captions (K={report.K})")
-    return save_figure(tsne_figure(points, title), stem)
-
-
-def write_collapse_report(report: CollapseReport, out_dir: Path, tsne: TsnePoints | None = None) -> None:
-    """Write the CSV files, the PNGs (when matplotlib is importable) and ``collapse.json`` into ``out_dir``.
-
-    ``tsne``: also ``tsne.csv`` (one row a point) and its figure ``tsne.png`` / ``tsne.pdf``.
-    """
-    out_dir = Path(out_dir)
-    report.out_dir = str(out_dir)
-    report.files = []
-    for name, text in _collapse_csvs(report).items():
-        write_text(out_dir / name, text)
-        report.files.append(name)
-    figures = _heatmap_figures(report, out_dir / "heatmaps")
-    report.files += figures
-    if tsne is not None:
-        write_text(out_dir / "tsne.csv", tsne.to_csv())
-        report.files.append("tsne.csv")
-        tsne_files = _tsne_figure(report, tsne, out_dir / "tsne")
-        report.files += tsne_files
-        figures += tsne_files
-    if not figures and not any("matplotlib" in note for note in report.notes):
-        what = "heatmaps and t-SNE" if tsne is not None else "heatmaps"
-        report.notes.append(f"matplotlib is not installed: {what} written as CSV only "
-                            "(pip install 'maxmatch[viz]' for the PNG/PDF figures)")
-    report.files.append("collapse.json")
-    write_text(out_dir / "collapse.json", json.dumps(report.to_json(), indent=2))

@@ -1,6 +1,6 @@
 """Feature files: the HDF5 store every source becomes, its importers and the synthetic demo data.
 
-The store (schema v1) is documented in :mod:`maxmatch_cli.features.store`.
+The store (schema v1) is documented in :mod:`maxmatch_cli.features.store.schema`.
 """
 
 from maxmatch_cli.features.store import (

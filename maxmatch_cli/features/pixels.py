@@ -3,7 +3,7 @@
 The store keeps captions, splits, image ids and sizes like every other store, but instead of features it
 lists each image's path relative to the folder (``images/files``), with the folder as the ``image_root``
 attribute (see :mod:`maxmatch_cli.features.store`). Training with ``model.image_encoder = "cnn"`` decodes the
-files on the fly (:mod:`maxmatch_cli.data.datasets`), so the CNN can be fine-tuned with augmentation.
+files on the fly (:mod:`maxmatch_cli.data.images`), so the CNN can be fine-tuned with augmentation.
 
 Indexing reads only each file's header (format and size, through PIL), a few milliseconds per image at most,
 in a small thread pool because the time is spent waiting for the disk. A missing or unreadable file stops with

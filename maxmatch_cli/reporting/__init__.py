@@ -1,1 +1,2 @@
-"""Reporting: comparison tables across runs, figures and rich tables from plain records and arrays."""
+"""Reporting: comparison tables across runs, the set-collapse report's files, figures drawn from plain records and
+arrays (``plots``), and rich tables."""

@@ -699,5 +699,5 @@ def write_comparison(comp: Comparison, *, markdown: Path | None = None, latex: P
     if figure is not None:
         from maxmatch_cli.reporting.plots import plot_recall_bars
 
-        files += plot_recall_bars(comp, figure)
+        files += plot_recall_bars(comp.frame, figure)
     return files

@@ -1,9 +1,11 @@
 """Figures and their shared plumbing (headless matplotlib, PNG + PDF, atomic writes).
 
-Training curves of a run (``maxmatch plot``), Recall@K bars across compared runs (``maxmatch compare --figure``)
-and the t-SNE of set elements (``maxmatch analyze-collapse --tsne``, paper Figure 3); the heatmaps of Figure 4
-live in :mod:`maxmatch_cli.evaluation.collapse`. matplotlib is the optional ``viz`` extra (installed by ``make``). Figures are
-written as ``<stem>.png`` (for a look) and ``<stem>.pdf`` (for a paper).
+Training curves of a run (``maxmatch plot``), Recall@K bars across compared runs (``maxmatch compare --figure``),
+and the pair heatmaps (paper Figure 4) and t-SNE of set elements (Figure 3) of ``maxmatch analyze-collapse``.
+Every figure is drawn from plain arrays and records (numbers, strings, columns of a table), never from another
+stage's classes: :mod:`maxmatch_cli.reporting.compare` and :mod:`maxmatch_cli.reporting.collapse` pass them in.
+matplotlib is the optional ``viz`` extra (installed by ``make``). Figures are written as ``<stem>.png`` (for a
+look) and ``<stem>.pdf`` (for a paper).
 """
 
 from __future__ import annotations
@@ -11,19 +13,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import atomic_write
 
-if TYPE_CHECKING:  # pragma: no cover
-    from maxmatch_cli.evaluation.collapse import TsnePoints
-    from maxmatch_cli.reporting.compare import Comparison
-
-__all__ = ["figure_stem", "plot_recall_bars", "plot_training_curves", "pyplot", "recall_bars_figure",
-           "require_pyplot", "save_figure", "tsne_figure"]
+__all__ = ["figure_stem", "heatmaps_figure", "plot_recall_bars", "plot_training_curves", "pyplot",
+           "recall_bars_figure", "require_pyplot", "save_figure", "tsne_figure"]
 
 _NO_MATPLOTLIB = "pip install 'maxmatch[viz]' (or `make install`)"
 
@@ -149,16 +147,21 @@ RECALL_GROUPS = (("i2t_r1", "R@1"), ("i2t_r5", "R@5"), ("i2t_r10", "R@10"),
 """The bar groups of :func:`recall_bars_figure`: image-to-text, then text-to-image recalls."""
 
 
-def recall_bars_figure(comp: Comparison, title: str | None = None):
+def recall_bars_figure(frame: Mapping[str, Sequence], title: str | None = None):
     """Grouped bars of a comparison: one group per recall (i2t and t2i R@1/5/10), one bar per row (its mean), with
     the sample standard deviation over the row's runs as an error bar where a row has two or more.
+
+    Args:
+        frame: the comparison table as columns indexed by row number 0..n-1 (a pandas DataFrame such as
+            ``Comparison.frame``, or a dict of lists): ``label``, ``source``, ``n`` (runs in the row) and
+            ``{metric}_mean`` / ``{metric}_std`` for each metric of :data:`RECALL_GROUPS`.
+        title: the axes title (default: the sources and what the error bars show).
 
     Returns:
         The matplotlib figure (axes 0 holds one ``BarContainer`` per row, in row order, labelled as the row).
     """
     plt = require_pyplot()
-    frame = comp.frame
-    rows, groups = len(frame), len(RECALL_GROUPS)
+    rows, groups = len(frame["label"]), len(RECALL_GROUPS)
     means = np.array([[frame[f"{m}_mean"][r] for m, _ in RECALL_GROUPS] for r in range(rows)], dtype=float)
     stds = np.array([[frame[f"{m}_std"][r] if frame["n"][r] > 1 else math.nan for m, _ in RECALL_GROUPS]
                      for r in range(rows)], dtype=float)
@@ -188,27 +191,71 @@ def recall_bars_figure(comp: Comparison, title: str | None = None):
     return fig
 
 
-def plot_recall_bars(comp: Comparison, out: str | Path, title: str | None = None) -> list[Path]:
+def plot_recall_bars(frame: Mapping[str, Sequence], out: str | Path, title: str | None = None) -> list[Path]:
     """:func:`recall_bars_figure` written as ``out``.png and ``out``.pdf; returns the files written."""
     stem = figure_stem(out)
-    return [stem.with_name(n) for n in save_figure(recall_bars_figure(comp, title), stem)]
+    return [stem.with_name(n) for n in save_figure(recall_bars_figure(frame, title), stem)]
+
+
+# ------------------------------------------------------------------------------------------ heatmaps (Figure 4)
+
+
+def heatmaps_figure(raw: np.ndarray, aligned: np.ndarray, title: str):
+    """Figure 4: two K x K heatmaps side by side, the elements in stored order and MaxMatch-aligned, each cell
+    labelled with its value.
+
+    One colour scale for both panels, fitted to their values (the cosines of a trained model sit in a narrow band
+    that a fixed [0, 1] scale would flatten).
+
+    Args:
+        raw: (K, K') mean cosine of image element k and text element l.
+        aligned: (K, K') the same with each caption's elements in MaxMatch order.
+        title: the figure's title.
+    """
+    plt = require_pyplot()
+    mats = {"raw": np.asarray(raw), "aligned": np.asarray(aligned)}
+    lo = min(float(m.min()) for m in mats.values())
+    hi = max(float(m.max()) for m in mats.values())
+    hi = hi if hi > lo else lo + 1e-6
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4.2), constrained_layout=True)
+    for ax, (name, panel) in zip(axes, (("raw", "stored order"), ("aligned", "MaxMatch-aligned"))):
+        m = mats[name]
+        im = ax.imshow(m, cmap="viridis", vmin=lo, vmax=hi)
+        for (k, l), v in np.ndenumerate(m):
+            ax.text(l, k, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="w" if (v - lo) / (hi - lo) < 0.6 else "k")
+        ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
+        ax.set_yticks(range(m.shape[0]), [f"V{k + 1}" for k in range(m.shape[0])])
+        ax.set_xlabel("text element")
+        ax.set_ylabel("image element")
+        ax.set_title(panel)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine, image set vs its own captions")
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------ t-SNE (Figure 3)
 
 
-def tsne_figure(points: TsnePoints, title: str):
+def tsne_figure(coords: np.ndarray, modality: np.ndarray, slot: np.ndarray, title: str):
     """Figure 3: the t-SNE of set elements; colour = element index k, dots = image elements, crosses = text
-    elements. Axes carry no scale (t-SNE distances have no units)."""
+    elements. Axes carry no scale (t-SNE distances have no units).
+
+    Args:
+        coords: (M, 2) point coordinates.
+        modality: (M,) 'image' or 'text' for each point.
+        slot: (M,) element index k (0-based) of each point within its set.
+        title: the axes title.
+    """
     plt = require_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.6), constrained_layout=True)
     colours = plt.get_cmap("tab10").colors
-    k_max = int(points.slot.max()) + 1 if len(points.slot) else 0
+    k_max = int(slot.max()) + 1 if len(slot) else 0
     # text first, so the fewer image dots stay visible on top
-    for modality, marker, size, alpha in (("text", "x", 14, 0.55), ("image", "o", 16, 0.9)):
+    for kind, marker, size, alpha in (("text", "x", 14, 0.55), ("image", "o", 16, 0.9)):
         for k in range(k_max):
-            sel = (points.modality == modality) & (points.slot == k)
-            ax.scatter(points.coords[sel, 0], points.coords[sel, 1], s=size, marker=marker, linewidths=0.9,
+            sel = (modality == kind) & (slot == k)
+            ax.scatter(coords[sel, 0], coords[sel, 1], s=size, marker=marker, linewidths=0.9,
                        color=colours[k % len(colours)], alpha=alpha, edgecolors="none" if marker == "o" else None)
     handles = [plt.Line2D([], [], linestyle="", marker="s", markersize=7, color=colours[k % len(colours)],
                           label=f"element {k + 1}") for k in range(k_max)]

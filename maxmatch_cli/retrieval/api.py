@@ -25,10 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from maxmatch_cli.models.checkpoint import load_checkpoint
-from maxmatch_cli.data.datasets import CaptionDataset, ImageDataset, build_image_source, pad_regions
+from maxmatch_cli.data.batches import pad_regions
+from maxmatch_cli.data.datasets import CaptionDataset, ImageDataset
+from maxmatch_cli.data.images import build_image_source
 from maxmatch_cli.devices import resolve_device
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.evaluation.evaluate import check_features, load_for_eval, similarity_options
+from maxmatch_cli.evaluation.encoding import check_features, load_for_eval, similarity_options
 from maxmatch_cli.config.recipes import Recipe
 from maxmatch_cli.method.similarity import set_similarity
 
@@ -164,7 +166,7 @@ class Model:
 
     def _encode_files(self, paths: list[Path], extractor: Any, batch_size: int) -> torch.Tensor:
         if self.recipe.model.image_encoder == "cnn":
-            from maxmatch_cli.data.datasets import decode_image_file, pixel_transform
+            from maxmatch_cli.data.images import decode_image_file, pixel_transform
 
             transform = pixel_transform(self.recipe.data.image_size, train=False)
             out = []
@@ -279,7 +281,7 @@ class Model:
 
 
 class _CheckpointView:
-    """What :func:`maxmatch_cli.evaluation.evaluate.check_features` reads of a checkpoint (its path and recipe)."""
+    """What :func:`maxmatch_cli.evaluation.encoding.check_features` reads of a checkpoint (its path and recipe)."""
 
     def __init__(self, model: Model):
         self.path, self.recipe = model.checkpoint, model.recipe

@@ -18,7 +18,7 @@ __all__ = ["RUN_FILES", "existing_run_files", "prepare_run_dir"]
 RUN_FILES = ("best.safetensors", "last.safetensors", "metrics.jsonl", "steps.jsonl", "recipe.toml")
 """Files a training run writes into its folder."""
 EMBEDDINGS_DIR = "embeddings"
-"""Embedding cache next to the checkpoints (:func:`maxmatch_cli.evaluation.evaluate.embeddings_cache_path`)."""
+"""Embedding cache next to the checkpoints (:func:`maxmatch_cli.evaluation.cache.embeddings_cache_path`)."""
 
 
 def _cache_files(out: Path) -> list[Path]:

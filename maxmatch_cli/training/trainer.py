@@ -1,44 +1,52 @@
-"""One training loop for every recipe.
+"""One training loop for every recipe: the :class:`Trainer`, in named phases, and :func:`train`, which runs it.
 
 Each step encodes a batch of images and their captions (or of (image, caption) pairs, ``data.batching``) into
-sets, scores every image against every caption with the recipe's set similarity, and minimises eq. 5. Under torchrun each process encodes its share of the global
-batch; set embeddings are gathered with gradients so hardest negatives are mined over the global batch
-(see :mod:`maxmatch_cli.training.distributed`). Validation RSUM picks ``best.safetensors``; ``last.safetensors`` carries
-the optimiser and RNG state so ``--resume`` continues exactly where a run stopped (also after Ctrl-C): weights,
-optimiser, step, learning rate and data order always; the random draws too at an epoch boundary, and mid-epoch
-with ``data.num_workers=0`` (DataLoader workers restart their augmentation streams). Under torchrun the
-checkpoint holds rank 0's RNG state; the other ranks derive their own streams from it (tests/training/test_resume.py).
+sets, scores every image against every caption with the recipe's set similarity, and minimises eq. 5. Under
+torchrun each process encodes its share of the global batch; set embeddings are gathered with gradients so hardest
+negatives are mined over the global batch (see :mod:`maxmatch_cli.training.distributed`). Validation RSUM picks
+``best.safetensors``; ``last.safetensors`` carries the optimiser and RNG state so ``--resume`` continues exactly
+where a run stopped (also after Ctrl-C): weights, optimiser, step, learning rate and data order always; the random
+draws too at an epoch boundary, and mid-epoch with ``data.num_workers=0`` (DataLoader workers restart their
+augmentation streams). What is saved and restored is defined in :mod:`maxmatch_cli.training.state`; under torchrun
+the checkpoint holds rank 0's RNG state and the other ranks derive their own streams from it
+(tests/training/test_resume.py).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from maxmatch_cli.training import distributed as dist
-from maxmatch_cli.models.checkpoint import load_checkpoint, provenance, save_checkpoint
-from maxmatch_cli.data.datasets import (EpochSampler, ImageCaptionsDataset, PairDataset, build_image_source, build_tokenizer,
-                               split_layout)
+from maxmatch_cli.models.checkpoint import provenance, save_checkpoint
+from maxmatch_cli.data.datasets import ImageCaptionsDataset, PairDataset, split_layout
+from maxmatch_cli.data.images import build_image_source
+from maxmatch_cli.data.samplers import EpochSampler
+from maxmatch_cli.data.tokenizers import build_tokenizer
 from maxmatch_cli.devices import resolve_device as _resolve_device
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import write_text
-from maxmatch_cli.evaluation.evaluate import encode_split, metrics_for, score, similarity_options
+from maxmatch_cli.evaluation.encoding import encode_split, score, similarity_options
+from maxmatch_cli.evaluation.protocols import metrics_for
 from maxmatch_cli.method.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.config.recipes import Recipe, to_toml
 from maxmatch_cli.method.similarity import set_similarity
+from maxmatch_cli.training.runlog import RunLog
+from maxmatch_cli.training.schedule import lr_factor, remember_base_lr, set_lr
+from maxmatch_cli.training.state import (TrainState, decorrelate_ranks, load_resume, restore_training_state,
+                                         rng_state, set_rng_state)
 from maxmatch_cli.training.tracking import Trackers, check_available, open_trackers
+
+__all__ = ["Trainer", "TrainResult", "train", "loss_on_batch", "lr_factor", "build_train_dataset",
+           "resolve_device", "set_cpu_threads"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -54,19 +62,6 @@ def set_cpu_threads(num_workers: int) -> int:
     threads = int(os.environ.get("MAXMATCH_THREADS", "0")) or max(1, cores - num_workers)
     torch.set_num_threads(threads)
     return threads
-
-
-def lr_factor(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe) -> float:
-    """Learning-rate multiplier at a global step: linear warm-up, then cosine / step / constant."""
-    o = recipe.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return (step + 1) / o.warmup_steps
-    if o.schedule == "cosine":
-        progress = min(step / max(total_steps, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if o.schedule == "step":
-        return o.gamma ** ((step // max(steps_per_epoch, 1)) // o.step_epochs)
-    return 1.0
 
 
 def loss_on_batch(model, batch, recipe: Recipe, hardest: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -130,65 +125,6 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
     return loss, log
 
 
-def _flush_steps(pending: list[tuple[int, float, dict[str, torch.Tensor]]], running: dict[str, float], epoch: int,
-                 steps_path: Path | None, trackers: Trackers | None = None) -> None:
-    """Read back the loss parts of the steps since the last log step (one device sync), check them, update the
-    smoothed values in ``running`` and append one raw record per step to ``steps.jsonl`` (and the same values,
-    ``lr`` and ``loss/<part>`` at the step, to ``trackers``).
-
-    Raises:
-        MaxMatchError: a loss became NaN or infinite (the step is named; no checkpoint of it is written).
-    """
-    names = list(pending[0][2])
-    values = torch.stack([torch.stack([parts[n].float() for n in names]) for _, _, parts in pending]).tolist()
-    lines, logged = [], []
-    for (step, lr, _), row in zip(pending, values):
-        record = dict(zip(names, row))
-        if not math.isfinite(record["total"]):
-            raise MaxMatchError(f"loss became {record['total']} at step {step}",
-                                hint="lower optim.lr or enable optim.grad_clip")
-        for k, v in record.items():
-            running[k] = 0.9 * running.get(k, v) + 0.1 * v
-        lines.append(json.dumps({"step": step, "epoch": epoch + 1, "lr": lr, **{f"loss/{k}": v for k, v in record.items()}}))
-        logged.append((step, {"lr": lr, **{f"loss/{k}": v for k, v in record.items()}}))
-    if steps_path is not None:
-        with steps_path.open("a") as fh:
-            fh.write("\n".join(lines) + "\n")
-    if trackers:
-        for step, scalars in logged:
-            trackers.log(scalars, step)
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """The generators a training step draws from: the CPU's (data augmentation with num_workers=0, dropout on the
-    CPU) and the training GPU's (dropout on the GPU), named as in a checkpoint's ``rng.`` tensors."""
-    states = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        states[f"cuda{index}"] = torch.cuda.get_rng_state(index)
-    return states
-
-
-def _set_rng_state(states: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Restore a checkpoint's states (rank 0's), then give the other ranks their own streams."""
-    if "torch" in states:
-        torch.set_rng_state(states["torch"])
-    if device.type == "cuda":
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if f"cuda{index}" in states:
-            torch.cuda.set_rng_state(states[f"cuda{index}"], index)
-    _decorrelate_ranks()
-
-
-def _decorrelate_ranks() -> None:
-    """Every rank holds the same RNG state (one seed, or rank 0's checkpoint); without this each rank would draw the
-    same dropout masks and, through the DataLoader workers' seeds, the same word and region dropout as every
-    other rank. Ranks other than 0 reseed from a draw plus their rank; rank 0, and so a single process, keeps its
-    stream."""
-    if dist.rank():
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + dist.rank())
-
-
 @contextmanager
 def _sigint_ignored():
     """Ignore Ctrl-C while the interrupted run is saved: torchrun forwards the SIGINT it receives to every worker,
@@ -202,16 +138,6 @@ def _sigint_ignored():
             yield
         finally:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def build_train_dataset(store, recipe: Recipe, tokenizer, image_source):
@@ -245,213 +171,266 @@ def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, floa
     return metrics_for(sims, "full", recipe.data.captions_per_image).metrics
 
 
-def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train a model as the recipe says; checkpoints and ``metrics.jsonl`` go to ``out_dir``."""
-    from maxmatch_cli.features.store import open_store
-    from maxmatch_cli.models import build_model
+class Trainer:
+    """One training run, in named phases: :meth:`setup`, :meth:`train` (with :meth:`validate` and
+    :meth:`save_checkpoint` at each epoch's end), :meth:`cleanup` and :meth:`finish`. The same class trains every
+    recipe, in one process or under torchrun.
 
-    dist.init()
-    out_dir = Path(out_dir)
-    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
-    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_rsum": None, "history": []}
-    vocab_json = None
-    ckpt = None
-    if resume:
-        if not last_path.is_file():
-            raise MaxMatchError(f"--resume given but {last_path} does not exist",
-                                hint="start without --resume, or point --out at the run to continue")
-        ckpt = load_checkpoint(last_path)
-        # The checkpoint's recipe, seed and step win; only the length of the run may change (to extend it), and
-        # where its curves go (train.report_to: this run's value, which changes no result).
-        resumed = ckpt.recipe.replace(**{"train.epochs": recipe.train.epochs,
-                                         "train.max_steps": recipe.train.max_steps,
-                                         "train.report_to": recipe.train.report_to})
-        differing = _differences(resumed.to_dict(), recipe.to_dict())
-        if differing:
-            console.print(f"[yellow]warning:[/] ignoring recipe values that differ from the checkpoint's "
-                          f"({', '.join(differing)}); resuming with the checkpoint's recipe")
-        recipe, vocab_json, state = resumed, ckpt.vocab_json, {**state, **ckpt.train_state}
-        saved_world = ckpt.provenance.get("world_size", 1)
-        if saved_world != dist.world_size():
-            console.print(f"[yellow]warning:[/] the checkpoint was trained by {saved_world} process(es), this run has "
-                          f"{dist.world_size()}: train.batch_size is per process, so the global batch, the steps per "
-                          f"epoch and the data order change from here on")
-    if not recipe.data.path:
-        raise MaxMatchError("the recipe names no feature file (data.path is empty)",
-                            hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
-    tracker_names = check_available(recipe.train.report_to)  # a missing package fails before any work
-    torch.manual_seed(recipe.train.seed)
-    device = resolve_device(recipe.train.device)
-    if device.type == "cpu":
-        set_cpu_threads(recipe.data.num_workers)
-    store = open_store(recipe.data.path)
-    if recipe.data.val_split and recipe.data.val_split not in store.splits:
-        raise MaxMatchError(f"validation split '{recipe.data.val_split}' is not in {store.path} "
-                            f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
-    if recipe.data.val_split:  # a layout the evaluation cannot read fails now, not after the first epoch
-        split_layout(store, recipe.data.val_split, recipe.data.captions_per_image)
-    # Stored features, or image files for a CNN; checks that the store fits the encoder before the model is built.
-    image_source = build_image_source(store, recipe, train=True)
-    if recipe.model.image_encoder != "cnn" and store.feature_dim != recipe.model.image_feature_dim:
-        raise MaxMatchError(f"{store.path} holds {store.feature_dim}-dimensional features but the recipe's "
-                            f"model.image_feature_dim is {recipe.model.image_feature_dim}",
-                            hint=f"add --set model.image_feature_dim={store.feature_dim}")
-    train_images, train_caps = store.split(recipe.data.train_split)
-    tokenizer = build_tokenizer(recipe.model.text_encoder, vocab_json=vocab_json, bert_path=recipe.model.bert_path,
-                                captions=store.captions_text(train_caps), min_count=recipe.data.vocab_min_count)
-    vocab_json = tokenizer.to_json() if hasattr(tokenizer, "to_json") else None
-    model = build_model(recipe.model, getattr(tokenizer, "words", None), pretrained=ckpt is None).to(device)
-    if ckpt is None:
-        _decorrelate_ranks()  # after the weights, which are the same on every rank
-    o = recipe.optim
-    optimizer = torch.optim.AdamW(model.param_groups(o.lr, o.lr_scale_set, o.lr_scale_text, o.lr_scale_cnn,
-                                                     o.weight_decay), lr=o.lr, weight_decay=o.weight_decay)
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
-    resume_rng = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model_state)
-        optimizer.load_state_dict(ckpt.optim_state)
-        # The RNG states are those at the checkpoint's step boundary. At an epoch boundary they come before the
-        # epoch's DataLoader iterator is made (which draws a seed from the CPU generator), so they are restored
-        # now; mid-epoch, after it (below), as in the run that was interrupted.
-        if state["step_in_epoch"] == 0:
-            _set_rng_state(ckpt.rng_state, device)
-        else:
-            resume_rng = ckpt.rng_state
-    model = dist.wrap(model, device)
-    core = dist.unwrap(model)
+    What a resumed run restores lives in :mod:`maxmatch_cli.training.state`, the learning rate in
+    :mod:`maxmatch_cli.training.schedule`, and what the run reports in :mod:`maxmatch_cli.training.runlog`.
 
-    dataset = build_train_dataset(store, recipe, tokenizer, image_source)
-    sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed, rank=dist.rank(),
-                           world_size=dist.world_size())
-    loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=dataset.collate,
-                        num_workers=recipe.data.num_workers, persistent_workers=False,
-                        pin_memory=device.type == "cuda", drop_last=True)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = steps_per_epoch * recipe.train.epochs
-    if recipe.train.max_steps:
-        total_steps = min(total_steps, recipe.train.max_steps)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and recipe.train.amp else None
-    prov = provenance(store.fingerprint(), {"world_size": dist.world_size()})
-    is_main = dist.rank() == 0
+    Args:
+        recipe: The resolved recipe (on resume, the checkpoint's recipe replaces it; see :func:`load_resume`).
+        out_dir: The run folder.
+        resume: Continue the run in ``out_dir`` from its ``last.safetensors``.
+        show_progress: Show the progress bar (rank 0 only).
+    """
 
-    def save(path: Path, with_optim: bool, rng: dict[str, torch.Tensor] | None = None) -> None:
-        """``rng``: the RNG states to resume from (default: the current ones)."""
-        if is_main:
-            save_checkpoint(path, core, recipe, vocab_json, prov, train_state=state,
-                            optimizer=optimizer if with_optim else None,
-                            rng_state=(rng or _rng_state(device)) if with_optim else None)
+    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bool = True):
+        self.recipe = recipe
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.show_progress = show_progress
+        self.last_path, self.best_path = self.out_dir / "last.safetensors", self.out_dir / "best.safetensors"
+        self.state = TrainState()
+        self.last_metrics: dict[str, float] | None = None
+        self.interrupted = False
 
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "recipe.toml", to_toml(recipe))
-    # Only rank 0 logs; a resumed run hides the events a crashed run logged after the checkpoint's step.
-    purge_step = state["global_step"] + 1 if ckpt is not None else None
-    trackers = (open_trackers(tracker_names, out_dir, config=recipe.to_dict(), name=out_dir.name,
-                              purge_step=purge_step) if is_main else Trackers())
-    start_time, interrupted, start_step = time.time(), False, state["global_step"]
-    history_path = out_dir / "metrics.jsonl"
-    steps_path = out_dir / "steps.jsonl"
-    last_metrics = None
-    # RNG states at the current step boundary: what a checkpoint taken before the next step completes must hold
-    # (a Ctrl-C lands mid-step, after the next batch has drawn its dropout).
-    step_rng = resume_rng if resume_rng is not None else _rng_state(device)
-    try:
-        with make_progress() as progress:
-            global_bs = recipe.train.batch_size * dist.world_size()
-            unit = "images" if recipe.data.batching == "images" else "pairs"
-            task = progress.add_task("training", total=total_steps * global_bs,
-                                     completed=state["global_step"] * global_bs, unit=unit, status="",
-                                     visible=show_progress and is_main)
-            while state["epoch"] < recipe.train.epochs and state["global_step"] < total_steps:
-                epoch = state["epoch"]
-                core.set_epoch(epoch)
-                hardest = recipe.loss.hardest_negatives and epoch >= recipe.loss.warmup_epochs
-                sampler.set_epoch(epoch, state["step_in_epoch"])
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(epoch)
-                model.train()
-                running: dict[str, float] = {}
-                pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # steps not yet read back
-                step_rng = _rng_state(device)
-                batches = iter(loader)
-                if resume_rng is not None:
-                    _set_rng_state(resume_rng, device)
-                    step_rng, resume_rng = resume_rng, None
-                for batch in batches:
-                    batch = batch.to(device)
-                    factor = lr_factor(state["global_step"], total_steps, steps_per_epoch, recipe)
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["base_lr"] * factor
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, parts = loss_on_batch(model, batch, recipe, hardest)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if o.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                    optimizer.step()
-                    step_rng = _rng_state(device)
-                    state["global_step"] += 1
-                    state["step_in_epoch"] += 1
-                    # The loss parts stay on the device until the next log step: reading them every step would
-                    # make the host wait for the GPU at every step (one sync per log_every steps instead).
-                    pending.append((state["global_step"], optimizer.param_groups[0]["lr"], parts))
-                    last_step = state["global_step"] >= total_steps or state["step_in_epoch"] >= steps_per_epoch
-                    if state["global_step"] % recipe.train.log_every == 0 or last_step:
-                        _flush_steps(pending, running, epoch, steps_path if is_main else None, trackers)
-                        pending = []
-                        progress.update(task, status=f"epoch {epoch + 1}/{recipe.train.epochs} "
-                                        f"loss {running['total']:.3f}")
-                    progress.update(task, advance=global_bs)
-                    if not console.is_terminal and is_main and state["global_step"] % recipe.train.log_every == 0:
-                        # Logs (CI, clusters) get a plain line where a terminal gets the live bar.
-                        elapsed = max(time.time() - start_time, 1e-9)
-                        done = state["global_step"] - start_step
-                        eta = (total_steps - state["global_step"]) * elapsed / max(done, 1)
-                        console.print(f"step {state['global_step']}/{total_steps}  epoch {epoch + 1}  "
-                                      f"loss {running['total']:.4f}  {done * global_bs / elapsed:,.0f} {unit}/s  "
-                                      f"eta {eta / 60:.1f} min")
-                    if state["global_step"] >= total_steps:
-                        break
-                if pending:  # an epoch cut short (max_steps) still records its steps
-                    _flush_steps(pending, running, epoch, steps_path if is_main else None, trackers)
-                epoch_done = state["step_in_epoch"] >= steps_per_epoch
-                if epoch_done:
-                    state["epoch"] += 1
-                    state["step_in_epoch"] = 0
-                record = {"epoch": state["epoch"], "step": state["global_step"],
-                          "lr": optimizer.param_groups[0]["lr"], **{f"loss/{k}": v for k, v in running.items()}}
-                run_val = recipe.data.val_split and is_main and (
-                    state["epoch"] % recipe.train.val_every == 0 or state["global_step"] >= total_steps)
-                if run_val:
-                    last_metrics = _validate(core, store, recipe, tokenizer, device)
-                    record.update({f"val/{k}": v for k, v in last_metrics.items()})
-                    trackers.log({f"val/{k}": v for k, v in last_metrics.items()}, state["global_step"])
-                    progress.console.print(
-                        f"epoch {state['epoch']:>3}  step {state['global_step']:>6}  "
-                        f"loss {running.get('total', float('nan')):.4f}  val rsum {last_metrics['rsum']:.2f}  "
-                        f"i2t R@1 {last_metrics['i2t_r1']:.1f}  t2i R@1 {last_metrics['t2i_r1']:.1f}")
-                    if state["best_rsum"] is None or last_metrics["rsum"] > state["best_rsum"]:
-                        state["best_rsum"] = last_metrics["rsum"]
-                        save(best_path, with_optim=False)
-                state["history"].append(record)
-                if is_main:
-                    with history_path.open("a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                # Mid-epoch (max_steps reached) a resumed run restarts from this step, so the validation's draws
-                # must not be in the saved states.
-                save(last_path, with_optim=True, rng=None if epoch_done else step_rng)
-    except KeyboardInterrupt:
-        interrupted = True
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Everything before the first step, in an order that fixes the random draws: the resumed state, checks
+        that fail before any work, the seed, the feature store and tokenizer, the model, the optimiser (and the
+        checkpoint's weights, optimiser and RNG states), the data, and the run folder's logs."""
+        dist.init()
+        self.vocab_json, self._ckpt = None, None
+        if self.resume:
+            resumed = load_resume(self.last_path, self.recipe)
+            self.recipe, self.vocab_json, self.state, self._ckpt = (resumed.recipe, resumed.vocab_json,
+                                                                    resumed.state, resumed.checkpoint)
+        if not self.recipe.data.path:
+            raise MaxMatchError("the recipe names no feature file (data.path is empty)",
+                                hint="add --set data.path=FEATURES.h5 (make one with `maxmatch extract-features`)")
+        tracker_names = check_available(self.recipe.train.report_to)  # a missing package fails before any work
+        torch.manual_seed(self.recipe.train.seed)
+        self.device = resolve_device(self.recipe.train.device)
+        if self.device.type == "cpu":
+            set_cpu_threads(self.recipe.data.num_workers)
+        self._setup_store()
+        self._setup_model()
+        self._setup_optimizer()
+        self._resume_rng = None
+        if self._ckpt is not None:
+            self._resume_rng = restore_training_state(self._ckpt, self.core, self.optimizer, self.device, self.state)
+            self._ckpt = None  # its tensors are in the model and optimiser now
+        self.model = dist.wrap(self.core, self.device)
+        self._setup_data()
+        self._setup_logging(tracker_names)
+        # RNG states at the current step boundary: what a checkpoint taken before the next step completes must
+        # hold (a Ctrl-C lands mid-step, after the next batch has drawn its dropout).
+        self.step_rng = self._resume_rng if self._resume_rng is not None else rng_state(self.device)
+
+    def _setup_store(self) -> None:
+        """Open the feature file, check that it fits the recipe, and build the image source and tokenizer."""
+        from maxmatch_cli.features.store import open_store
+
+        r = self.recipe
+        self.store = store = open_store(r.data.path)
+        if r.data.val_split and r.data.val_split not in store.splits:
+            raise MaxMatchError(f"validation split '{r.data.val_split}' is not in {store.path} "
+                                f"(splits: {', '.join(store.splits)})", hint="set data.val_split (empty disables it)")
+        if r.data.val_split:  # a layout the evaluation cannot read fails now, not after the first epoch
+            split_layout(store, r.data.val_split, r.data.captions_per_image)
+        # Stored features, or image files for a CNN; checks that the store fits the encoder before the model is built.
+        self.image_source = build_image_source(store, r, train=True)
+        if r.model.image_encoder != "cnn" and store.feature_dim != r.model.image_feature_dim:
+            raise MaxMatchError(f"{store.path} holds {store.feature_dim}-dimensional features but the recipe's "
+                                f"model.image_feature_dim is {r.model.image_feature_dim}",
+                                hint=f"add --set model.image_feature_dim={store.feature_dim}")
+        _, train_caps = store.split(r.data.train_split)
+        self.tokenizer = build_tokenizer(r.model.text_encoder, vocab_json=self.vocab_json, bert_path=r.model.bert_path,
+                                         captions=store.captions_text(train_caps), min_count=r.data.vocab_min_count)
+        self.vocab_json = self.tokenizer.to_json() if hasattr(self.tokenizer, "to_json") else None
+
+    def _setup_model(self) -> None:
+        """Build the model on the device (pretrained parts only for a new run: a resumed one loads its weights)."""
+        from maxmatch_cli.models import build_model
+
+        self.core = build_model(self.recipe.model, getattr(self.tokenizer, "words", None),
+                                pretrained=self._ckpt is None).to(self.device)
+        if self._ckpt is None:
+            decorrelate_ranks()  # after the weights, which are the same on every rank
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the model's parameter groups (each with its learning-rate scale)."""
+        o = self.recipe.optim
+        self.optimizer = torch.optim.AdamW(
+            self.core.param_groups(o.lr, o.lr_scale_set, o.lr_scale_text, o.lr_scale_cnn, o.weight_decay),
+            lr=o.lr, weight_decay=o.weight_decay)
+        remember_base_lr(self.optimizer)
+
+    def _setup_data(self) -> None:
+        """The training set, its epoch sampler (this rank's share, from the saved step on) and the DataLoader."""
+        r = self.recipe
+        self.dataset = build_train_dataset(self.store, r, self.tokenizer, self.image_source)
+        self.sampler = EpochSampler(len(self.dataset), r.train.batch_size, seed=r.train.seed, rank=dist.rank(),
+                                    world_size=dist.world_size())
+        self.loader = DataLoader(self.dataset, batch_size=r.train.batch_size, sampler=self.sampler,
+                                 collate_fn=self.dataset.collate, num_workers=r.data.num_workers,
+                                 persistent_workers=False, pin_memory=self.device.type == "cuda", drop_last=True)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * r.train.epochs
+        if r.train.max_steps:
+            self.total_steps = min(self.total_steps, r.train.max_steps)
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" and r.train.amp else None
+
+    def _setup_logging(self, tracker_names: list[str]) -> None:
+        """Write ``recipe.toml`` and open the logs (rank 0 writes; the others only keep count)."""
+        self.provenance = provenance(self.store.fingerprint(), {"world_size": dist.world_size()})
+        self.is_main = dist.rank() == 0
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.out_dir / "recipe.toml", to_toml(self.recipe))
+        # A resumed run hides the events a crashed run logged after the checkpoint's step.
+        purge_step = self.state.global_step + 1 if self.resume else None
+        trackers = (open_trackers(tracker_names, self.out_dir, config=self.recipe.to_dict(), name=self.out_dir.name,
+                                  purge_step=purge_step) if self.is_main else Trackers())
+        self.log = RunLog(self.out_dir, trackers, is_main=self.is_main, total_steps=self.total_steps,
+                          epochs=self.recipe.train.epochs, log_every=self.recipe.train.log_every,
+                          global_batch=self.recipe.train.batch_size * dist.world_size(),
+                          unit="images" if self.recipe.data.batching == "images" else "pairs",
+                          start_step=self.state.global_step)
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train(self) -> None:
+        """The loop over epochs, until ``train.epochs`` or ``train.max_steps``; a Ctrl-C saves the run to resume."""
+        try:
+            with make_progress() as progress:
+                self.log.attach(progress, self.show_progress, self.state.global_step)
+                while self.state.epoch < self.recipe.train.epochs and self.state.global_step < self.total_steps:
+                    epoch_done = self._train_epoch()
+                    self._end_epoch(epoch_done)
+        except KeyboardInterrupt:
+            self._save_interrupted()
+
+    def _train_epoch(self) -> bool:
+        """The current epoch's steps (from the saved step on, up to ``train.max_steps``); True if it completed."""
+        s, epoch = self.state, self.state.epoch
+        self.core.set_epoch(epoch)
+        hardest = self.recipe.loss.hardest_negatives and epoch >= self.recipe.loss.warmup_epochs
+        self.sampler.set_epoch(epoch, s.step_in_epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.model.train()
+        self.log.start_epoch()
+        self.step_rng = rng_state(self.device)
+        batches = iter(self.loader)
+        if self._resume_rng is not None:  # mid-epoch resume: the states after the iterator drew its seed
+            set_rng_state(self._resume_rng, self.device)
+            self.step_rng, self._resume_rng = self._resume_rng, None
+        for batch in batches:
+            parts = self._train_step(batch, hardest)
+            last_step = s.global_step >= self.total_steps or s.step_in_epoch >= self.steps_per_epoch
+            self.log.step(s.global_step, epoch, self.optimizer.param_groups[0]["lr"], parts, last_step)
+            if s.global_step >= self.total_steps:
+                break
+        self.log.end_epoch(epoch)
+        epoch_done = s.step_in_epoch >= self.steps_per_epoch
+        if epoch_done:
+            s.epoch += 1
+            s.step_in_epoch = 0
+        return epoch_done
+
+    def _train_step(self, batch, hardest: bool) -> dict[str, torch.Tensor]:
+        """One optimiser step on a batch; returns the loss parts (still on the device)."""
+        batch = batch.to(self.device)
+        set_lr(self.optimizer, lr_factor(self.state.global_step, self.total_steps, self.steps_per_epoch, self.recipe))
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, parts = loss_on_batch(self.model, batch, self.recipe, hardest)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
+        self.optimizer.step()
+        self.step_rng = rng_state(self.device)
+        self.state.global_step += 1
+        self.state.step_in_epoch += 1
+        return parts
+
+    def _end_epoch(self, epoch_done: bool) -> None:
+        """After an epoch (or a run cut short): its record, validation when due, best and last checkpoints."""
+        s = self.state
+        record = self.log.epoch_record(s.epoch, s.global_step, self.optimizer.param_groups[0]["lr"])
+        due = s.epoch % self.recipe.train.val_every == 0 or s.global_step >= self.total_steps
+        if self.recipe.data.val_split and self.is_main and due:
+            metrics = self.validate()
+            record.update({f"val/{k}": v for k, v in metrics.items()})
+            if s.best_rsum is None or metrics["rsum"] > s.best_rsum:
+                s.best_rsum = metrics["rsum"]
+                self.save_checkpoint(self.best_path, with_optim=False)
+        s.history.append(record)
+        self.log.write_record(record)
+        # Mid-epoch (max_steps reached) a resumed run restarts from this step, so the validation's draws must not
+        # be in the saved states.
+        self.save_checkpoint(self.last_path, with_optim=True, rng=None if epoch_done else self.step_rng)
+
+    # ------------------------------------------------------------------------------------ validate and save
+    def validate(self) -> dict[str, float]:
+        """Recall on ``data.val_split`` (rank 0), logged and printed; returns the metrics."""
+        self.last_metrics = _validate(self.core, self.store, self.recipe, self.tokenizer, self.device)
+        self.log.validation(self.last_metrics, self.state.epoch, self.state.global_step)
+        return self.last_metrics
+
+    def save_checkpoint(self, path: Path, with_optim: bool, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a checkpoint (rank 0): ``with_optim`` adds what a resume needs (optimiser and RNG states).
+
+        Args:
+            path: Where to write it.
+            with_optim: Add the optimiser state and the RNG states (``last.safetensors``).
+            rng: The RNG states to resume from (default: the current ones).
+        """
+        if self.is_main:
+            save_checkpoint(path, self.core, self.recipe, self.vocab_json, self.provenance,
+                            train_state=self.state.to_dict(), optimizer=self.optimizer if with_optim else None,
+                            rng_state=(rng or rng_state(self.device)) if with_optim else None)
+
+    def _save_interrupted(self) -> None:
+        """Ctrl-C: save the state at the last step boundary, immune to the second SIGINT torchrun forwards."""
+        self.interrupted = True
         with _sigint_ignored():
-            save(last_path, with_optim=True, rng=step_rng)
-        console.print(f"[yellow]interrupted[/] at step {state['global_step']}; saved {last_path} "
+            self.save_checkpoint(self.last_path, with_optim=True, rng=self.step_rng)
+        console.print(f"[yellow]interrupted[/] at step {self.state.global_step}; saved {self.last_path} "
                       f"(continue with --resume)")
+
+    # ------------------------------------------------------------------------------------------- the end
+    def cleanup(self) -> None:
+        """Close the trackers (flushes their files; also after Ctrl-C or an error)."""
+        self.log.close()
+
+    def finish(self) -> TrainResult:
+        """Without validation the last weights are the best ones; wait for every rank and report."""
+        if self.is_main and not self.recipe.data.val_split and not self.interrupted:
+            self.save_checkpoint(self.best_path, with_optim=False)
+        dist.barrier()
+        return TrainResult(self.out_dir, self.state.best_rsum, self.last_metrics, self.state.global_step,
+                           self.log.elapsed(), self.interrupted)
+
+
+def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train a model as the recipe says; checkpoints, ``metrics.jsonl`` and ``steps.jsonl`` go to ``out_dir``.
+
+    Args:
+        recipe: The resolved recipe.
+        out_dir: The run folder (made if needed).
+        resume: Continue the run in ``out_dir`` from its ``last.safetensors``.
+        show_progress: Show the progress bar.
+
+    Returns:
+        The run's outcome (also after Ctrl-C, with ``interrupted`` set).
+    """
+    trainer = Trainer(recipe, out_dir, resume=resume, show_progress=show_progress)
+    trainer.setup()
+    try:
+        trainer.train()
     finally:
-        trackers.close()  # flushes the event files, also after Ctrl-C or an error
-    if is_main and not recipe.data.val_split and not interrupted:
-        save(best_path, with_optim=False)
-    dist.barrier()
-    return TrainResult(out_dir, state["best_rsum"], last_metrics, state["global_step"], time.time() - start_time,
-                       interrupted)
+        trainer.cleanup()
+    return trainer.finish()

@@ -68,11 +68,37 @@ def test_evaluate_writes_json(trained, tmp_path):
     assert result.exit_code == 0, result.output
 
 
-def test_resume_continues(trained, tiny_h5, tiny_overrides):
+def test_resume_continues(trained, tiny_h5, tiny_overrides, tmp_path):
+    """--resume goes on from the checkpoint's step (6 of `trained`): the steps and the validation already logged
+    stay, once, and the optimiser's step count carries on. On a copy: `trained` is shared by the other tests."""
+    import shutil
+
+    from maxmatch_cli.models.checkpoint import load_checkpoint
+
+    def optimiser_steps(ckpt) -> set[int]:
+        return {int(s["step"]) for s in ckpt.optim_state["state"].values()}
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = load_checkpoint(run / "last.safetensors")
+    logged = (run / "steps.jsonl").read_text().splitlines()
+    validated = (run / "metrics.jsonl").read_text().splitlines()
+    assert before.train_state["global_step"] == 6 and optimiser_steps(before) == {6}
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in validated] == [6]
     result = invoke("train", "--recipe", "demo", "--set", f"data.path={tiny_h5}", "--set", "train.epochs=2",
-                    "--set", "train.max_steps=8", *tiny_overrides, "--out", trained, "--resume")
+                    "--set", "train.max_steps=8", *tiny_overrides, "--out", run, "--resume")
     assert result.exit_code == 0, result.output
     assert "8 steps" in result.output
+    after = load_checkpoint(run / "last.safetensors")
+    assert after.train_state["global_step"] == 8 and optimiser_steps(after) == {8}
+    lines = (run / "steps.jsonl").read_text().splitlines()
+    assert lines[:6] == logged and [json.loads(line)["step"] for line in lines[6:]] == [7, 8]
+    # Only a resumed run has the validation at step 6 (where the first run stopped): a fresh 8-step run validates
+    # once, at step 8, and would log the same steps 1-8 (training is deterministic).
+    history = (run / "metrics.jsonl").read_text().splitlines()
+    assert history[:1] == validated and [json.loads(line)["step"] for line in history] == [6, 8]
+    assert [record["step"] for record in after.train_state["history"]] == [6, 8]
 
 
 @pytest.mark.parametrize("args, message", [

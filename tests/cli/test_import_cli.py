@@ -76,3 +76,56 @@ def test_merge_command(tmp_path):
     result = runner.invoke(app, ["features", "merge", *paths, "--out", str(tmp_path / "m.h5"), "--keep-shards"])
     assert result.exit_code == 0, result.output
     assert open_store(tmp_path / "m.h5").image_ids.tolist() == [0, 1, 10, 11]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One subcommand per source; the earlier spelling (--synthetic, --from-precomp, ...) makes the same call.
+
+
+def test_synthetic_subcommand_equals_the_earlier_spelling(tmp_path):
+    new, old = tmp_path / "new.h5", tmp_path / "old.h5"
+    result = runner.invoke(app, ["extract-features", "synthetic", "tiny", "--seed", "3", "--out", str(new)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {new}" in result.output
+    result = runner.invoke(app, ["extract-features", "--synthetic", "tiny", "--seed", "3", "--out", str(old)])
+    assert result.exit_code == 0, result.output
+    a, b = open_store(new), open_store(old)
+    for split in ("train", "test"):
+        assert np.array_equal(a.split(split)[0], b.split(split)[0])
+    assert all(np.array_equal(a.image_features(i), b.image_features(i)) for i in range(4))
+    assert a.captions_text(range(10)) == b.captions_text(range(10))
+
+
+def test_precomp_subcommand_and_rerun(tmp_path):
+    _precomp(tmp_path / "f30k_precomp")
+    out = tmp_path / "f.h5"
+    args = ["extract-features", "precomp", str(tmp_path / "f30k_precomp"), "--dataset", "f30k", "--split", "test",
+            "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "scan-precomp:f30k" in result.output and open_store(out).split("test")[0].tolist() == [0, 1, 2]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already complete" in _text(again)
+
+
+def test_subcommand_errors(tmp_path):
+    out = str(tmp_path / "o.h5")
+    result = runner.invoke(app, ["extract-features", "tsv", str(tmp_path / "a.tsv"), "--out", out])
+    assert result.exit_code == 2 and "--captions" in _text(result)  # required by the tsv source
+    result = runner.invoke(app, ["extract-features", "images", str(tmp_path), "--out", out])
+    assert result.exit_code == 2 and f"no image files under {tmp_path}" in _text(result)
+    result = runner.invoke(app, ["extract-features", "precomp", str(tmp_path / "missing"), "--out", out])
+    assert result.exit_code == 2 and "does not exist" in _text(result) and "Traceback" not in result.output
+    # Options of a source belong after its name; before it they are refused with the right spelling.
+    result = runner.invoke(app, ["extract-features", "--out", out, "synthetic", "tiny"])
+    assert result.exit_code == 2 and "give a source's options after it" in _text(result)
+    assert not (tmp_path / "o.h5").exists()
+    # The earlier spelling still needs --out, as it always did.
+    result = runner.invoke(app, ["extract-features", "--synthetic", "tiny"])
+    assert result.exit_code == 2 and "Missing option '--out'" in _text(result)
+
+
+def test_bare_extract_features_shows_the_sources():
+    result = runner.invoke(app, ["extract-features"])
+    for source in ("synthetic", "precomp", "tsv", "images"):
+        assert source in result.output

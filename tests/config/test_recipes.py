@@ -1,12 +1,16 @@
 """Recipe loading, overrides, inheritance and errors."""
 
+import dataclasses
+import tomllib
+from pathlib import Path
+
 import pytest
 
-from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.config.recipes import (Recipe, list_recipes, load_recipe, parse_overrides, recipe_from_dict,
-                                  recipes_dir, to_toml)
+                                         recipes_dir, to_toml)
+from maxmatch_cli.errors import MaxMatchError
 
-import tomllib
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(list_recipes()))
@@ -19,9 +23,13 @@ def test_every_shipped_recipe_loads_and_validates(name):
     assert again == recipe
 
 
-def test_demo_recipe_is_shipped():
+def test_demo_recipe_is_shipped(monkeypatch):
+    monkeypatch.delenv("MAXMATCH_RECIPES", raising=False)
+    assert recipes_dir() == REPO / "recipes"  # the repository's top-level folder, wherever the loader lives
     assert "demo" in list_recipes()
     assert (recipes_dir() / "demo.toml").is_file()
+    monkeypatch.setenv("MAXMATCH_RECIPES", str(REPO / "tests"))
+    assert recipes_dir() == REPO / "tests" and "demo" not in list_recipes()
 
 
 def test_override_types_are_coerced():
@@ -98,5 +106,7 @@ def test_cross_field_check():
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'lr'"):
         Recipe().optim.lr = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'optim'"):
+        Recipe().optim = None  # type: ignore[misc]

@@ -15,6 +15,7 @@ from maxmatch_cli.evaluation import collapse
 from maxmatch_cli.cli.app import app
 from maxmatch_cli.evaluation.collapse import circular_variance, pair_heatmaps, slot_ablation, slot_retrieval, variance_summary
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.reporting.collapse import write_collapse_report
 
 CPI = 5
 
@@ -140,7 +141,8 @@ def ckpt(trained, tmp_path):
 
 def test_analyze_collapse_cli_report(ckpt, tmp_path):
     from maxmatch_cli.models.checkpoint import load_checkpoint
-    from maxmatch_cli.evaluation.evaluate import checkpoint_embeddings, evaluate_checkpoint
+    from maxmatch_cli.evaluation.cache import checkpoint_embeddings
+    from maxmatch_cli.evaluation.evaluate import evaluate_checkpoint
     from maxmatch_cli.features.store import open_store
 
     out = tmp_path / "analysis"
@@ -172,13 +174,16 @@ def test_analyze_collapse_cli_report(ckpt, tmp_path):
 
 def test_png_is_skipped_with_a_note_without_matplotlib(ckpt, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    report = collapse.analyze_collapse(ckpt, split="test", out_dir=tmp_path / "a", show_progress=False)
+    report = write_collapse_report(collapse.analyze_collapse(ckpt, split="test", show_progress=False), tmp_path / "a")
     assert "heatmaps.png" not in report.files and not (tmp_path / "a" / "heatmaps.png").exists()
     assert any("matplotlib is not installed" in note for note in report.notes)
 
 
 def test_default_output_folder_is_next_to_the_checkpoint(ckpt):
     report = collapse.analyze_collapse(ckpt, split="test", show_progress=False)
+    # Computing writes no report (only the embedding cache); writing it is the reporting stage's job.
+    assert report.files == [] and report.out_dir == "" and not (ckpt.parent / "collapse-m-test").exists()
+    assert write_collapse_report(report) is report
     assert (ckpt.parent / "collapse-m-test" / "collapse.json").is_file()
     assert report.out_dir == str(ckpt.parent / "collapse-m-test")
 

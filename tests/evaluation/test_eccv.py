@@ -524,10 +524,12 @@ def test_cli_ensemble_eccv_scores_the_mean_matrix(trained, coco_h5, coco_json, t
     """ensemble --protocol eccv: every member and the ensemble get the ECCV Caption metrics, the ensemble's those
     of the mean of the members' matrices (scoring swapped for two fixed matrices, as in the test above)."""
     from maxmatch_cli.evaluation import evaluate as ev
+    from maxmatch_cli.evaluation.protocols import metrics_for
 
     rng = np.random.default_rng(3)
     mats = [torch.from_numpy(rng.standard_normal((5000, 25000)).astype(np.float32)) for _ in range(2)]
     calls = iter(range(2))
+    # ensemble scores each member through evaluate.evaluate_member, so the patch reaches it there
     monkeypatch.setattr(ev, "score", lambda *args, **kwargs: mats[next(calls)].clone())
     runs = []
     for name in ("seed0", "seed1"):
@@ -541,7 +543,7 @@ def test_cli_ensemble_eccv_scores_the_mean_matrix(trained, coco_h5, coco_json, t
     assert "ECCV Caption (%) · ensemble of 2" in result.output and "ECCV Caption (%) · member 2" in result.output
     record = json.loads(out.read_text())
     ids = eccv.split_coco_ids(open_store(coco_h5), "testall", CPI, coco_json)
-    want = [ev.metrics_for(m, "eccv", CPI, ids).metrics for m in (*mats, (mats[0] + mats[1]) / 2)]
+    want = [metrics_for(m, "eccv", CPI, ids).metrics for m in (*mats, (mats[0] + mats[1]) / 2)]
     got = [m["metrics"] for m in record["members"]] + [record["metrics"]]
     for g, w in zip(got, want):
         for key in (*eccv.ECCV_KEYS, "rsum"):

@@ -1,15 +1,16 @@
-"""Ensembles (paper §4.2) and the embedding cache, on the session's tiny checkpoint."""
+"""Ensembles (paper §4.2), on the session's tiny checkpoint."""
 
 import dataclasses
 import json
-import os
-import shutil
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from maxmatch_cli.evaluation import evaluate as ev
+from maxmatch_cli.evaluation.encoding import encode_split, load_for_eval, score
+from maxmatch_cli.evaluation.ensemble import ensemble_checkpoints
+from maxmatch_cli.evaluation.evaluate import evaluate_checkpoint
+from maxmatch_cli.evaluation.protocols import metrics_for
 from maxmatch_cli.models.checkpoint import load_checkpoint, save_checkpoint
 from maxmatch_cli.cli.app import app
 from maxmatch_cli.errors import MaxMatchError
@@ -22,17 +23,11 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def ckpt(trained, tmp_path):
-    """A private copy of the tiny checkpoint (caches and outputs land in tmp_path, not the shared run)."""
-    return shutil.copy(trained / "best.safetensors", tmp_path / "a.safetensors")
-
-
 def variant(src, dst, *, noise=0.0, data_path=None):
     """A second checkpoint: the same model with seeded weight noise (a stand-in for another seed), optionally
     pointing at another feature file."""
     loaded = load_checkpoint(src)
-    model, _ = ev.load_for_eval(loaded, CPU)
+    model, _ = load_for_eval(loaded, CPU)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -45,15 +40,15 @@ def variant(src, dst, *, noise=0.0, data_path=None):
 
 def manual_sims(path):
     loaded = load_checkpoint(path)
-    model, tokenizer = ev.load_for_eval(loaded, CPU)
+    model, tokenizer = load_for_eval(loaded, CPU)
     store = open_store(loaded.recipe.data.path)
-    emb = ev.encode_split(model, store, "test", tokenizer, 5, CPU, show_progress=False)
-    return ev.score(emb.images, emb.captions, "maxmatch", CPU)
+    emb = encode_split(model, store, "test", tokenizer, 5, CPU, show_progress=False)
+    return score(emb.images, emb.captions, "maxmatch", CPU)
 
 
 def test_self_ensemble_equals_single_model(ckpt):
-    single = ev.evaluate_checkpoint(ckpt, split="test", show_progress=False)
-    result = ev.ensemble_checkpoints([ckpt, ckpt], split="test", show_progress=False)
+    single = evaluate_checkpoint(ckpt, split="test", show_progress=False)
+    result = ensemble_checkpoints([ckpt, ckpt], split="test", show_progress=False)
     assert result.ensemble.metrics == single.metrics
     assert [m.metrics for m in result.members] == [single.metrics, single.metrics]
     assert result.ensemble.similarity == "maxmatch"
@@ -63,13 +58,13 @@ def test_ensemble_averages_member_similarities(ckpt, tmp_path):
     other = variant(ckpt, tmp_path / "b.safetensors", noise=0.05)
     sims_a, sims_b = manual_sims(ckpt), manual_sims(other)
     assert not torch.allclose(sims_a, sims_b)  # the members really differ
-    expected = ev.metrics_for((sims_a + sims_b) / 2, "full", 5).metrics
+    expected = metrics_for((sims_a + sims_b) / 2, "full", 5).metrics
     out_json, out_csv = tmp_path / "e.json", tmp_path / "e.csv"
-    result = ev.ensemble_checkpoints([ckpt, other], split="test", json_path=out_json, csv_path=out_csv,
-                                     show_progress=False)
+    result = ensemble_checkpoints([ckpt, other], split="test", json_path=out_json, csv_path=out_csv,
+                                  show_progress=False)
     assert result.ensemble.metrics == pytest.approx(expected)
-    assert result.members[0].metrics == pytest.approx(ev.metrics_for(sims_a, "full", 5).metrics)
-    assert result.members[1].metrics == pytest.approx(ev.metrics_for(sims_b, "full", 5).metrics)
+    assert result.members[0].metrics == pytest.approx(metrics_for(sims_a, "full", 5).metrics)
+    assert result.members[1].metrics == pytest.approx(metrics_for(sims_b, "full", 5).metrics)
     report = json.loads(out_json.read_text())
     assert {"protocol", "metrics", "folds", "members"} <= set(report)
     assert report["protocol"] == "full" and report["folds"] == []
@@ -78,31 +73,6 @@ def test_ensemble_averages_member_similarities(ckpt, tmp_path):
     lines = out_csv.read_text().splitlines()
     assert lines[0].startswith("model,similarity,protocol,i2t_r1") and lines[-1].startswith("ensemble,")
     assert len(lines) == 4
-
-
-def test_embeddings_are_cached_and_invalidated(ckpt, monkeypatch):
-    loaded = load_checkpoint(ckpt)
-    store = open_store(loaded.recipe.data.path)
-    fresh = ev.checkpoint_embeddings(loaded, store, "test", CPU, show_progress=False)
-    path = ev.embeddings_cache_path(loaded, store, "test")
-    assert path.is_file() and path.parent == ckpt.parent / "embeddings"
-
-    def must_not_encode(*args, **kwargs):
-        raise AssertionError("encoded again although the cache is valid")
-
-    monkeypatch.setattr(ev, "load_for_eval", must_not_encode)
-    cached = ev.checkpoint_embeddings(loaded, store, "test", CPU, show_progress=False)
-    assert torch.equal(cached.images, fresh.images) and torch.equal(cached.captions, fresh.captions)
-    assert (cached.caption_indices == fresh.caption_indices).all()
-    # A rewritten checkpoint (new mtime) is re-encoded.
-    stat = os.stat(ckpt)
-    os.utime(ckpt, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    with pytest.raises(AssertionError, match="encoded again"):
-        ev.checkpoint_embeddings(loaded, store, "test", CPU, show_progress=False)
-    # So is every split, and nothing is cached with cache=False.
-    monkeypatch.undo()
-    ev.checkpoint_embeddings(loaded, store, "dev", CPU, show_progress=False, cache=False)
-    assert not ev.embeddings_cache_path(loaded, store, "dev").exists()
 
 
 def test_ensemble_cli_table_and_json(ckpt, tmp_path):
@@ -142,8 +112,8 @@ def test_ensemble_bad_input(ckpt, tmp_path, other_data):
 
 def test_members_must_agree_on_split(ckpt, tmp_path):
     loaded = load_checkpoint(ckpt)
-    model, _ = ev.load_for_eval(loaded, CPU)
+    model, _ = load_for_eval(loaded, CPU)
     recipe = dataclasses.replace(loaded.recipe, eval=dataclasses.replace(loaded.recipe.eval, split="dev"))
     dev_ckpt = save_checkpoint(tmp_path / "dev.safetensors", model, recipe, loaded.vocab_json, loaded.provenance)
     with pytest.raises(MaxMatchError, match="eval.split"):
-        ev.ensemble_checkpoints([ckpt, dev_ckpt], show_progress=False)
+        ensemble_checkpoints([ckpt, dev_ckpt], show_progress=False)

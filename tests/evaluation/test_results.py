@@ -5,22 +5,16 @@ import os
 import shutil
 import stat
 
-import numpy as np
 import pytest
 import torch
 
 from maxmatch_cli import __version__
-from maxmatch_cli.evaluation import evaluate as ev
+from maxmatch_cli.evaluation.ensemble import ensemble_checkpoints
+from maxmatch_cli.evaluation.evaluate import evaluate_checkpoint
+from maxmatch_cli.evaluation.results import EvalResult, write_result
 from maxmatch_cli.models.checkpoint import load_checkpoint, save_checkpoint
-from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import atomic_write, current_umask, file_mode
 from maxmatch_cli.config.recipes import Recipe
-
-
-@pytest.fixture
-def ckpt(trained, tmp_path):
-    """A private copy of the tiny checkpoint (its embedding cache lands in tmp_path)."""
-    return shutil.copy(trained / "best.safetensors", tmp_path / "a.safetensors")
 
 
 @pytest.fixture
@@ -59,7 +53,7 @@ def test_result_files_are_0644_under_umask_022(ckpt, tmp_path, tiny_h5, umask_02
     saved = save_checkpoint(tmp_path / "c.safetensors", model, Recipe(), None, {})
     assert mode(saved) == 0o644
     out_json, out_csv = tmp_path / "m.json", tmp_path / "m.csv"
-    result = ev.evaluate_checkpoint(ckpt, split="test", json_path=out_json, csv_path=out_csv, show_progress=False)
+    result = evaluate_checkpoint(ckpt, split="test", json_path=out_json, csv_path=out_csv, show_progress=False)
     cache = result.files[0]
     assert cache.parent == tmp_path / "embeddings"
     for path in (out_json, out_csv, cache):
@@ -72,8 +66,9 @@ def test_result_files_are_0644_under_umask_022(ckpt, tmp_path, tiny_h5, umask_02
 
 def test_collapse_outputs_are_0644(ckpt, tmp_path, umask_022):
     from maxmatch_cli.evaluation.collapse import analyze_collapse
+    from maxmatch_cli.reporting.collapse import write_collapse_report
 
-    report = analyze_collapse(ckpt, split="test", out_dir=tmp_path / "collapse", show_progress=False)
+    report = write_collapse_report(analyze_collapse(ckpt, split="test", show_progress=False), tmp_path / "collapse")
     assert report.files and all(mode(tmp_path / "collapse" / name) == 0o644 for name in report.files)
 
 
@@ -83,7 +78,7 @@ def test_collapse_outputs_are_0644(ckpt, tmp_path, umask_022):
 
 def test_evaluate_json_records_its_origin(ckpt, tmp_path, tiny_h5):
     out_json, out_csv = tmp_path / "m.json", tmp_path / "m.csv"
-    result = ev.evaluate_checkpoint(ckpt, split="test", json_path=out_json, csv_path=out_csv, show_progress=False)
+    result = evaluate_checkpoint(ckpt, split="test", json_path=out_json, csv_path=out_csv, show_progress=False)
     report = json.loads(out_json.read_text())
     assert list(report)[:3] == ["protocol", "metrics", "folds"]
     assert report["protocol"] == "full" and report["folds"] == []
@@ -103,9 +98,9 @@ def test_evaluate_json_records_its_origin(ckpt, tmp_path, tiny_h5):
 
 def test_rounding_only_in_files(tmp_path):
     metrics = {"i2t_r1": 33.33333333, "i2t_medr": 2.0, "i2t_meanr": 3.14159, "rsum": 123.456789}
-    result = ev.EvalResult(protocol="coco5k", metrics=dict(metrics), folds=[{"i2t_r1": 66.666666}],
-                           folds_mean={"i2t_r1": 12.346}, checkpoint="c", split="test", data="d")
-    ev.write_result(result, tmp_path / "r.json", tmp_path / "r.csv")
+    result = EvalResult(protocol="coco5k", metrics=dict(metrics), folds=[{"i2t_r1": 66.666666}],
+                        folds_mean={"i2t_r1": 12.346}, checkpoint="c", split="test", data="d")
+    write_result(result, tmp_path / "r.json", tmp_path / "r.csv")
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["metrics"] == {"i2t_r1": 33.33, "i2t_medr": 2.0, "i2t_meanr": 3.14, "rsum": 123.46}
     assert report["folds"] == [{"i2t_r1": 66.67}]
@@ -117,7 +112,7 @@ def test_rounding_only_in_files(tmp_path):
 def test_ensemble_json_records_members_and_origin(ckpt, tmp_path, tiny_h5):
     other = shutil.copy(ckpt, tmp_path / "b.safetensors")
     out_json = tmp_path / "e.json"
-    result = ev.ensemble_checkpoints([ckpt, other], split="test", json_path=out_json, show_progress=False)
+    result = ensemble_checkpoints([ckpt, other], split="test", json_path=out_json, show_progress=False)
     report = json.loads(out_json.read_text())
     assert list(report)[:3] == ["protocol", "metrics", "folds"]
     assert report["checkpoints"] == [str(ckpt), str(other)] and "checkpoint" not in report
@@ -129,27 +124,3 @@ def test_ensemble_json_records_members_and_origin(ckpt, tmp_path, tiny_h5):
         assert member["checkpoint"] == str(path) and member["data"] == str(tiny_h5) and member["split"] == "test"
         assert member["provenance"]["checkpoint"] == load_checkpoint(path).provenance
         assert member["metrics"] == report["metrics"]  # identical weights
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Protocols.
-
-
-def test_resolve_protocol():
-    assert ev.resolve_protocol("auto", 5000) == "coco5k" and ev.resolve_protocol("auto", 1000) == "full"
-    assert ev.resolve_protocol("coco1k", 5000, "testall") == "coco1k"
-    assert ev.resolve_protocol("full", 5000) == "full"
-    for n in (1000, 4000, 10000):
-        with pytest.raises(MaxMatchError, match=f"split 'test' has {n:,} images") as info:
-            ev.resolve_protocol("coco5k", n, "test")
-        assert "--protocol full" in info.value.hint
-    with pytest.raises(MaxMatchError, match="unknown protocol 'COCO5K'") as info:
-        ev.resolve_protocol("COCO5K", 5000)
-    assert info.value.hint == "use one of: auto, full, coco1k, coco5k, eccv, cxc"
-
-
-def test_metrics_for_refuses_coco1k_folds_of_another_size():
-    sims = torch.from_numpy(np.random.default_rng(0).standard_normal((1000, 5000)).astype(np.float32))
-    with pytest.raises(MaxMatchError, match="has 1,000 images"):
-        ev.metrics_for(sims, "coco1k", 5)
-    assert ev.metrics_for(sims, "full", 5).protocol == "full"

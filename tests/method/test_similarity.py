@@ -1,4 +1,5 @@
-"""Set similarities against brute-force Python loops: forward, gradients, blocking, scale, errors."""
+"""Set similarities (similarity/<member>.py, batched.py) against brute-force Python loops: forward, gradients,
+blocking, scale, input errors. The table and option checks: test_similarity_registry.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import torch
 
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.method.similarity import (
-    SIMILARITIES,
     chamfer_score,
     cosine_matrices,
-    list_similarities,
     maxmatch_assignment,
     maxmatch_score,
     paired_similarity,
@@ -249,33 +248,7 @@ def test_score_functions_on_cosines_directly():
     assert sinkhorn_score(c).shape == (1,)
 
 
-# ----------------------------------------------------------------------------------------- registry and errors
-
-
-def test_registry():
-    names = [name for name, _ in list_similarities()]
-    assert names == KINDS == list(SIMILARITIES)
-    assert all(description and "\n" not in description for _, description in list_similarities())
-
-
-@pytest.mark.parametrize("kind,options,match", [
-    ("maxmach", {}, "unknown similarity 'maxmach'.*did you mean 'maxmatch'"),
-    ("chamfer", {"aplha": 3}, "unknown option 'aplha' for similarity 'chamfer'.*did you mean 'alpha'"),
-    ("maxmatch", {"alpha": 16}, "unknown option 'alpha' for similarity 'maxmatch'"),
-    ("mil", {"k": 2}, "unknown option 'k'"),
-    ("chamfer", {"alpha": -1}, "alpha=-1 must be a positive number"),
-    ("chamfer", {"alpha": float("nan")}, "alpha=nan"),
-    ("sinkhorn", {"iters": 0}, "iters=0 must be a positive integer"),
-    ("sinkhorn", {"iters": 2.5}, "iters=2.5"),
-    ("topk", {"k": 0}, "k=0"),
-    ("topk", {"k": 17}, r"outside 1\.\.16"),
-    ("maxmatch", {"solver": "magic"}, "not an assignment solver"),
-    ("mil", {"block_size": 0}, "block_size=0"),
-])
-def test_option_errors(kind, options, match):
-    with pytest.raises(MaxMatchError, match=match) as err:
-        set_similarity(torch.randn(2, 4, 3), torch.randn(2, 4, 3), kind, **options)
-    assert err.value.hint
+# ----------------------------------------------------------------------------------------- input errors
 
 
 @pytest.mark.parametrize("img,txt,match", [

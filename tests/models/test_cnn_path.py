@@ -13,8 +13,9 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from maxmatch_cli.cli.app import app
-from maxmatch_cli.data.datasets import (ImageDataset, PairDataset, RawImages, build_image_source, build_tokenizer,
-                               check_image_input, decode_image_file)
+from maxmatch_cli.data.datasets import ImageDataset, PairDataset
+from maxmatch_cli.data.images import RawImages, build_image_source, check_image_input, decode_image_file
+from maxmatch_cli.data.tokenizers import build_tokenizer
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.features.pixels import index_images
 from maxmatch_cli.features.store import open_store

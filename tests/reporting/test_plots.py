@@ -82,7 +82,7 @@ def test_recall_bars_one_bar_per_row_with_std_error_bars():
     from maxmatch_cli.reporting.plots import recall_bars_figure
 
     comp = compare(_results({"maxmatch": [40.0, 44.0, 48.0], "chamfer": [30.0]}))
-    fig = recall_bars_figure(comp)
+    fig = recall_bars_figure(comp.frame)
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert [b.get_label() for b in bars] == ["maxmatch (n=3)", "chamfer (n=1)"]
@@ -98,6 +98,44 @@ def test_recall_bars_one_bar_per_row_with_std_error_bars():
     # Bars of one group sit side by side, groups apart: every i2t bar left of every t2i bar.
     x = [[p.get_x() for p in b.patches] for b in bars]
     assert max(max(row[:3]) for row in x) < min(min(row[3:]) for row in x)
+    fig.clf()
+
+
+def test_recall_bars_from_plain_columns():
+    from matplotlib.container import BarContainer
+
+    from maxmatch_cli.reporting.plots import RECALL_GROUPS, recall_bars_figure
+
+    # A dict of lists draws as a DataFrame does: figures need numbers, not the Comparison class.
+    frame = {"label": ["a", "b"], "source": ["test/full", "test/full"], "n": [1, 2]}
+    for r, (metric, _) in enumerate(RECALL_GROUPS):
+        frame[f"{metric}_mean"] = [10.0 + r, 20.0 + r]
+        frame[f"{metric}_std"] = [0.0, 1.0]
+    fig = recall_bars_figure(frame, title="plain")
+    bars = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    assert [b.get_label() for b in bars] == ["a (n=1)", "b (n=2)"]
+    assert [p.get_height() for p in bars[1].patches] == pytest.approx([20, 21, 22, 23, 24, 25])
+    assert bars[0].errorbar is None and bars[1].errorbar is not None and fig.axes[0].get_title() == "plain"
+    fig.clf()
+
+
+def test_heatmaps_and_tsne_figures_from_plain_arrays():
+    from maxmatch_cli.reporting.plots import heatmaps_figure, tsne_figure
+
+    raw = np.array([[0.9, 0.1], [0.2, 0.8]])
+    fig = heatmaps_figure(raw, raw[:, ::-1], "two panels")
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["stored order", "MaxMatch-aligned"]
+    assert [im.get_clim() for ax in fig.axes[:2] for im in ax.images] == [(0.1, 0.9)] * 2  # one shared scale
+    assert fig.texts[0].get_text() == "two panels"
+    fig.clf()
+    coords = np.arange(12, dtype=float).reshape(6, 2)
+    modality = np.array(["image"] * 2 + ["text"] * 4)
+    slot = np.array([0, 1, 0, 1, 0, 1])
+    fig = tsne_figure(coords, modality, slot, "points")
+    ax = fig.axes[0]
+    # One scatter per (modality, element): text first, then image; each holds its own points.
+    sizes = [len(c.get_offsets()) for c in ax.collections]
+    assert sizes == [2, 2, 1, 1] and ax.get_title() == "points"
     fig.clf()
 
 
@@ -220,6 +258,18 @@ def test_analyze_collapse_tsne_files_and_figure(trained, tmp_path, monkeypatch):
     assert "m.safetensors" in suptitle and "split test" in suptitle
     values = [v for name in ("raw", "aligned") for row in report["heatmaps"][name] for v in row]
     assert clims == [pytest.approx((min(values), max(values)))] * 2
+
+
+def test_tsne_csv_one_row_a_point():
+    from maxmatch_cli.evaluation.collapse import tsne_points
+    from maxmatch_cli.reporting.collapse import tsne_csv
+
+    images, captions = _clustered(n=2, k=2)
+    pts = tsne_points(images, captions, 2)
+    rows = tsne_csv(pts).splitlines()
+    assert rows[0] == "modality,item,element,x,y" and len(rows) == 1 + len(pts.coords)
+    x, y = pts.coords[0]
+    assert rows[1] == f"image,0,1,{x:.6f},{y:.6f}" and rows[-1].startswith("text,9,2,")
 
 
 def test_analyze_collapse_without_tsne_writes_none(trained, tmp_path):

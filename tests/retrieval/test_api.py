@@ -10,7 +10,7 @@ import torch
 
 import maxmatch_cli
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.evaluation.evaluate import encode_split
+from maxmatch_cli.evaluation.encoding import encode_split
 from maxmatch_cli.features.store import open_store
 from maxmatch_cli.method.similarity import set_similarity
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from maxmatch_cli.training import distributed as dist
 from maxmatch_cli.training import trainer as train_mod
-from maxmatch_cli.data.datasets import Batch
+from maxmatch_cli.data.batches import Batch
 from maxmatch_cli.method.losses import LossInputs, same_image_mask
 from maxmatch_cli.models import build_model
 from maxmatch_cli.config.recipes import LossConfig, ModelConfig, Recipe

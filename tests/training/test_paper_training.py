@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from maxmatch_cli.data.datasets import EpochSampler, ImageCaptionsDataset, Vocab
+from maxmatch_cli.data.datasets import ImageCaptionsDataset
+from maxmatch_cli.data.samplers import EpochSampler
+from maxmatch_cli.data.tokenizers import Vocab
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.features.store import open_store
 from maxmatch_cli.method.losses import mmd_loss, set_mmd, total_loss

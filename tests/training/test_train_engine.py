@@ -80,7 +80,7 @@ def test_val_max_images_zero_validates_the_whole_split(tiny_h5, tiny_overrides, 
 
 def test_epoch_sampler_resumed_past_the_end_is_empty():
     """A resume with more processes than the checkpoint's run can start past the new, shorter epoch."""
-    from maxmatch_cli.data.datasets import EpochSampler
+    from maxmatch_cli.data.samplers import EpochSampler
 
     sampler = EpochSampler(100, 10, world_size=2)  # 5 steps per epoch
     sampler.set_epoch(0, start_step=8)

@@ -1,4 +1,4 @@
-"""Sharded indexes (built shard by shard, queried as one) and image queries against a captions index."""
+"""Sharded indexes: built shard by shard, queried as one."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
-import maxmatch_cli
 from maxmatch_cli.cli.app import app
-from maxmatch_cli.features.store import open_store
 from maxmatch_cli.retrieval.index import ShardedIndex, load_index, shard_rows
-from maxmatch_cli.method.similarity import maxmatch_assignment
 
-# The fixtures tiny_h5, trained and tiny_overrides live in conftest.py.
+# Fixtures: ckpt, model, index_dir, faiss_index_dir in conftest.py; tiny_h5, trained in tests/conftest.py.
+
 
 QUERIES = ["a red car next to a small dog", "people", "a bus"]
 
@@ -34,13 +30,6 @@ def query_json(index, *args):
 
 def hits(record):
     return [[(h["row"], h["id"], h["score"]) for h in q["results"]] for q in record["queries"]]
-
-
-@pytest.fixture(scope="module")
-def ckpt(trained, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    shutil.copy2(trained / "best.safetensors", path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -151,58 +140,3 @@ def test_sharded_index_errors(ckpt, trained, tiny_h5, sharded, whole, tmp_path):
     result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--shard", f"0/{n + 1}", "--out",
                     tmp_path / "s")
     assert result.exit_code == 2 and "would be empty" in result.output
-
-
-# ----------------------------------------------------------------------------------- image queries (captions)
-
-
-@pytest.fixture(scope="module")
-def captions_index(ckpt, tiny_h5, tmp_path_factory):
-    out = tmp_path_factory.mktemp("idx") / "captions"
-    result = invoke("index", ckpt, "--data", tiny_h5, "--split", "test", "--kind", "captions", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def test_image_id_query_equals_api_rank(captions_index, ckpt, tiny_h5):
-    store = open_store(tiny_h5)
-    images, captions = store.split("test")
-    ids = [str(v) for v in np.asarray(store.image_ids)[images[:2]]]
-    record = query_json(captions_index, "--image-id", ids[0], "--image-id", ids[1], "-k", 5)
-    model = maxmatch_cli.load(ckpt, device="cpu")
-    index = load_index(captions_index)
-    queries = model.encode_images(store, images[:2])
-    gallery = torch.from_numpy(index.sets.astype(np.float32))
-    ranking = model.rank(queries, gallery, k=5, query_side="image")
-    assert [q["image_id"] for q in record["queries"]] == ids
-    for q, entry in enumerate(record["queries"]):
-        got = entry["results"]
-        assert [h["row"] for h in got] == ranking.indices[q].tolist()
-        np.testing.assert_allclose([h["score"] for h in got], ranking.scores[q].numpy(), rtol=1e-6)
-        assert [h["text"] for h in got] == [index.texts[r] for r in ranking.indices[q].tolist()]
-        assert [h["id"] for h in got] == [int(captions[r]) for r in ranking.indices[q].tolist()]
-        for h in got:
-            # query elements are the image's, gallery elements the caption's: MaxMatch's assignment
-            perm = maxmatch_assignment(queries[q: q + 1], gallery[h["row"]: h["row"] + 1])[0, 0].tolist()
-            assert sorted((p["query_element"], p["gallery_element"]) for p in h["matching"]) == \
-                sorted((v, t) for v, t in enumerate(perm) if t >= 0)
-
-
-def test_image_query_errors(captions_index, whole, tiny_h5, tmp_path):
-    result = invoke("query", captions_index, "--image-id", "no-such-image")
-    assert result.exit_code == 2 and "has no image with id no-such-image" in result.output
-    result = invoke("query", whole, "--image-id", "1")
-    assert result.exit_code == 2 and "image queries search a captions index" in result.output
-    result = invoke("query", captions_index, "--text", "a dog")
-    assert result.exit_code == 2 and "text queries search an image index" in result.output
-    # The demo features are synthetic: an image file cannot be encoded like them.
-    photo = tmp_path / "photo.png"
-    photo.write_bytes(b"not really a png")
-    result = invoke("query", captions_index, "--image", photo)
-    assert result.exit_code == 2 and "were not extracted from image files" in result.output
-    assert "--image-id" in result.output
-    result = invoke("query", captions_index, "--image-id", "1", "--text", "a dog")
-    assert result.exit_code == 2 and "exactly one kind" in result.output
-    result = invoke("query", captions_index)
-    assert result.exit_code == 2 and "no query" in result.output
-    assert "Traceback" not in result.output

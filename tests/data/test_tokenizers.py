@@ -1,10 +1,8 @@
-"""Vocabulary, tokenisation, padding and the resumable epoch sampler."""
+"""Vocabulary, tokenisation and caption augmentation."""
 
 import torch
 
-from maxmatch_cli.data.datasets import EpochSampler, Vocab, pad_regions, pad_tokens, tokenize
-
-import numpy as np
+from maxmatch_cli.data.tokenizers import Vocab, corrupt_tokens, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -32,32 +30,8 @@ def test_word_dropout_keeps_start_end():
     assert vocab.drop_tokens(ids, 0.0, g) == ids
 
 
-def test_padding_masks():
-    feats, mask = pad_regions([np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)])
-    assert feats.shape == (2, 4, 3) and mask.sum().item() == 6 and feats[0, 2:].abs().sum() == 0
-    tokens, tmask = pad_tokens([[1, 2], [1, 2, 3]], pad_id=0)
-    assert tokens.tolist() == [[1, 2, 0], [1, 2, 3]] and tmask.tolist() == [[True, True, False], [True] * 3]
-
-
-def test_epoch_sampler_resume_and_ranks():
-    full = list(EpochSampler(50, 4, seed=3))
-    assert len(full) == 48 and len(set(full)) == 48
-    resumed = EpochSampler(50, 4, seed=3)
-    resumed.set_epoch(0, start_step=5)
-    assert list(resumed) == full[20:]
-    # Two ranks together cover the same global batches as one process with the doubled batch.
-    one = EpochSampler(50, 8, seed=3)
-    r0, r1 = EpochSampler(50, 4, seed=3, rank=0, world_size=2), EpochSampler(50, 4, seed=3, rank=1, world_size=2)
-    assert sorted(list(r0) + list(r1)) == sorted(one)
-    other = EpochSampler(50, 4, seed=3)
-    other.set_epoch(1)
-    assert list(other) != full
-
-
 def test_caption_corruption_masks_half_replaces_a_tenth_and_deletes_the_rest():
     """VSE-infinity/DivE: a hit token becomes the mask (50%), a random token (10%) or is deleted (40%)."""
-    from maxmatch_cli.data.datasets import corrupt_tokens
-
     ids = [1] + [7] * 20000 + [2]
     out = corrupt_tokens(ids, 1.0, torch.Generator().manual_seed(0), mask_id=3, random_range=(100, 200))
     assert out[0] == 1 and out[-1] == 2

@@ -1,0 +1,249 @@
+"""Schema v1 of the feature store: what a file holds, and the checks a reader runs on opening it.
+
+Every source (synthetic demo data, SCAN precomp folders, bottom-up-attention TSV files, torchvision extraction
+from images) becomes the same kind of file. Features are stored as float16, one HDF5 chunk per image, so that a
+training item costs one chunk read.
+
+Root attributes
+    ``schema_version`` (int, 1); ``feature_kind`` (``"region"`` or ``"grid"``); ``source`` (free text naming where
+    the features came from, e.g. ``"synthetic:demo"``, ``"scan-precomp:coco"``, ``"butd-tsv"``,
+    ``"torchvision:resnet152"``); ``feature_dim`` (int D); ``layout`` (``"fixed"`` or ``"flat"``, see below);
+    ``regions_per_image`` (int R, fixed layout only); ``created_with`` (``"maxmatch <version>"``); ``metadata``
+    (a JSON object as a string, free form: preset, seed, backbone, image size, ...); ``args_fingerprint``
+    (string identifying the arguments that produced the file, used to resume an interrupted extraction);
+    ``n_written`` (int, images flushed so far); ``complete`` (bool, set last, after everything else is flushed).
+
+``images/``
+    ``features``: float16. Fixed layout: (N, R, D) with chunks (1, R, D), one chunk per image. Flat layout, for
+    a variable number of regions per image (adaptive bottom-up attention, 10 to 100 boxes): (T, D) rows of all
+    images one after the other, with ``offsets`` (N + 1,) int64 such that image i owns rows
+    ``offsets[i]:offsets[i + 1]``. No compression (or lzf); never gzip, which costs ~25x per read.
+    ``ids`` (N,): int64 or UTF-8 strings, the dataset's own image ids (COCO id, Flickr file name, ...).
+    Optional ``boxes``: float32 (N, R, 4) or (T, 4), ``x1, y1, x2, y2`` in pixels; optional ``sizes``: int32
+    (N, 2), ``width, height`` in pixels.
+
+``captions/``
+    ``text`` (M,) UTF-8 variable-length strings; ``image`` (M,) int64, the index of the owning image in
+    ``images/``; optional ``ids`` (M,) int64.
+
+``splits/<name>/``
+    ``images`` (n,) int64 and ``captions`` (m,) int64, indices into the arrays above. The captions of a split
+    are grouped by image, in the order of the split's images: with five captions per image, caption j of the
+    split belongs to image j // 5 of the split, as the retrieval protocols expect. Attribute
+    ``captions_per_image`` is that count when it is the same for every image of the split, else 0.
+
+Other groups (e.g. ``synthetic/`` with the generator's object table) may be present; readers ignore them.
+
+Image-file stores (``feature_kind = "pixels"``)
+    For end-to-end training of a CNN (``model.image_encoder = "cnn"``) the store holds no features, only an index
+    of the image files: ``layout`` is ``"files"``, ``feature_dim`` is 3 (RGB channels) and a root attribute
+    ``image_root`` (str) names the image folder as an absolute path when the index was made. ``images/`` holds
+    ``files`` (N,) UTF-8 paths relative to ``image_root`` instead of ``features``, plus ``ids`` and ``sizes``
+    as above; ``captions/`` and ``splits/`` are as above. Training decodes ``image_root/files[i]`` on the fly
+    (``data.image_root`` in a recipe overrides the root, e.g. for a copy on local scratch). Made by
+    ``maxmatch extract-features --images DIR --captions JSON --kind pixels``. This is an addition to schema v1:
+    stores of the other kinds are unchanged, and a reader that predates it refuses the file by its kind.
+
+The checks below raise :class:`~maxmatch_cli.errors.MaxMatchError` with the file's path and the fix; the reader
+(:mod:`maxmatch_cli.features.store.reader`) calls them in the order a file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from maxmatch_cli import __version__
+from maxmatch_cli.errors import MaxMatchError
+
+SCHEMA_VERSION = 1
+FEATURE_KINDS = ("region", "grid", "pixels")
+LAYOUTS = ("fixed", "flat", "files")
+PIXELS = "pixels"  # the kind of image-file stores (no features)
+PARTIAL_SUFFIX = ".partial"
+
+# Rows per chunk in the flat layout: about one image's worth of regions (BUTD: 10-100 boxes).
+FLAT_CHUNK_ROWS = 48
+STRING_DTYPE = h5py.string_dtype("utf-8")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where :class:`StoreWriter` writes before the atomic rename: ``<path>.partial``."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def inconsistent(path: Path, what: str) -> MaxMatchError:
+    """The error for a store whose datasets contradict each other (``what`` says how)."""
+    return MaxMatchError(f"{path} is inconsistent: {what}.", hint="re-create it with maxmatch extract-features")
+
+
+def hdf5_open_error(path: Path, exc: Exception) -> MaxMatchError:
+    """The error for a file with an HDF5 signature that h5py cannot open: truncated, or otherwise corrupt."""
+    detail = str(exc)
+    if "truncated" in detail:
+        what = "is truncated (the file is shorter than its header says; an interrupted copy or download?)"
+    else:
+        what = "is corrupt or unreadable as HDF5"
+    return MaxMatchError(
+        f"{path} {what}: {detail}",
+        hint="copy or re-create the file (maxmatch extract-features ...)",
+    )
+
+
+def check_store_path(path: Path, allow_incomplete: bool) -> None:
+    """Refuse, before opening it, a path that cannot hold a store: missing, a folder, a ``.partial``, not HDF5.
+
+    Args:
+        path: the file to open.
+        allow_incomplete: a ``.partial`` file is accepted (for ``features info`` and merging).
+
+    Raises:
+        MaxMatchError: the path is not an openable store; the message says why and what to do.
+    """
+    is_partial = path.name.endswith(PARTIAL_SUFFIX)
+    if not path.exists():
+        if partial_path(path).exists():
+            raise MaxMatchError(
+                f"{path} is not finished: only {partial_path(path).name} exists (an extraction is running "
+                "or was interrupted).",
+                hint="re-run the same extract-features command to resume it",
+            )
+        raise MaxMatchError(
+            f"feature file {path} does not exist.",
+            hint="create one with `maxmatch extract-features --synthetic demo --out PATH` or check the path",
+        )
+    if path.is_dir():
+        raise MaxMatchError(f"{path} is a directory, not a feature file.", hint="pass the .h5 file itself")
+    if is_partial and not allow_incomplete:
+        raise MaxMatchError(
+            f"{path} is an unfinished extraction (a .partial file).",
+            hint="re-run the same extract-features command to finish it, then use "
+            f"{path.name[: -len(PARTIAL_SUFFIX)]}",
+        )
+    if not h5py.is_hdf5(path):
+        raise MaxMatchError(
+            f"{path} is not an HDF5 file (no HDF5 signature; empty, corrupt, or another format).",
+            hint="pass a feature file written by maxmatch extract-features",
+        )
+
+
+@dataclass(frozen=True)
+class Header:
+    """The root attributes of a store, checked (see the module docstring for their meaning)."""
+
+    schema_version: int
+    complete: bool
+    n_written: int
+    feature_kind: str
+    source: str
+    feature_dim: int
+    layout: str
+    created_with: str
+    args_fingerprint: str
+    metadata: dict[str, Any]
+    image_root: str | None
+
+
+def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
+    """Read and check the root attributes and the required groups of an open store.
+
+    Args:
+        f: the open file.
+        path: its path, for messages.
+        allow_incomplete: accept a file whose ``complete`` flag is not set.
+
+    Raises:
+        MaxMatchError: not a store, another schema version, unfinished, a required group missing, or an unknown
+            kind or layout.
+        KeyError: a required attribute is missing (the reader reports the file as not a complete store).
+    """
+    attrs = f.attrs
+    if "schema_version" not in attrs:
+        raise MaxMatchError(
+            f"{path} is an HDF5 file but not a maxmatch feature store (no schema_version attribute).",
+            hint="convert your features with maxmatch extract-features (--from-precomp, --from-butd-tsv, "
+            "--images)",
+        )
+    version = int(attrs["schema_version"])
+    if version != SCHEMA_VERSION:
+        raise MaxMatchError(
+            f"{path} uses feature-store schema version {version}; this maxmatch ({__version__}) reads "
+            f"version {SCHEMA_VERSION}.",
+            hint="re-create the file with this version (maxmatch extract-features) or use a matching maxmatch",
+        )
+    complete = bool(attrs.get("complete", False))
+    if not complete and not allow_incomplete:
+        raise MaxMatchError(
+            f"{path} is incomplete (its 'complete' flag is not set: the extraction was interrupted).",
+            hint="re-run the extract-features command that made it, or delete it and extract again",
+        )
+    for group in ("images", "captions"):
+        if group not in f:
+            raise MaxMatchError(
+                f"{path} lacks the '{group}/' group required by schema v{SCHEMA_VERSION}.",
+                hint="re-create it with maxmatch extract-features",
+            )
+    kind, source = str(attrs["feature_kind"]), str(attrs["source"])
+    feature_dim, layout = int(attrs["feature_dim"]), str(attrs["layout"])
+    created_with, fingerprint = str(attrs.get("created_with", "")), str(attrs.get("args_fingerprint", ""))
+    metadata = json.loads(attrs.get("metadata", "{}") or "{}")
+    if kind not in FEATURE_KINDS or layout not in LAYOUTS or (kind == PIXELS) != (layout == "files"):
+        raise MaxMatchError(
+            f"{path} has feature_kind={kind!r}, layout={layout!r}; expected one of "
+            f"{FEATURE_KINDS} and {LAYOUTS} (layout 'files' with kind 'pixels' only).",
+            hint="re-create it with maxmatch extract-features",
+        )
+    return Header(
+        schema_version=version, complete=complete, n_written=int(attrs.get("n_written", 0)), feature_kind=kind,
+        source=source, feature_dim=feature_dim, layout=layout, created_with=created_with,
+        args_fingerprint=fingerprint, metadata=metadata,
+        image_root=str(attrs["image_root"]) if kind == PIXELS else None,
+    )
+
+
+def check_features(images: h5py.Group, header: Header, path: Path) -> tuple[int, int | None, np.ndarray | None]:
+    """Check ``images/features`` (and ``images/offsets`` in the flat layout) against the header.
+
+    Args:
+        images: the ``images/`` group of a feature store (not an image-file store).
+        header: its checked root attributes.
+        path: the file, for messages.
+
+    Returns:
+        ``(n_alloc, regions_per_image, offsets)``: the images the file has room for, R (``None`` in the flat
+        layout) and the offsets of the readable images (``None`` in the fixed layout).
+
+    Raises:
+        MaxMatchError: wrong dtype or shape, or offsets that do not describe the stored rows.
+    """
+    feats = images["features"]
+    if feats.dtype != np.float16 and feats.dtype != np.float32:
+        raise inconsistent(path, f"images/features has dtype {feats.dtype}, expected float16")
+    if header.layout == "fixed":
+        if feats.ndim != 3 or feats.shape[2] != header.feature_dim:
+            raise inconsistent(
+                path,
+                f"images/features has shape {feats.shape}, expected (N, R, {header.feature_dim}) for the "
+                "fixed layout",
+            )
+        return int(feats.shape[0]), int(feats.shape[1]), None
+    if feats.ndim != 2 or feats.shape[1] != header.feature_dim:
+        raise inconsistent(
+            path, f"images/features has shape {feats.shape}, expected (T, {header.feature_dim}) for the flat layout"
+        )
+    offsets = np.asarray(images["offsets"][:], dtype=np.int64)
+    n_alloc = len(offsets) - 1
+    n = n_alloc if header.complete else min(header.n_written, n_alloc)
+    offsets = offsets[: n + 1]
+    if n_alloc < 0 or offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > feats.shape[0]:
+        raise inconsistent(path, "images/offsets is not a non-decreasing list starting at 0 within the rows")
+    if header.complete and offsets[-1] != feats.shape[0]:
+        raise inconsistent(path, f"images/offsets ends at {offsets[-1]} but there are {feats.shape[0]} rows")
+    return n_alloc, None, offsets

@@ -1,0 +1,438 @@
+"""Writing a feature store: :class:`StoreWriter`, append-only, atomic and resumable.
+
+Images are appended in order; ``n_written`` is updated at each flush. Re-running with ``resume=True`` and the same
+``args_fingerprint`` continues after the last flushed image; a different fingerprint is refused with a message
+(see :mod:`maxmatch_cli.features.store.partial` for the ``.partial`` file and its publication).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.features.store.batch import append_rows, check_shapes, encode_block, feature_items, ids_array
+from maxmatch_cli.features.store.partial import (
+    StoreSpec,
+    check_same_arguments,
+    create_partial,
+    drop_unflushed,
+    open_partial,
+    publish_partial,
+    resize_images,
+)
+from maxmatch_cli.features.store.schema import FEATURE_KINDS, FLAT_CHUNK_ROWS, PIXELS, partial_path
+from maxmatch_cli.features.store.splits import check_references, write_captions, write_split
+
+
+class StoreWriter:
+    """Append-only writer of a schema-v1 store, atomic and resumable.
+
+    Use as a context manager::
+
+        with StoreWriter(out, feature_kind="region", source="butd-tsv", feature_dim=2048,
+                         regions_per_image=36, n_images=n, args_fingerprint=fp, resume=True) as w:
+            for batch in ...:
+                if <batch already written>: continue       # w.n_written says how many images are stored
+                w.write_images(features, ids=ids)
+            w.set_captions(texts, image_index)
+            w.add_split("train", train_images)
+
+    Leaving the block normally finishes the file (checks, sets ``complete``, closes, renames ``.partial`` to the
+    final path). Leaving it with an exception (Ctrl-C included) flushes what was written and keeps the
+    ``.partial`` for a later ``resume=True`` run.
+
+    Args:
+        path: final path of the store.
+        feature_kind: ``"region"``, ``"grid"`` or ``"pixels"`` (an image-file store: layout ``"files"``,
+            written with :meth:`write_files`, ``feature_dim`` 3).
+        source: where the features come from, e.g. ``"butd-tsv"``.
+        feature_dim: D.
+        regions_per_image: R for the fixed layout (every image has R rows); ``None`` selects the flat layout
+            (variable rows per image, stored without padding plus offsets).
+        n_images: the number of images expected, if known (the file is pre-allocated and :meth:`finish`
+            checks the count); ``None`` grows the file as images come.
+        id_kind: ``"int"`` (int64 ids) or ``"str"`` (UTF-8 ids).
+        with_boxes: store a box (x1, y1, x2, y2) per region; :meth:`write_images` then needs ``boxes``.
+        with_sizes: store each image's (width, height); :meth:`write_images` then needs ``sizes``.
+        metadata: JSON-serialisable dict stored as the ``metadata`` attribute.
+        args_fingerprint: identity of the arguments (see :func:`args_fingerprint`); a resumed run must match.
+        resume: continue ``<path>.partial`` if it exists (else start fresh). Without it, an existing partial
+            file is discarded.
+        overwrite: allow replacing an existing finished store at ``path`` (replaced only when the new one is
+            finished).
+        compression: ``None`` (default, fastest reads) or ``"lzf"``.
+        flush_every: flush and record progress at least every this many images.
+        chunk_rows: rows per HDF5 chunk in the flat layout (default 48; the typical region count per image
+            makes most images one chunk read).
+        image_root: the image folder of an image-file store (stored as the ``image_root`` attribute).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        feature_kind: str,
+        source: str,
+        feature_dim: int,
+        regions_per_image: int | None = None,
+        n_images: int | None = None,
+        id_kind: str = "int",
+        with_boxes: bool = False,
+        with_sizes: bool = False,
+        metadata: dict[str, Any] | None = None,
+        args_fingerprint: str = "",
+        resume: bool = False,
+        overwrite: bool = False,
+        compression: str | None = None,
+        flush_every: int = 256,
+        chunk_rows: int = FLAT_CHUNK_ROWS,
+        image_root: str | os.PathLike | None = None,
+    ):
+        if feature_kind not in FEATURE_KINDS:
+            raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}")
+        if id_kind not in ("int", "str"):
+            raise ValueError(f"id_kind must be 'int' or 'str', got {id_kind!r}")
+        if compression not in (None, "lzf"):
+            raise ValueError("compression must be None or 'lzf' (gzip makes every read ~25x slower)")
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        if feature_kind == PIXELS:
+            if image_root is None or regions_per_image is not None or with_boxes:
+                raise ValueError("an image-file store takes image_root, and no regions_per_image or boxes")
+            self.layout = "files"
+        else:
+            self.layout = "fixed" if regions_per_image is not None else "flat"
+        self.image_root = None if image_root is None else str(image_root)
+        self.feature_kind = feature_kind
+        self.source = source
+        self.feature_dim = int(feature_dim)
+        self.regions_per_image = regions_per_image
+        self.n_images = n_images
+        self.id_kind = id_kind
+        self.with_boxes = with_boxes
+        self.with_sizes = with_sizes
+        self.metadata = metadata or {}
+        self.args_fingerprint = args_fingerprint
+        self.compression = compression
+        self.flush_every = max(1, int(flush_every))
+        self.chunk_rows = max(1, int(chunk_rows))
+        self.resumed = False
+        self._since_flush = 0
+        self._finished = False
+        self._spec = StoreSpec(
+            feature_kind=self.feature_kind, source=self.source, feature_dim=self.feature_dim, layout=self.layout,
+            regions_per_image=self.regions_per_image, n_images=self.n_images, id_kind=self.id_kind,
+            with_boxes=self.with_boxes, with_sizes=self.with_sizes, args_fingerprint=self.args_fingerprint,
+            compression=self.compression, chunk_rows=self.chunk_rows, image_root=self.image_root,
+        )
+        self._check_output(overwrite)
+        if resume and self.partial.exists():
+            self._file = self._reopen_partial()
+        else:
+            self._file = self._create()
+
+    @classmethod
+    def open_or_resume(cls, path: str | os.PathLike, **kwargs: Any) -> StoreWriter:
+        """Same as ``StoreWriter(path, resume=True, **kwargs)``: continue ``path.partial`` if present."""
+        kwargs["resume"] = True
+        return cls(path, **kwargs)
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    def _check_output(self, overwrite: bool) -> None:
+        """Refuse an existing store (unless ``overwrite``) or a folder at the path; create the parent folder."""
+        if self.path.exists() and not overwrite:
+            raise MaxMatchError(
+                f"{self.path} already exists.",
+                hint="choose another --out path, delete the file, or pass --overwrite to replace it",
+            )
+        if self.path.is_dir():
+            raise MaxMatchError(f"{self.path} is a directory.", hint="--out must name a file, e.g. features.h5")
+        parent = self.path.parent
+        if not parent.exists():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise MaxMatchError(
+                    f"cannot create the folder {parent} for {self.path.name}: {exc.strerror}.",
+                    hint="choose a writable --out path",
+                ) from None
+
+    def _create(self) -> h5py.File:
+        f = create_partial(self.partial, self._spec, self.metadata)
+        self.n_written = 0
+        self._rows = 0
+        return f
+
+    def _reopen_partial(self) -> h5py.File:
+        try:
+            f, stored, n_written = open_partial(self.partial, self.layout)
+        except (OSError, KeyError) as exc:
+            # A kill during a write can leave the HDF5 metadata unreadable; nothing in it can be trusted.
+            # stacklevel 3: the warning points at the code that made the writer.
+            warnings.warn(f"{self.partial} could not be resumed ({exc}); starting over", stacklevel=3)
+            return self._create()
+        check_same_arguments(f, self.partial, stored, self._spec.defining())
+        self.n_written = n_written
+        self._rows = drop_unflushed(f, self._spec, n_written)
+        self.resumed = True
+        return f
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def write_images(
+        self,
+        features: np.ndarray | Sequence[np.ndarray],
+        *,
+        ids: Sequence[int] | Sequence[str] | np.ndarray | None = None,
+        boxes: np.ndarray | Sequence[np.ndarray] | None = None,
+        sizes: np.ndarray | Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Append a batch of images.
+
+        Args:
+            features: fixed layout: ``(B, R, D)`` array (or a list of ``(R, D)``); flat layout: a list of
+                ``(R_i, D)`` arrays. Any float dtype; stored as float16.
+            ids: ``B`` image ids (default: the running image index).
+            boxes: like ``features`` with 4 columns (required if ``with_boxes``).
+            sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
+        """
+        if self.layout == "files":
+            raise ValueError("an image-file store holds no features: use write_files()")
+        fixed = self.layout == "fixed"
+        items = feature_items(features)
+        B = len(items)
+        if B == 0:
+            return
+        start = self.n_written
+        check_shapes(items, start, regions_per_image=self.regions_per_image if fixed else None,
+                     feature_dim=self.feature_dim, file_name=self.path.name)
+        ids_arr = ids_array(ids, start, B, self.id_kind)
+        if self.with_boxes and boxes is None:
+            raise ValueError("this store keeps boxes: pass boxes=")
+        if self.with_sizes and sizes is None:
+            raise ValueError("this store keeps image sizes: pass sizes=")
+        block = encode_block(features, items, ids_arr, start, fixed=fixed, feature_dim=self.feature_dim)
+        end = start + B
+        try:
+            images = self._file["images"]
+            self._ensure_capacity(end)
+            if fixed:
+                images["features"][start:end] = block
+                if self.with_boxes:
+                    images["boxes"][start:end] = np.stack([np.asarray(b, dtype=np.float32) for b in boxes])
+            else:
+                # Open until the batch is written, as it always was: HDF5 places metadata by what is open,
+                # and files must stay byte for byte what earlier versions wrote.
+                feats = images["features"]
+                self._rows = append_rows(images, feats, self._rows, start, block, items, boxes, self.with_boxes)
+            images["ids"][start:end] = ids_arr
+            if self.with_sizes:
+                images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        if self.layout == "fixed":
+            self._rows = end * int(self.regions_per_image)
+        self._advance(end, B)
+
+    def write_image(self, features: np.ndarray, *, id: int | str | None = None, boxes: np.ndarray | None = None,
+                    size: Sequence[int] | None = None) -> None:
+        """Append one image (see :meth:`write_images`)."""
+        self.write_images(
+            [features],
+            ids=None if id is None else [id],
+            boxes=None if boxes is None else [boxes],
+            sizes=None if size is None else [size],
+        )
+
+    def write_files(
+        self,
+        files: Sequence[str],
+        *,
+        ids: Sequence[int] | Sequence[str] | np.ndarray,
+        sizes: np.ndarray | Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Append images of an image-file store (``feature_kind="pixels"``).
+
+        Args:
+            files: ``B`` paths relative to the store's ``image_root``.
+            ids: ``B`` image ids.
+            sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
+        """
+        if self.layout != "files":
+            raise ValueError("write_files() is for image-file stores (feature_kind='pixels')")
+        B = len(files)
+        if len(ids) != B or (sizes is not None and len(sizes) != B):
+            raise ValueError("files, ids and sizes must have the same length")
+        if self.with_sizes and sizes is None:
+            raise ValueError("this store keeps image sizes: pass sizes=")
+        if B == 0:
+            return
+        start, end = self.n_written, self.n_written + B
+        images = self._file["images"]
+        try:
+            self._ensure_capacity(end)
+            images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
+            if self.id_kind == "str":
+                images["ids"][start:end] = np.array([str(x) for x in ids], dtype=object)
+            else:
+                images["ids"][start:end] = np.asarray(ids, dtype=np.int64)
+            if self.with_sizes:
+                images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        self._advance(end, B)
+
+    def _advance(self, end: int, B: int) -> None:
+        """Count ``B`` more images written (``end`` in all) and flush when ``flush_every`` have come."""
+        self.n_written = end
+        self._since_flush += B
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def _ensure_capacity(self, n: int) -> None:
+        images = self._file["images"]
+        current = len(images["ids"])
+        if n <= current:
+            return
+        if self.n_images is not None:
+            raise MaxMatchError(
+                f"more images than the {self.n_images} announced for {self.path.name}.",
+                hint="this is a bug in the importer; please report it",
+            )
+        resize_images(self._file, self.layout, n)
+
+    def _write_error(self, exc: OSError) -> MaxMatchError:
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc)
+        if full:
+            return MaxMatchError(
+                f"the disk is full while writing {self.partial}.",
+                hint="free some space and re-run the same command: it resumes from the last flushed image",
+            )
+        return MaxMatchError(
+            f"writing {self.partial} failed: {exc}.",
+            hint="check the disk, then re-run the same command to resume",
+        )
+
+    def flush(self) -> None:
+        """Flush data to disk and record ``n_written`` (the point a resumed run continues from)."""
+        try:
+            self._file.flush()  # data first, then the count that vouches for it
+            self._file.attrs["n_written"] = self.n_written
+            self._file.flush()
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        self._since_flush = 0
+
+    # -- captions, splits, metadata ------------------------------------------------------------------------
+
+    def set_captions(
+        self,
+        texts: Sequence[str],
+        image_index: Sequence[int] | np.ndarray,
+        ids: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Store all captions (replacing any stored before).
+
+        Args:
+            texts: M caption strings.
+            image_index: M indices of the owning images (positions in the store, not dataset ids).
+            ids: optional M int64 caption ids.
+        """
+        write_captions(self._file["captions"], texts, image_index, ids)
+
+    def add_split(
+        self,
+        name: str,
+        image_indices: Sequence[int] | np.ndarray,
+        caption_indices: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Store a split (replacing one of the same name).
+
+        Args:
+            name: e.g. ``"train"``, ``"dev"``, ``"test"``, ``"testall"``.
+            image_indices: the split's images, in evaluation order.
+            caption_indices: its captions, grouped by image in the order of ``image_indices``. ``None`` takes
+                every stored caption of each image, in caption order (call :meth:`set_captions` first).
+        """
+        write_split(self._file, name, image_indices, caption_indices)
+
+    def set_metadata(self, **values: Any) -> None:
+        """Merge values into the ``metadata`` attribute."""
+        self.metadata.update(values)
+        self._file.attrs["metadata"] = json.dumps(self.metadata, sort_keys=True)
+
+    def written_ids(self) -> list[int | str]:
+        """Ids of the images written so far (after a resume: those kept from the partial file), in order."""
+        ids = self._file["images/ids"]
+        if h5py.check_string_dtype(ids.dtype):
+            return list(ids.asstr()[: self.n_written])
+        return [int(x) for x in ids[: self.n_written]]
+
+    @property
+    def h5(self) -> h5py.File:
+        """The underlying HDF5 file, for extra groups (e.g. ``synthetic/``)."""
+        return self._file
+
+    # -- finishing -----------------------------------------------------------------------------------------
+
+    def finish(self) -> Path:
+        """Check, mark complete, close, sync and rename to the final path. Returns the final path."""
+        f = self._file
+        if self.n_images is not None and self.n_written != self.n_images:
+            raise MaxMatchError(
+                f"{self.partial}: {self.n_written} images written, {self.n_images} expected.",
+                hint="the importer stopped early; re-run the same command to resume",
+            )
+        resize_images(f, self.layout, self.n_written)
+        if "text" not in f["captions"]:
+            self.set_captions([], [])
+        check_references(f, self.n_written, self.partial)
+        self.flush()
+        f.attrs["complete"] = True
+        try:
+            publish_partial(f, self.partial, self.path)
+        except OSError as exc:
+            raise self._write_error(exc) from None
+        self._finished = True
+        return self.path
+
+    def abort(self) -> None:
+        """Flush what is written and close, keeping ``.partial`` for a resume."""
+        if self._finished or not self._file.id.valid:
+            return
+        try:
+            self.flush()
+        except MaxMatchError:
+            pass
+        self._file.close()
+
+    def discard(self) -> None:
+        """Close and delete the ``.partial`` file."""
+        if self._file.id.valid:
+            self._file.close()
+        if self.partial.exists():
+            self.partial.unlink()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            if not self._finished:
+                try:
+                    self.finish()
+                except BaseException:
+                    self.abort()
+                    raise
+        else:
+            self.abort()

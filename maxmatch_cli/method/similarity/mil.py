@@ -1,0 +1,24 @@
+"""MIL (PVSE): a pair of sets is as similar as its most similar pair of elements."""
+
+from __future__ import annotations
+
+import torch
+
+from maxmatch_cli.method.similarity.base import SimilarityKind, entries_first
+
+Tensor = torch.Tensor
+
+
+def mil_score(c: Tensor) -> Tensor:
+    """MIL similarity (PVSE): the largest of the ``K x K'`` cosines.
+
+    Args:
+        c: ``(..., K, K')`` cosine matrices.
+
+    Returns:
+        ``(...)`` scores.
+    """
+    return entries_first(c).amax(dim=(0, 1)).reshape(c.shape[:-2])
+
+
+KIND = SimilarityKind("mil", "MIL (PVSE): the largest element-to-element cosine", mil_score)

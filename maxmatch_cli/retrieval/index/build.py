@@ -1,0 +1,286 @@
+"""Building an index: encode a gallery once, in bounded memory, resumably, and publish the folder whole.
+
+A build streams: the gallery is encoded ``batch_size`` items at a time into a preallocated
+:func:`numpy.lib.format.open_memmap`, so memory stays bounded whatever the gallery size. It writes into a hidden
+folder next to the target (``.NAME.partial``), writes the manifest last and renames the folder into place, so a
+failed or killed build never leaves a folder at the target path that looks complete (an interrupted
+``--overwrite`` keeps the old index). The partial folder records after each batch how many rows are encoded
+(``progress.json``, with the build's identity: checkpoint, feature file, split, kind, shard): the same command
+run again resumes after them; a different build starts the folder afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.retrieval.index.engines import SEARCH_ENGINES, build_engine
+from maxmatch_cli.retrieval.index.folder import Index
+from maxmatch_cli.retrieval.index.format import (ENGINE, FORMAT, FORMAT_VERSION, IDS_FILE, KINDS, MANIFEST_FILE,
+                                                 SETS_FILE, TEXTS_FILE, checkpoint_fingerprint, json_value,
+                                                 write_json)
+from maxmatch_cli.retrieval.index.interface import check_nlist
+from maxmatch_cli.retrieval.index.shards import parse_shard, shard_folders, shard_name, shard_rows
+
+PROGRESS_FILE = "progress.json"
+"""In a partial build folder: the build's identity and how many rows of sets.npy are encoded."""
+
+
+def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
+                split: str | None = None, kind: str = "images", device: str = "auto", batch_size: int | None = None,
+                overwrite: bool = False, show_progress: bool = True, engine: str = "exact",
+                nlist: int | None = None, shard: tuple[int, int] | str | None = None) -> Index:
+    """Encode a split's images (or captions) once and write them as an index folder.
+
+    Args:
+        checkpoint: checkpoint file or run folder.
+        out: the index folder to create.
+        data: feature file (default: the checkpoint recipe's ``data.path``).
+        split: split to index (default: the recipe's ``eval.split``).
+        kind: ``images`` (a gallery for text queries) or ``captions``.
+        device: where to encode.
+        batch_size: items encoded (and written) at a time (default: the recipe's ``eval.batch_size``).
+        overwrite: replace an index already at ``out`` (the old one stays until the new one is complete).
+        show_progress: a progress bar.
+        engine: ``exact`` (the sets only) or ``faiss`` (also a faiss element index for approximate candidate
+            generation, :func:`~maxmatch_cli.retrieval.index.faiss_engine.build_element_index`); a name of
+            :data:`~maxmatch_cli.retrieval.index.engines.SEARCH_ENGINES`.
+        nlist: faiss: inverted lists (default :func:`~maxmatch_cli.retrieval.index.faiss_engine.default_nlist`).
+        shard: ``(i, n)`` or ``"i/n"``: build only shard ``i`` (0-based) of ``n``, the contiguous rows
+            :func:`~maxmatch_cli.retrieval.index.shards.shard_rows` of the split, into ``out/shard-i-of-n``
+            (``out`` is the sharded index folder; :func:`~maxmatch_cli.retrieval.index.query.load_index` on it
+            opens every shard as one :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`).
+
+    Returns:
+        The written :class:`~maxmatch_cli.retrieval.index.folder.Index` (the shard's, with ``shard``).
+
+    Raises:
+        MaxMatchError: bad inputs, an existing ``out`` without ``overwrite``, or a folder that cannot be written.
+    """
+    from maxmatch_cli import __version__
+    from maxmatch_cli.retrieval.api import load
+    from maxmatch_cli.features.store import open_store
+
+    if kind not in KINDS:
+        raise MaxMatchError(f"unknown index kind '{kind}'", hint="use --kind images or --kind captions")
+    spec = build_engine(engine)
+    spec.check_build(nlist)
+    if batch_size is not None and batch_size < 1:
+        raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
+    out, shard = _target(Path(out), shard, overwrite)
+    model = load(checkpoint, device)
+    recipe = model.recipe
+    store = open_store(data or recipe.data.path)
+    split = split or recipe.eval.split
+    rows, shard_record = _gallery_rows(store, split, kind, shard)
+    if kind == "images":
+        from maxmatch_cli.evaluation.encoding import check_features
+
+        check_features(_Ckpt(model.checkpoint, recipe), store)
+        ids = [json_value(v) for v in np.asarray(store.image_ids)[rows]]
+        texts = None
+    else:
+        ids = [int(v) for v in rows]
+        texts = store.captions_text(rows)
+    batch_size = batch_size or recipe.eval.batch_size
+    n, k, d = len(rows), model.num_embeds, model.embed_dim
+    check_nlist(nlist, n * k)  # before any encoding
+
+    from maxmatch_cli.features.images import extraction_of
+
+    extraction = extraction_of(store)  # how image files can be encoded for queries (None: not from image files)
+    ckpt_fp, data_fp = checkpoint_fingerprint(model.checkpoint), store.fingerprint()
+    build_id = hashlib.sha256(json.dumps([FORMAT_VERSION, ckpt_fp, data_fp, split, kind, shard_record, n, k, d],
+                                         sort_keys=True).encode()).hexdigest()
+    tmp, done = _open_partial(out, build_id)
+    try:
+        _encode_into(tmp, build_id, done, model, store, kind, rows, texts, batch_size, show_progress)
+        for name in (name for each in SEARCH_ENGINES.values() for name in each.files):
+            (tmp / name).unlink(missing_ok=True)  # from an earlier attempt with another --engine
+        element_index = spec.build(tmp, nlist)
+        write_json(tmp / IDS_FILE, ids)
+        if texts is not None:
+            write_json(tmp / TEXTS_FILE, texts)
+        stat = model.checkpoint.stat()
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
+            "dtype": "float16", "normalized": True, "similarity": model.similarity,
+            "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
+            "element_index": element_index,
+            "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
+                           "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
+            "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
+            "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / PROGRESS_FILE).unlink()
+        write_json(tmp / MANIFEST_FILE, manifest)  # last: a folder with a manifest is whole
+        _chmod_published(tmp)
+        _publish_folder(tmp, out)
+    except OSError as exc:  # disk full, permissions: the rows so far stay, and a re-run resumes after them
+        raise MaxMatchError(f"building index {out} failed: {exc.strerror or exc}",
+                            hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
+                                 f"{kind} already encoded (kept in {tmp})") from None
+    # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
+    return Index.open(out)
+
+
+def _target(out: Path, shard: tuple[int, int] | str | None,
+            overwrite: bool) -> tuple[Path, tuple[int, int] | None]:
+    """The folder the build publishes (``out``, or its shard folder) and the parsed shard; refuses to replace
+    anything but an index of the same shape (unsharded or sharded) when ``overwrite`` is given."""
+    if shard is not None:
+        shard = parse_shard(shard) if isinstance(shard, str) else parse_shard(f"{shard[0]}/{shard[1]}")
+        if out.exists() and (not out.is_dir() or (out / MANIFEST_FILE).is_file()):
+            raise MaxMatchError(f"{out} is {'an unsharded index' if out.is_dir() else 'a file'}, not a folder of shards",
+                                hint="choose another --out for the sharded index")
+        out = out / shard_name(*shard)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder is simply filled
+        if shard is None and out.is_dir() and shard_folders(out):
+            raise MaxMatchError(f"{out} is a sharded index; not replacing it with an unsharded one",
+                                hint="add --shard I/N to (re)build one of its shards, or choose another --out")
+        if not (out.is_dir() and (out / MANIFEST_FILE).is_file()):
+            raise MaxMatchError(f"{out} exists and is not a maxmatch index; not replacing it",
+                                hint="choose another --out, or remove it yourself")
+        if not overwrite:
+            raise MaxMatchError(f"index {out} already exists",
+                                hint="pass --overwrite to replace it, or choose another --out")
+    return out, shard
+
+
+def _gallery_rows(store: Any, split: str, kind: str,
+                  shard: tuple[int, int] | None) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The store rows of the split's ``kind`` to encode (the shard's, with ``shard``) and the manifest's shard
+    record."""
+    images, captions = store.split(split)
+    rows = images if kind == "images" else captions
+    if len(rows) == 0:
+        raise MaxMatchError(f"split '{split}' of {store.path} has no {kind}", hint="index another split (--split)")
+    n_total = len(rows)
+    shard_record = None
+    if shard is not None:
+        start, stop = shard_rows(n_total, *shard)
+        if start == stop:
+            raise MaxMatchError(f"shard {shard[0]}/{shard[1]} of {n_total} {kind} would be empty",
+                                hint=f"use at most {n_total} shards")
+        rows = rows[start:stop]
+        shard_record = {"index": shard[0], "count": shard[1], "rows": [int(start), int(stop)], "n_total": n_total}
+    return rows, shard_record
+
+
+def _encode_into(tmp: Path, build_id: str, done: int, model: Any, store: Any, kind: str, rows: np.ndarray,
+                 texts: list[str] | None, batch_size: int, show_progress: bool) -> None:
+    """Encode the rows after the first ``done`` into the partial folder's sets.npy, recording progress per batch."""
+    from maxmatch_cli.progress import make_progress
+
+    n, k, d = len(rows), model.num_embeds, model.embed_dim
+    sets = np.lib.format.open_memmap(tmp / SETS_FILE, mode="r+" if done else "w+", dtype=np.float16,
+                                     shape=(n, k, d))
+    with make_progress(transient=True) as progress:
+        task = progress.add_task(f"encoding {kind}", total=n, completed=done, unit=kind[:3],
+                                 status=f"resumed at {done:,}" if done else "", visible=show_progress)
+        for start in range(done, n, batch_size):
+            chunk = rows[start: start + batch_size]
+            if kind == "images":
+                encoded = model.encode_images(store, chunk, batch_size=batch_size)
+            else:
+                encoded = model.encode_texts(texts[start: start + batch_size], batch_size=batch_size)
+            sets[start: start + len(chunk)] = F.normalize(encoded, dim=-1).numpy().astype(np.float16)
+            sets.flush()  # the rows first, then the record that they are there
+            _save_progress(tmp, build_id, start + len(chunk))
+            progress.advance(task, len(chunk))
+    del sets
+
+
+# ----------------------------------------------------------------------------------------------- partial folder
+
+
+def _partial_folder(out: Path) -> Path:
+    """Where a build of ``out`` works until it is complete (hidden, next to it; a re-run resumes there)."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _rows_in(partial: Path) -> int:
+    try:
+        return int(json.loads((partial / PROGRESS_FILE).read_text(encoding="utf-8"))["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _open_partial(out: Path, build_id: str) -> tuple[Path, int]:
+    """The partial folder of ``out`` and the rows already encoded in it: kept when an earlier attempt of the same
+    build (same checkpoint, feature file, split, kind, shard) was interrupted, else started afresh."""
+    partial = _partial_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if partial.is_dir():
+            try:
+                state = json.loads((partial / PROGRESS_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                state = {}
+            if state.get("build") == build_id and (partial / SETS_FILE).is_file():
+                return partial, int(state.get("done", 0))
+            shutil.rmtree(partial)  # another build's leftovers, or one that never recorded progress
+        elif partial.exists():
+            partial.unlink()
+        partial.mkdir()
+        _save_progress(partial, build_id, 0)
+    except OSError as exc:
+        raise MaxMatchError(f"cannot write to {out.parent}: {exc.strerror or exc}",
+                            hint="choose an output folder you can write to (--out)") from None
+    return partial, 0
+
+
+def _save_progress(partial: Path, build_id: str, done: int) -> None:
+    tmp = partial / f"{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps({"build": build_id, "done": done}) + "\n", encoding="utf-8")
+    os.replace(tmp, partial / PROGRESS_FILE)
+
+
+@dataclass
+class _Ckpt:
+    """What :func:`maxmatch_cli.evaluation.encoding.check_features` reads of a checkpoint."""
+
+    path: Path
+    recipe: Any
+
+
+# ----------------------------------------------------------------------------------------------- publishing
+
+
+def _chmod_published(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; give the index the permissions an ordinary folder and files would get."""
+    from maxmatch_cli.fileio import current_umask
+
+    umask = current_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for child in folder.iterdir():
+        os.chmod(child, 0o666 & ~umask)
+
+
+def _publish_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder onto ``out``; an index already there is moved aside first, removed after."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / "index")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "index", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

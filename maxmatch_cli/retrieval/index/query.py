@@ -1,0 +1,199 @@
+"""Opening an index folder (one index or a folder of shards) and answering queries: text against an image
+index, images (files or ids of a feature file) against a captions index."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.retrieval.index.engines import check_engine
+from maxmatch_cli.retrieval.index.folder import Index
+from maxmatch_cli.retrieval.index.format import BUILD_HINT, MANIFEST_FILE, json_value
+from maxmatch_cli.retrieval.index.interface import check_depth
+from maxmatch_cli.retrieval.index.shards import ShardedIndex, shard_folders
+
+
+def load_index(path: str | os.PathLike) -> Index | ShardedIndex:
+    """Open an index folder written by :func:`~maxmatch_cli.retrieval.index.build.build_index` (the sets
+    memory-mapped, read-only), or a folder of shards built with ``shard=(i, n)`` (a
+    :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`).
+
+    Raises:
+        MaxMatchError: the folder is missing, incomplete, of another format version, or damaged.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MaxMatchError(f"index {path} does not exist", hint=BUILD_HINT)
+    if not path.is_dir():
+        raise MaxMatchError(f"{path} is a file, not an index folder", hint=BUILD_HINT)
+    if not (path / MANIFEST_FILE).is_file() and shard_folders(path):
+        return ShardedIndex.open(path)
+    return Index.open(path)
+
+
+@dataclass
+class Hit:
+    """One result of a query.
+
+    Attributes:
+        rank: 1-based rank.
+        row: row of the item in the index.
+        id: the item's id (image id, or caption index).
+        score: its set similarity to the query.
+        matching: the MaxMatch assignment between the query set and the item's set, one entry per matched pair:
+            ``(query element, gallery element, cosine)`` with 0-based element numbers, by query element.
+        text: the caption, for a hit of a captions index.
+    """
+
+    rank: int
+    row: int
+    id: Any
+    score: float
+    matching: list[tuple[int, int, float]] = field(default_factory=list)
+    text: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The hit as ``maxmatch query --json`` prints it."""
+        out = {"rank": self.rank, "row": self.row, "id": self.id, "score": self.score}
+        if self.text is not None:
+            out["text"] = self.text
+        out["matching"] = [{"query_element": q, "gallery_element": g, "cosine": c} for q, g, c in self.matching]
+        return out
+
+
+def _matching(gallery_set: torch.Tensor, query_set: torch.Tensor,
+              query_side: str = "text") -> list[tuple[int, int, float]]:
+    """The MaxMatch pairs of one gallery set and one query set, with their cosines, as (query, gallery) elements."""
+    from maxmatch_cli.method.similarity import cosine_matrices, maxmatch_assignment
+
+    img, txt = (gallery_set, query_set) if query_side == "text" else (query_set, gallery_set)
+    img, txt = img.unsqueeze(0), txt.unsqueeze(0)
+    perm = maxmatch_assignment(img, txt)[0, 0]  # image element v -> text element perm[v] (-1: unmatched)
+    cos = cosine_matrices(img, txt)[0, 0]
+    pairs = [(int(t), v, float(cos[v, t])) if query_side == "text" else (v, int(t), float(cos[v, t]))
+             for v, t in enumerate(perm.tolist()) if t >= 0]
+    return sorted(pairs)
+
+
+QUERY_KINDS = {"text": "images", "image": "captions"}
+"""What each kind of query searches: captions against an image index, images against a captions index."""
+
+
+def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence[str] | str | None = None,
+                k: int = 10, checkpoint: str | os.PathLike | None = None, device: str = "auto", model: Any = None,
+                block_size: int | None = None, engine: str = "auto", candidates: int | None = None,
+                nprobe: int | None = None, *, images: Sequence[str | os.PathLike] | None = None,
+                image_ids: Sequence[Any] | None = None,
+                data: str | os.PathLike | None = None) -> tuple[list[list[Hit]], str]:
+    """Search an index, scored exactly under its similarity: captions (``texts``) against an image index, or
+    images (image files ``images``, or ``image_ids`` of a feature file) against a captions index.
+
+    Args:
+        index: an :class:`~maxmatch_cli.retrieval.index.folder.Index`, a
+            :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`, or its folder.
+        texts: caption queries.
+        k: results per query.
+        checkpoint: the checkpoint to encode the queries with (default: the one the index records); it must be
+            the file the index was built with.
+        device: where to encode and score.
+        model: an already loaded :class:`~maxmatch_cli.retrieval.api.Model` of that checkpoint (skips loading).
+        block_size: gallery sets scored per block.
+        engine, candidates, nprobe: as for :meth:`~maxmatch_cli.retrieval.index.folder.Index.search`.
+        images: image files; their features are extracted as the index's feature file's were (it must have been
+            written by ``extract-features --images``, or the checkpoint must read pixels itself).
+        image_ids: ids of images of a feature file (``data``, default the one the index was built from), encoded
+            from their stored features.
+        data: the feature file of ``image_ids``.
+
+    Returns:
+        ``(hits, engine)``: for each query its hits, best first, and the engine that answered.
+
+    Raises:
+        MaxMatchError: no query or an empty one, a query of the wrong kind for the index, a checkpoint other than
+            the index's, an image that cannot be read, an unknown image id, a bad index.
+    """
+    from maxmatch_cli.retrieval.api import load
+
+    check_depth(candidates, nprobe)  # also when the exact engine ignores them
+    index = index if isinstance(index, (Index, ShardedIndex)) else load_index(index)
+    side, values = _query_values(index, texts, images, image_ids)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. -k 10")
+    check_engine(engine)  # before the model is loaded
+    ckpt_path = Path(checkpoint) if checkpoint is not None else (model.checkpoint if model is not None
+                                                                 else index.checkpoint)
+    index.check_checkpoint(ckpt_path)
+    model = model if model is not None else load(ckpt_path, device)
+    if texts is not None:
+        queries = model.encode_texts(values)
+    elif images is not None:
+        queries = model.encode_images([Path(v) for v in values], extractor=_extraction_for(index, model))
+    else:
+        queries = _encode_image_ids(model, values, data or index.manifest["data"])
+    ranking, engine = index.search(queries, k, engine=engine, candidates=candidates, nprobe=nprobe,
+                                   device=model.device, block_size=block_size)
+    results = []
+    for q, (rows, scores) in enumerate(zip(ranking.indices.tolist(), ranking.scores.tolist())):
+        hits = []
+        for r, (row, score) in enumerate(((row, score) for row, score in zip(rows, scores) if row >= 0), 1):
+            item_id, item_set, text = index.item(row)
+            hits.append(Hit(r, row, item_id, score, _matching(torch.from_numpy(item_set), queries[q], side), text))
+        results.append(hits)
+    return results, engine
+
+
+def _query_values(index: Index | ShardedIndex, texts: Any, images: Any, image_ids: Any) -> tuple[str, list[Any]]:
+    """``(side, queries)``: ``text`` or ``image`` and the list of queries, checked to be of exactly one kind,
+    non-empty, and of the kind the index answers."""
+    given = [name for name, v in (("texts", texts), ("images", images), ("image_ids", image_ids)) if v is not None]
+    if len(given) != 1:
+        raise MaxMatchError("a query is text, image files or image ids (exactly one kind)" if given else "no query",
+                            hint='pass --text "..." (an image index), or --image PATH / --image-id ID (a captions '
+                                 'index)')
+    side = "text" if texts is not None else "image"
+    values = [v for v in (texts, images, image_ids) if v is not None][0]
+    values = [values] if isinstance(values, (str, Path, int)) else list(values)
+    if not values or any(isinstance(v, str) and not v.strip() for v in values):
+        raise MaxMatchError("empty query", hint='pass the text to search for, e.g. --text "a dog on a sofa"'
+                            if side == "text" else "pass an image, e.g. --image photo.jpg")
+    if index.kind != QUERY_KINDS[side]:
+        raise MaxMatchError(f"index {index.path} holds {index.kind}; {side} queries search "
+                            f"{'an image' if side == 'text' else 'a captions'} index",
+                            hint=f"build one with `maxmatch index CKPT --kind {QUERY_KINDS[side]} --out INDEX`"
+                            + (", or query this one with --text" if side == "image" else
+                               ", or query this one with --image / --image-id"))
+    return side, values
+
+
+def _extraction_for(index, model) -> dict[str, Any] | None:
+    """The feature extraction image-file queries must repeat (None for a checkpoint that reads pixels)."""
+    if model.recipe.model.image_encoder == "cnn":
+        return None
+    extraction = index.image_extraction
+    if extraction is None:
+        raise MaxMatchError(f"the features of index {index.path} ({index.manifest['data']}) were not extracted from "
+                            "image files by maxmatch (synthetic, precomputed or BUTD features), so a new image "
+                            "cannot be encoded like them",
+                            hint="query with an image of that feature file by id (--image-id ID), or index a "
+                                 "feature file written by `extract-features --images`")
+    return extraction
+
+
+def _encode_image_ids(model, ids: list[Any], data: str | os.PathLike) -> torch.Tensor:
+    from maxmatch_cli.features.store import open_store
+
+    store = open_store(data)
+    lookup = {str(json_value(v)): i for i, v in enumerate(np.asarray(store.image_ids))}
+    missing = [str(v) for v in ids if str(v) not in lookup]
+    if missing:
+        from maxmatch_cli.errors import first_few
+
+        raise MaxMatchError(f"{store.path} has no image with id {first_few(missing)}",
+                            hint="pass ids listed by `maxmatch features info`, or another feature file (--data)")
+    return model.encode_images(store, [lookup[str(v)] for v in ids])
