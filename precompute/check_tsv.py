@@ -2,7 +2,7 @@
 """Check bottom-up-attention TSV files before importing them: rows, duplicates, box counts, feature size.
 
 Decodes every row with the importer's own parser, so a corrupt or truncated row is reported with its file and
-line number, as `maxmatch extract-features --from-butd-tsv` would. With --captions, also counts the images of a
+line number, as `maxmatch extract-features tsv` would. With --captions, also counts the images of a
 Karpathy json that no row provides.
 
 Example::

@@ -27,5 +27,5 @@ cd - >/dev/null
 
 if [[ -n "${CAPTIONS:-}" ]]; then
   python precompute/check_tsv.py "$OUT"* --captions "$CAPTIONS"
-  maxmatch extract-features --from-butd-tsv "$OUT"* --captions "$CAPTIONS" --out "${OUT%.tsv}.h5"
+  maxmatch extract-features tsv "$OUT"* --captions "$CAPTIONS" --out "${OUT%.tsv}.h5"
 fi

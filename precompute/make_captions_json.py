@@ -8,7 +8,7 @@ at random with --dev and --test image counts (seeded).
 Example::
 
     python precompute/make_captions_json.py captions.tsv --out dataset_mine.json --dev 500 --test 1000
-    maxmatch extract-features --images my_images --captions dataset_mine.json --kind grid --out mine.h5
+    maxmatch extract-features images my_images --captions dataset_mine.json --kind grid --out mine.h5
 """
 
 from __future__ import annotations
