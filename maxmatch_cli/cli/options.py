@@ -22,7 +22,8 @@ from maxmatch_cli.progress import console
 
 __all__ = ["CacheOption", "CheckpointArgument", "CocoCaptionsOption", "CsvOption", "DataOption", "DeviceOption",
            "EvalProtocolOption", "JsonOption", "ProtocolOption", "SetOption", "SimilarityOption", "SplitOption",
-           "command_group", "console", "err_console", "guarded", "line", "note", "readable_help", "wrote"]
+           "command_group", "console", "err_console", "guarded", "line", "note", "readable_help", "require_inputs",
+           "wrote"]
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -181,6 +182,16 @@ def _report(exc: Exception) -> None:
     where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
     err_console.print(f"[bold red]error:[/] {escape(where + str(exc.strerror or exc))}", soft_wrap=True)
     err_console.print("[yellow]hint:[/] check the path, its permissions and the free disk space", soft_wrap=True)
+
+
+def require_inputs(**given) -> None:
+    """Refuse, before anything is loaded, an input path that does not exist: ``--data`` given as ``data=PATH`` (a
+    list checks each; ``None`` is an option left out)."""
+    for name, value in given.items():
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if path is not None and not Path(path).exists():
+                flag = "--" + name.replace("_", "-")
+                raise MaxMatchError(f"{flag} {path} does not exist", hint=f"check the path given to {flag}")
 
 
 def line(text: str) -> None:

@@ -43,15 +43,20 @@ def compare_cmd(
 ) -> None:
     """One table across runs or evaluation files: mean ± std over seeds, ΔRSUM against a baseline row.
 
+    A run folder gives its test evaluation (RUN/eval, written by `maxmatch evaluate`), else its last validation;
+    the source column names the split (and protocol) of each row.
+
     Examples:
+      [bold]maxmatch compare demo/run[/]
       [bold]maxmatch compare runs/demo-seed0 runs/demo-seed1 runs/chamfer-seed0 \\
           runs/chamfer-seed1[/]
       [bold]maxmatch compare benchmarks/demo_results.json --layout table3 \\
           --latex table3.tex --csv table3.csv[/]
       [bold]maxmatch compare benchmarks/demo_results.json --figure recall-bars[/]
     """
-    from maxmatch_cli.reporting.compare import compare_runs, rich_table, write_comparison
+    from maxmatch_cli.reporting.compare import check_display, compare_runs, rich_table, write_comparison
 
+    check_display(layout, decimals, group_by)  # before any input is read
     result = compare_runs(inputs, split=split, group_by=group_by, baseline=baseline)
     console.print(rich_table(result, layout, decimals, width=console.width))
     for text in result.notes:

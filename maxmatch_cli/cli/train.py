@@ -40,18 +40,19 @@ def train_cmd(
 
     from maxmatch_cli.config.recipes import load_recipe, parse_overrides, to_toml
     from maxmatch_cli.reporting.tables import recall_table
-    from maxmatch_cli.training.rundir import RUN_FILES, prepare_run_dir
+    from maxmatch_cli.training.rundir import RUN_FILES, prepare_run_dir, run_lock
     from maxmatch_cli.training.trainer import train
 
     resolved = load_recipe(recipe, parse_overrides(overrides))
     out = out or Path("runs") / resolved.name
-    removed = prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    console.rule(f"[bold]maxmatch train[/] · recipe {escape(resolved.name)}")
-    line(f"run folder {out}" + (" (continued)" if resume else ""))
-    if removed:
-        line(f"removed the earlier run's {len(removed)} file(s) from {out} (--overwrite)")
-    console.print(Syntax(to_toml(resolved), "toml", theme="ansi_dark", background_color="default"))
-    result = train(resolved, out, resume=resume)
+    with run_lock(out):  # before --overwrite removes anything: a second `train` on OUT is refused
+        removed = prepare_run_dir(out, resume=resume, overwrite=overwrite)
+        console.rule(f"[bold]maxmatch train[/] · recipe {escape(resolved.name)}")
+        line(f"run folder {out}" + (" (continued)" if resume else ""))
+        if removed:
+            line(f"removed the earlier run's {len(removed)} file(s) from {out} (--overwrite)")
+        console.print(Syntax(to_toml(resolved), "toml", theme="ansi_dark", background_color="default"))
+        result = train(resolved, out, resume=resume)
     if result.last_metrics:
         console.print(recall_table([("validation (last epoch)", result.last_metrics)]))
     status = "interrupted" if result.interrupted else "done"

@@ -1,7 +1,8 @@
 """Recipe files: the shipped registry in ``recipes/``, loading by name or path with ``extends``, and TOML output.
 
 A recipe file has one table per section (``[data]``, ``[model]``, ...) plus an optional ``[recipe]`` table
-holding ``description`` and ``extends`` (the name or path of a parent recipe whose values this one overrides).
+holding ``description`` and ``extends`` (the parent recipe whose values this one overrides: a shipped recipe's
+bare name, or a ``.toml`` path relative to this recipe's folder).
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def list_recipes() -> dict[str, str]:
         try:
             with path.open("rb") as fh:
                 meta = tomllib.load(fh).get("recipe", {})
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
             meta = {"description": "(unreadable TOML)"}
-        out[path.stem] = str(meta.get("description", ""))
+        out[path.stem] = str(meta.get("description", "") if isinstance(meta, dict) else "(no [recipe] table)")
     return out
 
 
@@ -62,19 +63,63 @@ def _resolve_path(name_or_path: str) -> Path:
     return path
 
 
-def _load_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    path = _resolve_path(name_or_path)
+def _resolve_parent(parent: Any, child: Path) -> Path:
+    """The file ``extends = parent`` of recipe ``child`` names: a bare name (no slash, no extension) is a shipped
+    recipe; anything else must be a ``.toml`` path, taken relative to the folder of ``child`` (not the current
+    folder), so a recipe and the one it extends can move together."""
+    where = f"recipe {child} extends"
+    if not isinstance(parent, str) or not parent.strip():
+        raise MaxMatchError(f"{where} {parent!r}, which is not a recipe name or path",
+                            hint='write extends = "NAME" (a shipped recipe) or extends = "base.toml" (beside it)')
+    if "/" not in parent and os.sep not in parent and not Path(parent).suffix:
+        path = recipes_dir() / f"{parent}{RECIPE_SUFFIX}"
+        if not path.is_file():
+            near = difflib.get_close_matches(parent, list(list_recipes()), n=1)
+            raise MaxMatchError(f"{where} '{parent}', which is not a shipped recipe (tried {path})",
+                                hint=(f"did you mean '{near[0]}'? " if near else "") + "a bare name is a shipped "
+                                     "recipe (`maxmatch recipes` lists them); a file beside it is extends = "
+                                     f'"{parent}{RECIPE_SUFFIX}"')
+        return path
+    if not parent.endswith(RECIPE_SUFFIX):
+        raise MaxMatchError(f"{where} '{parent}', which is not a {RECIPE_SUFFIX} file",
+                            hint=f"extends names a shipped recipe or a {RECIPE_SUFFIX} recipe file")
+    path = Path(parent).expanduser()
+    path = path if path.is_absolute() else child.parent / path
+    if not path.is_file():
+        raise MaxMatchError(f"{where} '{parent}', but {path} does not exist",
+                            hint=f"a relative path is taken from the folder of {child.name} ({child.parent})")
+    return path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A recipe file parsed, with one message for every way it can be unreadable."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise MaxMatchError(f"recipe {path} is not valid TOML: {exc}", hint="fix the syntax at that line") from None
+    except UnicodeDecodeError as exc:
+        raise MaxMatchError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                            hint="save the recipe as UTF-8 (TOML files are UTF-8)") from None
+    except OSError as exc:
+        raise MaxMatchError(f"cannot read recipe {path}: {exc.strerror or exc}",
+                            hint="check the path and its permissions") from None
+
+
+def _load_raw(name_or_path: str, seen: tuple[str, ...] = (), path: Path | None = None) -> dict[str, Any]:
+    path = path or _resolve_path(name_or_path)
     key = str(path.resolve())
     if key in seen:
         raise MaxMatchError(f"recipe {path} extends itself (cycle: {' -> '.join(seen + (key,))})")
-    try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise MaxMatchError(f"recipe {path} is not valid TOML: {exc}", hint="fix the syntax at that line") from None
-    parent = (raw.get("recipe") or {}).get("extends")
-    if parent:
-        base = _load_raw(str(parent), seen + (key,))
+    raw = _read_toml(path)
+    meta = raw.get("recipe") or {}
+    if not isinstance(meta, dict):
+        raise MaxMatchError(f"recipe section [recipe] in {path} must be a table, got {meta!r}",
+                            hint='write [recipe] on its own line, then description = "..." below it')
+    parent = meta.get("extends")
+    if parent not in (None, ""):
+        parent_path = _resolve_parent(parent, path)
+        base = _load_raw(str(parent_path), seen + (key,), parent_path)
         for section, values in raw.items():
             if section == "recipe":
                 base.setdefault("recipe", {}).update({k: v for k, v in values.items() if k != "extends"})

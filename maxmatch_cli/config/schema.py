@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -35,6 +36,9 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.loss.isd_weight > 0 and self.model.num_embeds < 2:
+            _check(False, "loss.isd_weight", "must be 0 when model.num_embeds is 1 (intra-set divergence compares "
+                   "the elements of one set)")
         if self.loss.warmup_epochs >= self.train.epochs and self.loss.hardest_negatives:
             _check(False, "loss.warmup_epochs", f"({self.loss.warmup_epochs}) must be < train.epochs "
                    f"({self.train.epochs}) or hardest negatives are never used")
@@ -47,6 +51,9 @@ class Recipe:
         """A copy with dotted-key overrides applied, e.g. ``replace(**{"optim.lr": 2e-4})``."""
         return recipe_from_dict(apply_dotted(self.to_dict(), overrides), name=self.name)
 
+
+RECIPE_META_KEYS = ("description", "extends")
+"""The keys of a recipe file's ``[recipe]`` table."""
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
@@ -89,13 +96,19 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise MaxMatchError(f"recipe key {key} must be a finite number, got {value!r}",
+                                hint=f"e.g. --set {key}={_example(typ)}")
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -113,6 +126,15 @@ def recipe_from_dict(raw: dict[str, Any], name: str = "custom", source: str = "r
     """Build and validate a :class:`Recipe` from nested dicts (as parsed from TOML)."""
     raw = dict(raw)
     meta = raw.pop("recipe", {}) or {}
+    if not isinstance(meta, dict):
+        raise MaxMatchError(f"recipe section [recipe] in {source} must be a table, got {meta!r}",
+                            hint='write [recipe] on its own line, then description = "..." below it')
+    for key in meta:
+        if key not in RECIPE_META_KEYS:
+            section = f" (a section is a table: [{key}] on its own line)" if key in SECTIONS else ""
+            raise MaxMatchError(f"unknown key recipe.{key} in {source}{section}",
+                                hint=f"[recipe] holds only {' and '.join(RECIPE_META_KEYS)}; keys below a [table] "
+                                     "header belong to that table")
     description = meta.get("description", raw.pop("description", ""))
     raw.pop("name", None)
     sections: dict[str, Any] = {}
@@ -121,7 +143,8 @@ def recipe_from_dict(raw: dict[str, Any], name: str = "custom", source: str = "r
             raise MaxMatchError(f"unknown recipe section [{section}] in {source}",
                                 hint=_suggest(section, list(SECTIONS) + ["recipe"]))
         if not isinstance(values, dict):
-            raise MaxMatchError(f"recipe section [{section}] in {source} must be a table, got {values!r}")
+            raise MaxMatchError(f"recipe section [{section}] in {source} must be a table, got {values!r}",
+                                hint=f"write [{section}] on its own line and its keys below it")
         types_ = _field_types(SECTIONS[section])
         kwargs = {}
         for key, value in values.items():
@@ -150,6 +173,9 @@ def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         if section not in SECTIONS:
             raise MaxMatchError(f"unknown recipe section '{section}' in override '{dotted}'",
                                 hint=_suggest(section, list(SECTIONS)))
+        if not isinstance(out.get(section, {}), dict):
+            raise MaxMatchError(f"recipe section [{section}] must be a table, got {out[section]!r}",
+                                hint=f"write [{section}] on its own line in the recipe and its keys below it")
         types_ = _field_types(SECTIONS[section])
         if key not in types_:
             raise MaxMatchError(f"unknown recipe key {section}.{key} in override '{dotted}'",

@@ -8,6 +8,7 @@ naming the dotted key (``optim.lr``) and how to fix it; checks across sections l
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from maxmatch_cli.errors import MaxMatchError
@@ -66,6 +67,8 @@ class DataConfig:
         _check(self.max_caption_len >= 4, "data.max_caption_len", "must be >= 4")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.image_size >= 32, "data.image_size", "must be >= 32 (the CNN downsamples 32x)")
+        _check(bool(self.train_split.strip()), "data.train_split", "must name a split of the feature file")
+        _check(self.vocab_min_count >= 1, "data.vocab_min_count", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,10 @@ class ModelConfig:
         _one_of(self.set_head, ("setdiv", "pvse"), "model.set_head")
         _check(self.set_depth >= 1, "model.set_depth", "must be >= 1")
         _check(self.set_heads >= 1, "model.set_heads", "must be >= 1")
+        for name in ("image_feature_dim", "word_dim", "gru_layers", "set_head_dim", "set_ff_dim"):
+            _check(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        _check(self.cnn_freeze_epochs >= 0, "model.cnn_freeze_epochs", "must be >= 0")
+        _check(0.0 <= self.set_dropout < 1.0, "model.set_dropout", "must be in [0, 1)")
         if self.text_encoder == "bert":
             _check(bool(self.bert_path), "model.bert_path",
                    "is required for text_encoder='bert' (a local folder with config.json, vocab and weights)")
@@ -197,6 +204,10 @@ class LossConfig:
             _check(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
         _check(self.contrastive_temperature > 0, "loss.contrastive_temperature", "must be > 0")
         _check(self.warmup_epochs >= 0, "loss.warmup_epochs", "must be >= 0")
+        _check(self.chamfer_alpha > 0, "loss.chamfer_alpha", "must be > 0")
+        _check(self.sinkhorn_tau > 0, "loss.sinkhorn_tau", "must be > 0")
+        _check(self.sinkhorn_iters >= 1, "loss.sinkhorn_iters", "must be >= 1")
+        _check(self.scale > 0, "loss.scale", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,10 @@ class OptimConfig:
         _one_of(self.schedule, ("cosine", "step", "constant"), "optim.schedule")
         _check(self.step_epochs >= 1, "optim.step_epochs", "must be >= 1")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(0 < self.gamma <= 1, "optim.gamma", "must be in (0, 1] (the factor the rate decays by)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        for name in ("lr_scale_set", "lr_scale_text", "lr_scale_cnn"):
+            _check(getattr(self, name) >= 0, f"optim.{name}", "must be >= 0 (0 freezes those weights)")
 
 
 @dataclass(frozen=True)
@@ -269,6 +284,9 @@ class TrainConfig:
         _check(self.val_every >= 1, "train.val_every", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.val_max_images >= 0, "train.val_max_images", "must be >= 0 (0 = the whole split)")
+        _check(0 <= self.seed < 2**46, "train.seed", "must be in [0, 2**46)")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "train.device",
+               f"'{self.device}' is not auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -288,5 +306,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.protocol, ("auto", "full", "coco1k", "coco5k"), "eval.protocol")
+        _check(bool(self.split.strip()), "eval.split", "must name a split of the feature file")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.block_size >= 1, "eval.block_size", "must be >= 1")
         if self.similarity:
             _one_of(self.similarity, ("maxmatch", "chamfer", "mil", "topk", "sinkhorn"), "eval.similarity")

@@ -79,6 +79,33 @@ def _write_cache(path: Path, key: dict[str, Any], emb: Embeddings) -> bool:
     return True
 
 
+def _training_in(ckpt: Checkpoint) -> bool:
+    """Warn when another process is training into the checkpoint's folder (its lock, :mod:`maxmatch_cli.locks`).
+
+    Evaluating a run while it trains is allowed (to follow it), and checkpoints are replaced whole, so the file read
+    is a complete one; but it is a snapshot the run may replace at its next epoch, and neither the embedding cache
+    nor the result kept with the run (:func:`~maxmatch_cli.evaluation.results.run_evaluation_path`) is written into
+    a folder another process writes.
+    """
+    from maxmatch_cli.locks import live_holder, lock_inside
+    from maxmatch_cli.progress import console
+    from rich.markup import escape
+
+    folder = Path(ckpt.path).parent
+    holder = live_holder(lock_inside(folder))
+    if holder is None:
+        return False
+    state = ckpt.train_state or {}
+    when = (f"as saved after epoch {state['epoch']} (step {state.get('global_step', '?')})" if "epoch" in state
+            else "as it is now")
+    console.print(f"[yellow]warning:[/] {escape(str(folder))} is being written by a training run in progress "
+                  f"({escape(holder.describe())}): {escape(Path(ckpt.path).name)} is scored {when}, and the run "
+                  "may still replace it; the embedding cache and the result kept with the run are not written into "
+                  "the live run folder",
+                  soft_wrap=True)
+    return True
+
+
 def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.device, *, cache: bool = True,
                           cache_dir: Path | None = None, show_progress: bool = True,
                           written: list[Path] | None = None) -> Embeddings:
@@ -101,6 +128,8 @@ def checkpoint_embeddings(ckpt: Checkpoint, store, split: str, device: torch.dev
     check_features(ckpt, store)
     split_layout(store, split, ckpt.recipe.data.captions_per_image)  # a clear error before loading the model
     path = embeddings_cache_path(ckpt, store, split, cache_dir) if cache else None
+    if _training_in(ckpt) and cache_dir is None:
+        path = None  # the run folder has one writer: its training run
     key = _cache_key(ckpt, store, split) if cache else None
     if path is not None and (cached := _read_cache(path, key)) is not None:
         return cached

@@ -64,9 +64,10 @@ def variance_summary(sets: torch.Tensor) -> dict[str, float | None]:
 
 def slot_ablation(images: torch.Tensor, captions: torch.Tensor, kind: str = "maxmatch", protocol: str = "full",
                   captions_per_image: int = 5, device: torch.device | str = "cpu", block_size: int = 256,
-                  **options: Any) -> dict[str, Any]:
+                  show_progress: bool = False, **options: Any) -> dict[str, Any]:
     """Table 4: retrieval with every element, with only image element k (captions whole), and with only text
-    element k (images whole), scored by ``kind`` on the reduced sets (K' = 1 on one side).
+    element k (images whole), scored by ``kind`` on the reduced sets (K' = 1 on one side). ``show_progress``:
+    a bar (in a log: a line) per scoring, 1 + K + K' of them.
 
     Returns:
         ``{"full": metrics, "image": [{"slot": k (1-based), **metrics}], "text": [...]}`` with the metrics of
@@ -78,7 +79,7 @@ def slot_ablation(images: torch.Tensor, captions: torch.Tensor, kind: str = "max
     device = torch.device(device)
 
     def metrics(img: torch.Tensor, txt: torch.Tensor) -> dict[str, float]:
-        sims = score(img, txt, kind, device, block_size, **options)
+        sims = score(img, txt, kind, device, block_size, show_progress=show_progress, **options)
         return metrics_for(sims, protocol, captions_per_image).metrics
 
     out: dict[str, Any] = {"full": metrics(images, captions), "image": [], "text": []}
@@ -337,9 +338,11 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
     from maxmatch_cli.evaluation.encoding import similarity_options
     from maxmatch_cli.evaluation.protocols import check_protocol, resolve_protocol
     from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.method.similarity import check_similarity
 
     if protocol is not None:
         check_protocol(protocol)
+    check_similarity(similarity)
     if tsne < 0:
         raise MaxMatchError(f"--tsne {tsne} is negative", hint="the number of images to show, or 0 for no t-SNE")
     if tsne:
@@ -360,7 +363,7 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
     emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=written)
     images, captions = emb.images, emb.captions
     ablation = slot_ablation(images, captions, kind, protocol, cpi, dev, recipe.eval.block_size,
-                             **similarity_options(recipe, kind))
+                             show_progress=show_progress, **similarity_options(recipe, kind))
     maps = pair_heatmaps(images, captions, cpi)
     report = CollapseReport(
         checkpoint=str(ckpt.path), data=str(store.path), split=split, similarity=kind,

@@ -92,17 +92,14 @@ def score(emb_images: torch.Tensor, emb_captions: torch.Tensor, kind: str, devic
 def load_for_eval(ckpt: Checkpoint, device: torch.device):
     """Rebuild the model and tokenizer a checkpoint was trained with."""
     from maxmatch_cli.models import build_model
+    from maxmatch_cli.models.checkpoint import load_model_state
 
     recipe = ckpt.recipe
     tokenizer = build_tokenizer(recipe.model.text_encoder, vocab_json=ckpt.vocab_json,
                                 bert_path=recipe.model.bert_path)
     vocab_words = getattr(tokenizer, "words", None)
     model = build_model(recipe.model, vocab_words, pretrained=False)
-    missing, unexpected = model.load_state_dict(ckpt.model_state, strict=False)
-    if missing or unexpected:
-        raise MaxMatchError(f"checkpoint {ckpt.path} does not match its recipe's model "
-                            f"(missing {len(missing)} tensors, unexpected {len(unexpected)})",
-                            hint="the file may come from another maxmatch version; re-train or use a matching one")
+    load_model_state(model, ckpt)
     return model.to(device).eval(), tokenizer
 
 

@@ -23,6 +23,7 @@ from maxmatch_cli.evaluation.evaluate import evaluate_member
 from maxmatch_cli.evaluation.protocols import check_eval_protocol, metrics_for, resolve_protocol
 from maxmatch_cli.evaluation.results import METRIC_DECIMALS, EvalResult, eval_provenance, rounded, rounded_record
 from maxmatch_cli.fileio import write_text
+from maxmatch_cli.method.similarity import check_similarity
 from maxmatch_cli.models.checkpoint import Checkpoint, load_checkpoint
 
 
@@ -134,6 +135,7 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     if len(checkpoints) < 2:
         raise MaxMatchError(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}",
                             hint="pass two or more checkpoints (e.g. two seeds), or use `maxmatch evaluate`")
+    check_similarity(similarity)
     dev = resolve_device(device)
     ckpts = [load_checkpoint(c) for c in checkpoints]
     split = split or _agreed(ckpts, lambda r: r.eval.split, "eval.split", "--split")
@@ -153,6 +155,7 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
         results.append(result)
         total = sims if total is None else total.add_(sims)
     total /= len(members)
+    _warn_members_at_chance(results, cpi)
     ensemble = metrics_for(total, protocol, cpi, coco_ids)
     kinds = list(dict.fromkeys(r.similarity for r in results))
     ensemble.similarity = kinds[0] if len(kinds) == 1 else "mean(" + ", ".join(kinds) + ")"
@@ -164,6 +167,18 @@ def ensemble_checkpoints(checkpoints: Sequence[str | Path], data: str | None = N
     out = EnsembleResult(ensemble, results, [str(c.path) for c in ckpts], files)
     write_ensemble(out, json_path, csv_path)
     return out
+
+
+def _warn_members_at_chance(results: Sequence[EvalResult], captions_per_image: int) -> None:
+    """A member no better than a random ranking only adds noise to the mean: say which."""
+    from maxmatch_cli.evaluation.chance import at_chance
+    from maxmatch_cli.progress import console
+
+    for result in results:
+        sentence = at_chance(result.metrics, result.n_images, captions_per_image)
+        if sentence:
+            console.print(f"[yellow]warning:[/] ensemble member {result.checkpoint}: {sentence}; it adds noise to "
+                          f"the ensemble (leave it out, or train it longer)", soft_wrap=True)
 
 
 def write_ensemble(out: EnsembleResult, json_path: Path | None, csv_path: Path | None) -> None:

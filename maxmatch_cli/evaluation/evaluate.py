@@ -19,6 +19,7 @@ from maxmatch_cli.evaluation.eccv import ECCV_PROTOCOLS, CocoIds, split_coco_ids
 from maxmatch_cli.evaluation.encoding import score, similarity_options
 from maxmatch_cli.evaluation.protocols import check_eval_protocol, metrics_for, resolve_protocol
 from maxmatch_cli.evaluation.results import EvalResult, eval_provenance, write_result
+from maxmatch_cli.method.similarity import check_similarity
 from maxmatch_cli.models.checkpoint import Checkpoint, load_checkpoint
 
 
@@ -74,6 +75,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     from maxmatch_cli.features.store import open_store
 
     check_eval_protocol(protocol, coco_captions)
+    check_similarity(similarity)  # before anything is loaded
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     recipe = ckpt.recipe

@@ -86,3 +86,29 @@ def write_result(result: EvalResult, json_path: Path | None, csv_path: Path | No
         values = rounded(result.metrics)
         rows = ["protocol," + ",".join(keys), result.protocol + "," + ",".join(f"{values[k]:.{METRIC_DECIMALS}f}" for k in keys)]
         result.files.append(write_text(csv_path, "\n".join(rows) + "\n"))
+
+
+RUN_EVAL_DIR = "eval"
+"""Where a run folder keeps the evaluations of its checkpoints (read back by ``maxmatch compare RUN``)."""
+RUN_MARKERS = ("metrics.jsonl", "recipe.toml")
+"""Files that make a checkpoint's folder a training run folder."""
+
+
+def run_evaluation_path(result: EvalResult, rescored_with: str | None = None) -> Path | None:
+    """Where an evaluation of a run's checkpoint is kept with the run: ``RUN/eval/<split>-<protocol>.json`` for
+    ``best.safetensors`` (``last-<split>-<protocol>.json`` for ``last``, ``-<similarity>`` added when scored with
+    ``rescored_with``); None for a checkpoint outside a run folder."""
+    from maxmatch_cli.locks import live_holder, lock_inside
+
+    ckpt = Path(result.checkpoint)
+    run = ckpt.parent
+    if not any((run / marker).is_file() for marker in RUN_MARKERS):
+        return None
+    if live_holder(lock_inside(run)) is not None:
+        return None  # a run in progress is the one writer of its folder (the evaluation warned: cache.py)
+    stem = f"{result.split}-{result.protocol}"
+    if ckpt.name != "best.safetensors":
+        stem = f"{ckpt.stem}-{stem}"
+    if rescored_with:
+        stem += f"-{rescored_with}"
+    return run / RUN_EVAL_DIR / f"{stem}.json"

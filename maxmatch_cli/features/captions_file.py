@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from maxmatch_cli.errors import MaxMatchError, first_few
 from maxmatch_cli.features.karpathy import KarpathyImage, load_karpathy
+from maxmatch_cli.fileio import escapes_folder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 GALLERY_SPLIT = "gallery"
@@ -93,7 +94,7 @@ def _relpath(image: str, root: Path, where: str) -> str:
             raise MaxMatchError(f"{where}: image {image} is not under the image folder {root}.",
                                 hint="name images by their path relative to --images DIR") from None
     rel = PurePosixPath(p.as_posix())
-    if ".." in rel.parts:
+    if escapes_folder(str(rel)):
         raise MaxMatchError(f"{where}: image {image} points outside the image folder.",
                             hint="name images by their path relative to --images DIR")
     return str(rel)

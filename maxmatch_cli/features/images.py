@@ -314,6 +314,10 @@ def extract_from_images(
     config = config or ExtractConfig()
     if config.kind not in ("grid", "region"):
         raise MaxMatchError(f"unknown feature kind '{config.kind}'.", hint="use grid or region")
+    backbones = GRID_BACKBONES if config.kind == "grid" else tuple(_detectors())
+    if config.backbone not in backbones:  # before the images are listed and the model is built
+        raise MaxMatchError(f"unknown {config.kind} backbone '{config.backbone}'.",
+                            hint=f"use --backbone {' or '.join(backbones)}")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     images_dir, out = Path(images_dir), Path(out)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import escapes_folder
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
@@ -40,6 +41,19 @@ def image_key(entry: dict) -> int | str:
         return int(entry["cocoid"])
     stem = Path(str(entry.get("filename", ""))).stem
     return int(stem) if stem.isdigit() else stem
+
+
+def _relpath(entry: dict, where: str) -> str:
+    """``filepath/filename`` of an entry, refused unless it is a path inside the image folder."""
+    filepath, filename = entry.get("filepath", ""), entry["filename"]
+    if not isinstance(filepath, str) or not isinstance(filename, str):
+        raise MaxMatchError(f"{where}: 'filepath' and 'filename' must be strings, got {filepath!r} and {filename!r}.",
+                            hint="the file does not follow the Karpathy format")
+    relpath = str(PurePosixPath(filepath) / filename) if filepath else filename
+    if escapes_folder(relpath) or escapes_folder(filename):
+        raise MaxMatchError(f"{where}: image {relpath!r} points outside the image folder (an absolute path or a "
+                            "'..' part).", hint="'filepath' and 'filename' name images relative to --images DIR")
+    return relpath
 
 
 def load_karpathy(path: str | os.PathLike, captions_per_image: int = 5) -> list[KarpathyImage]:
@@ -82,7 +96,7 @@ def load_karpathy(path: str | os.PathLike, captions_per_image: int = 5) -> list[
             raise MaxMatchError(f"{where} has the same id {key!r} as image {seen[key]}.",
                                 hint="image ids (cocoid / file names) must be unique")
         seen[key] = n
-        relpath = str(Path(entry.get("filepath", "")) / entry["filename"])
+        relpath = _relpath(entry, where)
         images.append(KarpathyImage(key, relpath, SPLIT_NAMES[entry["split"]], tuple(sentences[:captions_per_image])))
     if not images:
         raise MaxMatchError(f"{path} lists no images.", hint="pass a non-empty Karpathy split file")

@@ -119,8 +119,33 @@ def save_checkpoint(path: Path, model: torch.nn.Module, recipe: Recipe, vocab_js
             if torch.cuda.is_available():
                 for i, state in enumerate(torch.cuda.get_rng_state_all()):
                     tensors[f"rng.cuda{i}"] = state
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    # A full disk: one message naming the file, its size and the space free; the earlier file stays whole.
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                 size=_serialised_size(tensors, meta))
     return Path(path)
+
+
+def _serialised_size(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> int:
+    """About the bytes of the safetensors file (the tensors' bytes, the JSON header: a little over)."""
+    header = sum(len(k) + 96 for k in tensors) + sum(len(k) + len(json.dumps(v)) + 8 for k, v in meta.items())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + header + 8
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""The first bytes of an HDF5 file (a feature file), which is sometimes passed where a checkpoint belongs."""
+
+
+def _refuse_feature_file(path: Path) -> None:
+    """Name a feature file passed as a checkpoint as such (safetensors would call it "header too large")."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return  # the reader below reports it
+    if head == HDF5_SIGNATURE:
+        raise MaxMatchError(f"{path} is an HDF5 feature file, not a checkpoint",
+                            hint="pass a checkpoint written by `maxmatch train` (RUN/best.safetensors or the run "
+                                 "folder); give the feature file with --data")
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
@@ -132,10 +157,16 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
                 path = path / name
                 break
         else:
+            from maxmatch_cli.locks import live_holder, lock_inside
+
+            if (holder := live_holder(lock_inside(path))) is not None:
+                raise MaxMatchError(f"{path} is a training run in progress ({holder.describe()}) that has not "
+                                    "saved a checkpoint yet", hint="wait for its first epoch to end, then re-run")
             raise MaxMatchError(f"{path} is a folder without best.safetensors or last.safetensors",
                                 hint="pass a checkpoint file written by `maxmatch train`")
     if not path.is_file():
         raise MaxMatchError(f"checkpoint {path} does not exist", hint="pass a file written by `maxmatch train`")
+    _refuse_feature_file(path)
     try:
         from safetensors import safe_open
 
@@ -148,18 +179,95 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise MaxMatchError(f"{path} is a safetensors file but not a maxmatch checkpoint",
                             hint="pass a file written by `maxmatch train`")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+    version = meta.get("format_version", "0")
+    if not version.isdigit():
+        raise _garbled(path, "format_version", version, "a whole number")
+    if int(version) > FORMAT_VERSION:
         raise MaxMatchError(f"{path} was written by a newer maxmatch (format {meta['format_version']})",
                             hint="upgrade maxmatch")
-    raw = json.loads(meta["recipe"])
-    name = raw.pop("name", "custom")
-    recipe = recipe_from_dict({"recipe": {"description": raw.pop("description", "")}, **raw}, name=name,
-                              source=str(path))
+    if "recipe" not in meta:
+        raise _garbled(path, "recipe", None, "the recipe JSON")
+    raw = _json_meta(meta, "recipe", path, dict)
+    name = str(raw.pop("name", "custom"))
+    try:
+        recipe = recipe_from_dict({"recipe": {"description": raw.pop("description", "")}, **raw}, name=name,
+                                  source=f"the recipe of checkpoint {path}")
+    except MaxMatchError as exc:
+        if str(path) in exc.message:
+            raise
+        raise MaxMatchError(f"checkpoint {path} holds a recipe this maxmatch cannot use: {exc.message}",
+                            hint="the file is damaged or from another maxmatch version; use another checkpoint of "
+                                 "the run, or re-train") from None
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-    optim_state = _unflatten_optim(optim_tensors, json.loads(meta["optim"])) if "optim" in meta else {}
-    return Checkpoint(path=path, recipe=recipe, model_state=model_state, vocab_json=meta.get("vocab") or None,
-                      provenance=json.loads(meta.get("provenance", "{}")),
-                      train_state=json.loads(meta.get("train_state", "{}")), optim_state=optim_state,
-                      rng_state=rng)
+    try:
+        optim_state = _unflatten_optim(optim_tensors, _json_meta(meta, "optim", path, dict)) if "optim" in meta else {}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise _garbled(path, "optim", meta["optim"], f"the optimiser state ({type(exc).__name__}: {exc})") from None
+    vocab = meta.get("vocab") or None
+    if vocab is not None:
+        words = _json_meta(meta, "vocab", path, list)
+        if not all(isinstance(w, str) for w in words):
+            raise _garbled(path, "vocab", vocab, "a JSON list of words")
+    return Checkpoint(path=path, recipe=recipe, model_state=model_state, vocab_json=vocab,
+                      provenance=_json_meta(meta, "provenance", path, dict),
+                      train_state=_checked_train_state(_json_meta(meta, "train_state", path, dict), path),
+                      optim_state=optim_state, rng_state=rng)
+
+
+def load_model_state(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Load a checkpoint's weights into the model its recipe builds.
+
+    Raises:
+        MaxMatchError: naming the checkpoint and the first tensor that is missing, unexpected, or of another shape
+            than the recipe's model has (a damaged or hand-edited file, or one from another maxmatch version).
+    """
+    expected = model.state_dict()
+    saved = ckpt.model_state
+    problems = [f"{key} has shape {tuple(value.shape)}, the recipe's model {tuple(expected[key].shape)}"
+                for key, value in saved.items() if key in expected and value.shape != expected[key].shape]
+    problems += [f"{key} is missing" for key in expected if key not in saved]
+    problems += [f"{key} is not part of the recipe's model" for key in saved if key not in expected]
+    if problems:
+        raise MaxMatchError(f"checkpoint {ckpt.path} does not fit the model of its own recipe: {problems[0]}"
+                            + (f" ({len(problems) - 1} more tensors differ)" if len(problems) > 1 else ""),
+                            hint="the file is damaged or from another maxmatch version; use another checkpoint "
+                                 "of the run, or re-train")
+    model.load_state_dict(saved)
+
+
+def _garbled(path: Path, key: str, value: Any, expected: str) -> MaxMatchError:
+    """The error for a checkpoint whose header metadata ``key`` is missing (``value`` None) or garbled."""
+    shown = "missing" if value is None else f"{str(value)[:60]!r}{'...' if len(str(value)) > 60 else ''}"
+    return MaxMatchError(f"checkpoint {path} is damaged: its metadata '{key}' is {shown}, not {expected}",
+                         hint="use another checkpoint of the run (best / last) or re-run training")
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, kind: type) -> Any:
+    """Header metadata ``key`` parsed as JSON of type ``kind`` (an empty value of a missing key when absent)."""
+    text = meta.get(key, "")
+    if not text:
+        return kind()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _garbled(path, key, text, f"JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(value, kind):
+        raise _garbled(path, key, text, f"a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def _checked_train_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The ``train_state`` of a checkpoint, its counters and history checked."""
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _garbled(path, "train_state", json.dumps(state), f"a training state ({key} = {value!r})")
+    best = state.get("best_rsum")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        raise _garbled(path, "train_state", json.dumps(state), f"a training state (best_rsum = {best!r})")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise _garbled(path, "train_state", json.dumps(state), "a training state (history is not a list of records)")
+    return state

@@ -3,8 +3,9 @@
 Inputs (:func:`load_results`), each giving one result per run:
 
 * an evaluation JSON written by ``maxmatch evaluate --json`` (or ``ensemble --json``): its ``metrics``;
-* a run folder (``recipe.toml``, ``metrics.jsonl``, checkpoints): the evaluation JSON inside it if there is one
-  (of ``--split``, or of the recipe's ``eval.split``), else the last validation record of ``metrics.jsonl``;
+* a run folder (``recipe.toml``, ``metrics.jsonl``, checkpoints): the evaluation JSON inside it or in its
+  ``eval/`` folder (where ``maxmatch evaluate`` keeps them) if there is one (of ``--split``, or of the recipe's
+  ``eval.split``), else the last validation record of ``metrics.jsonl``, labelled as such;
 * ``benchmarks/demo_results.json`` (``{"runs": [{config, seed, metrics, ...}], "commands": {config: ...}}``).
 
 Runs whose recipes differ only in ``train.seed`` (and in settings that do not change what is trained:
@@ -33,8 +34,8 @@ import pandas as pd
 from maxmatch_cli.evaluation.eccv import CXC_KEYS, ECCV_KEYS
 from maxmatch_cli.errors import MaxMatchError
 
-__all__ = ["Comparison", "GROUP_BY", "LAYOUTS", "RunResult", "compare", "compare_runs", "display_frame",
-           "load_results", "rich_table", "to_csv", "to_latex", "to_markdown", "write_comparison"]
+__all__ = ["Comparison", "GROUP_BY", "LAYOUTS", "RunResult", "check_display", "compare", "compare_runs",
+           "display_frame", "load_results", "rich_table", "to_csv", "to_latex", "to_markdown", "write_comparison"]
 
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 """The recalls (%) and RSUM every row reports, in the paper's column order."""
@@ -50,15 +51,21 @@ LAYOUTS = ("recall", "table3", "eccv", "cxc")
 """recall: label, n, the six recalls, RSUM, ΔRSUM, source; table3: the paper's Table 3 (similarity, which
 regularisers are on, RSUM); eccv: ECCV Caption mAP@R, R-Precision and R@1 per direction, the COCO 5K RSUM; cxc:
 CxC R@1/5/10 per direction, the COCO 5K RSUM."""
-NOT_CONFIG = frozenset({"train.seed", "train.device", "train.log_every", "data.num_workers", "eval.batch_size",
-                        "eval.block_size"})
+NOT_CONFIG = frozenset({"train.seed", "train.device", "train.log_every", "train.report_to", "data.num_workers",
+                        "eval.batch_size", "eval.block_size"})
 """Recipe keys that do not define the configuration: the seed (averaged over) and settings of where and how fast a
-run goes. Runs differing only in these share a row under ``--group-by config``."""
+run goes and where it logs. Runs differing only in these share a row under ``--group-by config``."""
+PATH_KEYS = frozenset({"data.path", "data.image_root", "model.glove_path", "model.bert_path", "model.cnn_weights"})
+"""Recipe keys naming files: they set a row apart, but name it only where the rows' labels would otherwise be the
+same (the same data in two folders is no setting worth a label)."""
 SIMILARITY_NAMES = {"maxmatch": "Maximal Pair Assignment", "chamfer": "Smooth-Chamfer", "mil": "MIL",
                     "topk": "top-k", "sinkhorn": "Sinkhorn"}
 """Table 3's names of the similarities."""
 REGULARISERS = (("Div", "div_weight"), ("MMD", "mmd_weight"), ("GD", "gd_weight"), ("ISD", "isd_weight"))
 """Table 3's regulariser columns and the loss weight that switches each on."""
+EVAL_DIR = "eval"
+"""The folder of a run's evaluations (``maxmatch evaluate RUN/best.safetensors`` writes
+``RUN/eval/<split>-<protocol>.json``), read with the run."""
 _HINT_INPUTS = "pass evaluation JSON files (maxmatch evaluate CKPT --json F), run folders or demo_results.json"
 
 
@@ -238,16 +245,22 @@ def _from_evaluation(path: Path, raw: dict[str, Any], given: Path, run: tuple[st
 
 
 def _last_validation(path: Path) -> dict[str, Any] | None:
-    """The last metrics.jsonl record holding validation metrics (a half-written last line is skipped)."""
-    last = None
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "val/rsum" in record:
-            last = record
-    return last
+    """The last metrics.jsonl record holding validation metrics (a torn line is skipped with a warning)."""
+    from maxmatch_cli.fileio import read_history
+    from maxmatch_cli.progress import console
+
+    validated = [r for r in read_history(path, lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+                 if "val/rsum" in r]
+    return validated[-1] if validated else None
+
+
+def _stale(path: Path, raw: dict[str, Any], folder: Path) -> bool:
+    """An evaluation kept in ``RUN/eval`` that is older than the run's checkpoint it scored (the run was continued
+    or replaced since): not this run's result."""
+    ckpt = folder / Path(str(raw.get("checkpoint", ""))).name
+    if path.parent != folder / EVAL_DIR or not ckpt.is_file():
+        return False
+    return path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns
 
 
 def _from_run_folder(folder: Path, split: str | None) -> RunResult:
@@ -258,19 +271,23 @@ def _from_run_folder(folder: Path, split: str | None) -> RunResult:
                             hint=f"{_HINT_INPUTS}; for a folder of run folders pass {folder}/*")
     name, recipe = _run_recipe(folder)
     evaluations = []
-    for path in sorted(folder.glob("*.json")):
+    for path in [*sorted(folder.glob("*.json")), *sorted((folder / EVAL_DIR).glob("*.json"))]:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if _is_evaluation(raw):
+        if _is_evaluation(raw) and not _stale(path, raw, folder):
             evaluations.append((path, raw))
     wanted = split or (recipe or {}).get("eval.split")
     chosen = [(p, r) for p, r in evaluations if r.get("split") == wanted] if wanted else evaluations
     if not chosen and not split:
         chosen = evaluations
+    if len(chosen) > 1:  # `evaluate` keeps RUN/eval/<split>-<protocol>.json of the best checkpoint: that one
+        own = [(p, r) for p, r in chosen if p.parent.name == EVAL_DIR and p.parent.parent == folder
+               and p.stem == f"{r.get('split')}-{r.get('protocol')}"]
+        chosen = own if len(own) == 1 else chosen
     if len(chosen) > 1:
-        names = ", ".join(p.name for p, _ in chosen)
+        names = ", ".join(str(p.relative_to(folder)) for p, _ in chosen)
         raise MaxMatchError(f"run folder {folder} holds several evaluation files ({names})",
                             hint="pass the one to compare instead of the folder, or choose a split with --split")
     if chosen:
@@ -282,7 +299,7 @@ def _from_run_folder(folder: Path, split: str | None) -> RunResult:
         what = f"of split '{split}'" if split else "(no evaluation JSON, no validation in metrics.jsonl)"
         raise MaxMatchError(f"run folder {folder} has no results {what}",
                             hint=f"evaluate it: maxmatch evaluate {folder / 'best.safetensors'} "
-                                 f"--split {split or 'test'} --json {folder / ((split or 'test') + '.json')}")
+                                 f"--split {split or 'test'} (kept in {folder / EVAL_DIR})")
     return RunResult(path=folder, file=history, metrics=_metrics(record, f"{history} (last validation)", "val/"),
                      kind="val", split=val_split, protocol="", name=name, recipe=recipe,
                      seed=recipe.get("train.seed") if recipe else None)
@@ -400,13 +417,20 @@ def _labels(groups: list[list[RunResult]], group_by: str) -> list[str]:
     recipes = [r.recipe for r in firsts if r.recipe is not None and r.kind != "demo"]
     keys = [k for k in dict.fromkeys(k for rec in recipes for k in rec) if k not in NOT_CONFIG]  # recipe order
     varying = [k for k in keys if len({repr(rec.get(k, "<unset>")) for rec in recipes}) > 1]
+
+    def overrides(r: RunResult, names: list[str]) -> list[str]:
+        if r.recipe is None or r.kind == "demo" or group_by == "recipe":
+            return []
+        shipped = _shipped_recipe(r.name)
+        return [f"{k}={_value(r.recipe.get(k, '<unset>'))}" for k in names
+                if shipped is None or r.recipe.get(k) != shipped.get(k)]
+
+    settings = [" ".join([r.name, *overrides(r, [k for k in varying if k not in PATH_KEYS])]) for r in firsts]
+    paths = [k for k in varying if k in PATH_KEYS]
     labels = []
-    for r in firsts:
-        label = r.name
-        if r.recipe is not None and r.kind != "demo" and group_by != "recipe":
-            shipped = _shipped_recipe(r.name)
-            diffs = [k for k in varying if shipped is None or r.recipe.get(k) != shipped.get(k)]
-            label = " ".join([label, *(f"{k}={_value(r.recipe.get(k, '<unset>'))}" for k in diffs)])
+    for r, label in zip(firsts, settings):
+        if paths and settings.count(label) > 1:  # only a file tells these rows apart
+            label = " ".join([label, *overrides(r, paths)])
         if r.rescored:
             label += f" (scored with {r.eval_similarity})"
         if group_by == "run" and r.seed is not None:
@@ -529,16 +553,23 @@ def _cell(mean: float, std: float, n: int, decimals: int, pm: str) -> str:
     return f"{mean:.{decimals}f}{pm}{std:.{decimals}f}"
 
 
+def check_display(layout: str = "recall", decimals: int = 1, group_by: str = "config") -> None:
+    """Refuse a ``--layout``, ``--decimals`` or ``--group-by`` the table cannot take, before any input is read."""
+    if layout not in LAYOUTS:
+        raise MaxMatchError(f"unknown --layout '{layout}'", hint=f"use one of: {', '.join(LAYOUTS)}")
+    if not 0 <= decimals <= 6:
+        raise MaxMatchError(f"--decimals {decimals} is out of range", hint="use 0 to 6 (the paper shows 1)")
+    if group_by not in GROUP_BY:
+        raise MaxMatchError(f"unknown --group-by '{group_by}'", hint=f"use one of: {', '.join(GROUP_BY)}")
+
+
 def display_frame(comp: Comparison, layout: str = "recall", decimals: int = 1,
                   latex: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """The table as text cells (``layout`` of :data:`LAYOUTS`) and the names of its text (left-aligned) columns.
 
     ``latex``: cells and headers in LaTeX (``$\\pm$``, ``\\checkmark``); the text columns are left unescaped.
     """
-    if layout not in LAYOUTS:
-        raise MaxMatchError(f"unknown --layout '{layout}'", hint=f"use one of: {', '.join(LAYOUTS)}")
-    if not 0 <= decimals <= 6:
-        raise MaxMatchError(f"--decimals {decimals} is out of range", hint="use 0 to 6 (the paper shows 1)")
+    check_display(layout, decimals)
     f = comp.frame
     pm, dash, check = (r" $\pm$ ", "---", r"\checkmark") if latex else (" ± ", "—", "✓")
     delta_head = r"$\Delta$RSUM" if latex else "ΔRSUM"
@@ -633,10 +664,7 @@ def rich_table(comp: Comparison, layout: str = "recall", decimals: int = 1, widt
     from rich.text import Text
 
     table, text_cols = display_frame(comp, layout, decimals)
-    caption = _caption(comp, layout)
-    if "source" in table and table["source"].nunique() == 1:  # room for the numbers
-        caption += f"; source {table['source'][0]}"
-        table = table.drop(columns="source")
+    caption = _caption(comp, layout)  # the source column stays: which split (and protocol) each number is on
     short = {"i2t R@5": "R@5", "i2t R@10": "R@10", "t2i R@5": "R@5", "t2i R@10": "R@10"}  # as recall_table
     if layout in COCO_EXTRAS:  # the title names the family: "CxC i2t R@5" -> "R@5", "ECCV t2i R-P" -> "R-P"
         for col in table.columns:

@@ -10,7 +10,6 @@ look) and ``<stem>.pdf`` (for a paper).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,15 +70,11 @@ def save_figure(fig, stem: Path) -> list[str]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted run
-    return records
+    from maxmatch_cli.fileio import read_history
+    from maxmatch_cli.progress import console
+
+    # Torn lines skipped with a warning, one record per step.
+    return read_history(path, lambda m: console.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
 
 
 def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -134,7 +129,8 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
         r1.legend(fontsize=8, loc="lower right")
     else:
         ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes)
-    fig.suptitle(f"training run {run_dir.resolve().name}", fontsize=10)
+    # The folder with its parent: a run folder is often just "run" (demo/run), "training run run" says nothing.
+    fig.suptitle(f"training run {Path(run_dir.resolve().parent.name) / run_dir.resolve().name}", fontsize=10)
     stem = figure_stem(out) if out else run_dir / "curves"
     return [stem.with_name(n) for n in save_figure(fig, stem)]
 
@@ -224,9 +220,13 @@ def heatmaps_figure(raw: np.ndarray, aligned: np.ndarray, title: str):
         for (k, l), v in np.ndenumerate(m):
             ax.text(l, k, f"{v:.2f}", ha="center", va="center", fontsize=8,
                     color="w" if (v - lo) / (hi - lo) < 0.6 else "k")
-        ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
+        if name == "raw":
+            ax.set_xticks(range(m.shape[1]), [f"T{l + 1}" for l in range(m.shape[1])])
+            ax.set_xlabel("text element")
+        else:  # column l holds, per caption, the text element MaxMatch matched to image element l
+            ax.set_xticks(range(m.shape[1]), [f"↔V{l + 1}" for l in range(m.shape[1])])
+            ax.set_xlabel("text element matched to image element")
         ax.set_yticks(range(m.shape[0]), [f"V{k + 1}" for k in range(m.shape[0])])
-        ax.set_xlabel("text element")
         ax.set_ylabel("image element")
         ax.set_title(panel)
     fig.colorbar(im, ax=axes, shrink=0.8, label="mean cosine, image set vs its own captions")

@@ -46,7 +46,9 @@ class Ranking(NamedTuple):
     """Top-k gallery items of each query, best first.
 
     Attributes:
-        indices: ``(Q, k)`` long, row numbers into the gallery.
+        indices: ``(Q, k)`` long, row numbers into the gallery: positions in the sets passed as ``gallery``
+            (e.g. in a split's image list), not image or caption ids. Map them back through the rows encoded:
+            ``store.image_ids[store.split("test")[0][i]]`` for ``encode_images(store, store.split("test")[0])``.
         scores: ``(Q, k)`` float32 set similarities of those items.
     """
 
@@ -269,7 +271,8 @@ class Model:
             **options: similarity options; default the checkpoint recipe's (e.g. chamfer's ``alpha``).
 
         Returns:
-            :class:`Ranking` of ``(Q, k)`` gallery rows and scores, on the CPU.
+            :class:`Ranking` of ``(Q, k)`` gallery rows (positions in ``gallery``, not ids) and scores, on the
+            CPU.
 
         Raises:
             MaxMatchError: unknown similarity or option, mismatched shapes, ``k < 1``.
@@ -363,7 +366,7 @@ def load(checkpoint: str | Path, device: str | torch.device = "auto") -> Model:
         >>> model = maxmatch_cli.load("demo/run/best.safetensors", device="cpu")
         >>> texts = model.encode_texts(["a man riding a red bike", "two dogs on a sofa"])
         >>> images = model.encode_images(store, store.split("test")[0])
-        >>> top = model.rank(texts, images, k=10)  # top.indices (2, 10), top.scores (2, 10)
+        >>> top = model.rank(texts, images, k=10)  # top.indices (2, 10): positions in images; top.scores (2, 10)
     """
     dev = device if isinstance(device, torch.device) else resolve_device(str(device), hint=_DEVICE_HINT)
     ckpt = load_checkpoint(checkpoint)

@@ -16,10 +16,43 @@ import torch
 from rich.progress import Progress
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import read_jsonl, write_text
 from maxmatch_cli.progress import console
 from maxmatch_cli.training.tracking import Trackers
 
-__all__ = ["RunLog", "flush_steps"]
+__all__ = ["RunLog", "cut_history", "flush_steps"]
+
+
+def cut_history(out_dir: Path, global_step: int, history: list[dict]) -> list[str]:
+    """Cut a resumed run's history back to its checkpoint, so that no step or epoch is logged twice.
+
+    A run killed (kill -9, power loss) after its last checkpoint leaves in ``steps.jsonl`` the steps past it, in
+    ``metrics.jsonl`` perhaps an epoch whose checkpoint was never written, and in either a torn last line (the
+    resumed run would glue its first record onto it). ``steps.jsonl`` keeps its whole records up to
+    ``global_step``; ``metrics.jsonl`` becomes the checkpoint's own ``history``. Each is rewritten whole (temporary
+    file and rename), and only when it changes.
+
+    Returns:
+        One line per file cut, saying what was dropped.
+    """
+    notes = []
+    steps_path, metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
+    if steps_path.exists():
+        records, torn = read_jsonl(steps_path)
+        kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= global_step]
+        if torn or len(kept) < len(records):
+            write_text(steps_path, "".join(json.dumps(r) + "\n" for r in kept))
+            notes.append(f"{steps_path}: dropped {len(records) - len(kept)} record(s) past step {global_step}"
+                         + (f" and {len(torn)} torn line(s)" if torn else ""))
+    if metrics_path.exists() or history:
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        old = metrics_path.read_text(encoding="utf-8", errors="replace") if metrics_path.exists() else ""
+        if old != text:
+            records, torn = read_jsonl(metrics_path)
+            write_text(metrics_path, text)
+            notes.append(f"{metrics_path}: kept the checkpoint's {len(history)} epoch record(s) of "
+                         f"{len(records)}" + (f", dropped {len(torn)} torn line(s)" if torn else ""))
+    return notes
 
 
 def flush_steps(pending: list[tuple[int, float, dict[str, torch.Tensor]]], running: dict[str, float], epoch: int,
@@ -93,15 +126,18 @@ class RunLog:
                                        completed=completed_steps * self.global_batch, unit=self.unit, status="",
                                        visible=visible and self.is_main)
 
-    def start_epoch(self) -> None:
-        """Start the smoothed losses afresh."""
-        self.running = {}
+    def start_epoch(self, running: dict[str, float] | None = None) -> None:
+        """Start the smoothed losses afresh, or from ``running`` (a run resumed mid-epoch: the saved values)."""
+        self.running = dict(running or {})
         self._pending = []
 
-    def step(self, step: int, epoch: int, lr: float, parts: dict[str, torch.Tensor], last_step: bool) -> None:
-        """Record a finished step; its losses stay on the device until the next log step (or ``last_step``):
-        reading them every step would make the host wait for the GPU at every step."""
+    def record(self, step: int, lr: float, parts: dict[str, torch.Tensor]) -> None:
+        """Keep a finished step's losses (part of the step itself: a Ctrl-C after it still writes them)."""
         self._pending.append((step, lr, parts))
+
+    def step(self, step: int, epoch: int, last_step: bool) -> None:
+        """After a :meth:`record`-ed step: its losses stay on the device until the next log step (or
+        ``last_step``): reading them every step would make the host wait for the GPU at every step."""
         if step % self.log_every == 0 or last_step:
             self._flush(epoch)
             self._progress.update(self._task, status=f"epoch {epoch + 1}/{self.epochs} "
@@ -117,7 +153,7 @@ class RunLog:
                           f"{self.unit}/s  eta {eta / 60:.1f} min")
 
     def end_epoch(self, epoch: int) -> None:
-        """Record the steps not yet read back (an epoch cut short by ``train.max_steps`` has some)."""
+        """Record the steps not yet read back (an epoch cut short by ``train.max_steps`` or a Ctrl-C has some)."""
         if self._pending:
             self._flush(epoch)
 

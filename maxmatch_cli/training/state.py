@@ -25,7 +25,7 @@ import torch
 
 from maxmatch_cli.config.recipes import Recipe
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.models.checkpoint import Checkpoint, load_checkpoint
+from maxmatch_cli.models.checkpoint import Checkpoint, load_checkpoint, load_model_state
 from maxmatch_cli.progress import console
 from maxmatch_cli.training import distributed as dist
 
@@ -47,11 +47,13 @@ class TrainState:
     """Best validation RSUM so far (None before the first validation)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """One record per epoch (or per run cut short by ``train.max_steps``), as written to ``metrics.jsonl``."""
+    running_loss: dict[str, float] = field(default_factory=dict)
+    """Mid-epoch: the epoch's smoothed loss parts so far (its ``metrics.jsonl`` record continues them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's ``train_state``."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_rsum": self.best_rsum, "history": self.history}
+                "best_rsum": self.best_rsum, "history": self.history, "running_loss": self.running_loss}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
@@ -115,8 +117,13 @@ def restore_training_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: 
     mid-epoch, after it, as in the run that was interrupted: then they are returned, for the trainer to restore
     once it has made the iterator.
     """
-    model.load_state_dict(ckpt.model_state)
-    optimizer.load_state_dict(ckpt.optim_state)
+    load_model_state(model, ckpt)
+    try:
+        optimizer.load_state_dict(ckpt.optim_state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise MaxMatchError(f"checkpoint {ckpt.path}: its optimiser state does not fit the model of its recipe "
+                            f"({exc})", hint="the file is damaged; start the run afresh in another --out folder") \
+            from None
     if state.step_in_epoch == 0:
         set_rng_state(ckpt.rng_state, device)
         return None

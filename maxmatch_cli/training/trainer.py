@@ -32,14 +32,15 @@ from maxmatch_cli.data.samplers import EpochSampler
 from maxmatch_cli.data.tokenizers import build_tokenizer
 from maxmatch_cli.devices import resolve_device as _resolve_device
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.fileio import write_text
+from maxmatch_cli.fileio import DiskFullError, free_space, is_disk_full, write_text
 from maxmatch_cli.evaluation.encoding import encode_split, score, similarity_options
 from maxmatch_cli.evaluation.protocols import metrics_for
 from maxmatch_cli.method.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.config.recipes import Recipe, to_toml
 from maxmatch_cli.method.similarity import set_similarity
-from maxmatch_cli.training.runlog import RunLog
+from maxmatch_cli.training.rundir import discard_unsaved_run, run_lock
+from maxmatch_cli.training.runlog import RunLog, cut_history
 from maxmatch_cli.training.schedule import lr_factor, remember_base_lr, set_lr
 from maxmatch_cli.training.state import (TrainState, decorrelate_ranks, load_resume, restore_training_state,
                                          rng_state, set_rng_state)
@@ -138,6 +139,28 @@ def _sigint_ignored():
             yield
         finally:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
+@contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back until the block ends: the end of a step (optimiser update, counters, loss records) is
+    applied whole or not at all, so the step boundary a checkpoint saves is always a consistent one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's buffers (BatchNorm running statistics and counts, which a forward pass updates)."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()}
 
 
 def build_train_dataset(store, recipe: Recipe, tokenizer, image_source):
@@ -292,6 +315,14 @@ class Trainer:
             write_text(self.out_dir / "recipe.toml", to_toml(self.recipe))
         # A resumed run hides the events a crashed run logged after the checkpoint's step.
         purge_step = self.state.global_step + 1 if self.resume else None
+        if self.resume and self.is_main:
+            for note in cut_history(self.out_dir, self.state.global_step, self.state.history):
+                console.print(f"[yellow]note:[/] cut back to the checkpoint: {note}")
+        if self.is_main:
+            from maxmatch_cli.training.rundir import remove_stale_temps_of_run
+
+            for path in remove_stale_temps_of_run(self.out_dir):
+                console.print(f"[yellow]note:[/] removed {path}, left by a run that was killed while writing it")
         trackers = (open_trackers(tracker_names, self.out_dir, config=self.recipe.to_dict(), name=self.out_dir.name,
                                   purge_step=purge_step) if self.is_main else Trackers())
         self.log = RunLog(self.out_dir, trackers, is_main=self.is_main, total_steps=self.total_steps,
@@ -303,6 +334,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ train
     def train(self) -> None:
         """The loop over epochs, until ``train.epochs`` or ``train.max_steps``; a Ctrl-C saves the run to resume."""
+        self._boundary_buffers = _buffers(self.core)  # the buffers at the last step boundary (see _train_step)
         try:
             with make_progress() as progress:
                 self.log.attach(progress, self.show_progress, self.state.global_step)
@@ -321,7 +353,7 @@ class Trainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         self.model.train()
-        self.log.start_epoch()
+        self.log.start_epoch(s.running_loss if s.step_in_epoch else None)  # mid-epoch resume: the saved losses
         self.step_rng = rng_state(self.device)
         batches = iter(self.loader)
         if self._resume_rng is not None:  # mid-epoch resume: the states after the iterator drew its seed
@@ -330,7 +362,8 @@ class Trainer:
         for batch in batches:
             parts = self._train_step(batch, hardest)
             last_step = s.global_step >= self.total_steps or s.step_in_epoch >= self.steps_per_epoch
-            self.log.step(s.global_step, epoch, self.optimizer.param_groups[0]["lr"], parts, last_step)
+            with _sigint_deferred():  # reading the losses back and appending them to steps.jsonl
+                self.log.step(s.global_step, epoch, last_step)
             if s.global_step >= self.total_steps:
                 break
         self.log.end_epoch(epoch)
@@ -350,10 +383,15 @@ class Trainer:
         loss.backward()
         if self.recipe.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
-        self.optimizer.step()
-        self.step_rng = rng_state(self.device)
-        self.state.global_step += 1
-        self.state.step_in_epoch += 1
+        # Until here the step changed only the buffers (the forward pass), the gradients and the RNG states, which a
+        # Ctrl-C puts back to the step boundary; from here on it is applied whole.
+        with _sigint_deferred():
+            self.optimizer.step()
+            self.step_rng = rng_state(self.device)
+            self.state.global_step += 1
+            self.state.step_in_epoch += 1
+            self.log.record(self.state.global_step, self.optimizer.param_groups[0]["lr"], parts)
+            self._boundary_buffers = _buffers(self.core)
         return parts
 
     def _end_epoch(self, epoch_done: bool) -> None:
@@ -388,6 +426,8 @@ class Trainer:
             with_optim: Add the optimiser state and the RNG states (``last.safetensors``).
             rng: The RNG states to resume from (default: the current ones).
         """
+        # Mid-epoch, the smoothed losses so far, for a resumed run's epoch record.
+        self.state.running_loss = dict(self.log.running) if self.state.step_in_epoch else {}
         if self.is_main:
             save_checkpoint(path, self.core, self.recipe, self.vocab_json, self.provenance,
                             train_state=self.state.to_dict(), optimizer=self.optimizer if with_optim else None,
@@ -397,11 +437,50 @@ class Trainer:
         """Ctrl-C: save the state at the last step boundary, immune to the second SIGINT torchrun forwards."""
         self.interrupted = True
         with _sigint_ignored():
+            # Undo what the unfinished step did (its forward pass updated the BatchNorm statistics) and write the
+            # finished steps' losses, so that the saved state is exactly the last step boundary's.
+            for name, buffer in self.core.named_buffers():
+                buffer.copy_(self._boundary_buffers[name])
+            self.log.end_epoch(self.state.epoch)
             self.save_checkpoint(self.last_path, with_optim=True, rng=self.step_rng)
         console.print(f"[yellow]interrupted[/] at step {self.state.global_step}; saved {self.last_path} "
                       f"(continue with --resume)")
 
+    def out_of_space(self, exc: Exception) -> DiskFullError:
+        """A full disk stopped the run: the file that did not fit, and what of the run is kept.
+
+        A run that never saved ``last.safetensors`` cannot be resumed, so its files are removed: the same command
+        then starts it again. Otherwise the last checkpoint is whole and ``--resume`` continues from it.
+        """
+        if isinstance(exc, DiskFullError):
+            path, needed, free = exc.path, exc.needed, exc.free
+        else:
+            path, needed = getattr(exc, "filename", None) or self.out_dir, None
+            free = free_space(path)  # before the removal below, which frees some
+        if self.last_path.is_file():
+            hint = (f"{self.last_path} is whole (the run up to its last checkpoint): free some space, then continue "
+                    f"with the same command and --resume")
+        else:
+            removed = discard_unsaved_run(self.out_dir)
+            gone = f" ({', '.join(p.name for p in removed)})" if removed else ""
+            hint = (f"no checkpoint of this run had been saved, so the files it wrote were removed{gone}: free some "
+                    f"space, then run the same command again")
+        return DiskFullError(path, needed, hint, free)
+
     # ------------------------------------------------------------------------------------------- the end
+    def _warn_at_chance(self) -> None:
+        """A run whose final validation is no better than a random ranking says so, and what to try."""
+        from maxmatch_cli.evaluation.chance import at_chance
+
+        r = self.recipe
+        n = len(split_layout(self.store, r.data.val_split, r.data.captions_per_image)[0])
+        sentence = at_chance(self.last_metrics, min(n, r.train.val_max_images or n), r.data.captions_per_image)
+        if sentence:
+            console.print(f"[yellow]warning:[/] the final validation {sentence}: the model learnt nothing. Try "
+                          f"more epochs (train.epochs), a warm-up before hardest negatives (loss.warmup_epochs=1 "
+                          f"or 2: hardest negatives from the first step can leave a small model at chance), or a "
+                          f"lower optim.lr.", soft_wrap=True)
+
     def cleanup(self) -> None:
         """Close the trackers (flushes their files; also after Ctrl-C or an error)."""
         self.log.close()
@@ -410,6 +489,8 @@ class Trainer:
         """Without validation the last weights are the best ones; wait for every rank and report."""
         if self.is_main and not self.recipe.data.val_split and not self.interrupted:
             self.save_checkpoint(self.best_path, with_optim=False)
+        if self.is_main and self.last_metrics and not self.interrupted:
+            self._warn_at_chance()
         dist.barrier()
         return TrainResult(self.out_dir, self.state.best_rsum, self.last_metrics, self.state.global_step,
                            self.log.elapsed(), self.interrupted)
@@ -428,9 +509,14 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
         The run's outcome (also after Ctrl-C, with ``interrupted`` set).
     """
     trainer = Trainer(recipe, out_dir, resume=resume, show_progress=show_progress)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer.finish()
+    with run_lock(out_dir):  # one writer per run folder (re-entrant: `maxmatch train` took it already)
+        trainer.setup()
+        try:
+            trainer.train()
+        except Exception as exc:
+            if is_disk_full(exc):  # one message: what did not fit, what of the run is kept, how to go on
+                raise trainer.out_of_space(exc) from None
+            raise
+        finally:
+            trainer.cleanup()
+        return trainer.finish()

@@ -265,8 +265,10 @@ def test_overwrite_replaces_only_the_run(fake_train, tmp_path):
     out = tmp_path / "run"
     _train(out)
     (out / "embeddings").mkdir()
-    cache = out / "embeddings" / "best.test.0123456789ab.safetensors"
-    cache.write_text("cache")
+    # Named like a cache but not one of this run's checkpoints: a user's file, kept (the run's own caches are
+    # removed: tests/faults/test_resume_history.py::test_overwrite_removes_only_the_caches_of_the_runs_own_checkpoints).
+    lookalike = out / "embeddings" / "best.test.0123456789ab.safetensors"
+    lookalike.write_text("keep")
     for keep in ("notes.txt", "embeddings/mine.npy", "collapse-best-test/collapse.json"):
         (out / keep).parent.mkdir(parents=True, exist_ok=True)
         (out / keep).write_text("keep")
@@ -274,8 +276,8 @@ def test_overwrite_replaces_only_the_run(fake_train, tmp_path):
     assert result.exit_code == 0, result.output
     assert len(fake_train) == 2 and fake_train[-1]["resume"] is False
     assert (out / "best.safetensors").read_text() == "run 2"
-    assert not cache.exists()
-    for keep in ("notes.txt", "embeddings/mine.npy", "collapse-best-test/collapse.json"):
+    for keep in ("notes.txt", "embeddings/mine.npy", "collapse-best-test/collapse.json",
+                 "embeddings/best.test.0123456789ab.safetensors"):
         assert (out / keep).read_text() == "keep"
     lines = result.output.splitlines()
     assert f"wrote {out / 'best.safetensors'}" in lines and f"wrote {out / 'metrics.jsonl'}" in lines

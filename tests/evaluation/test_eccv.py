@@ -468,6 +468,7 @@ def test_cli_eccv_on_a_split_that_is_not_coco_5k(trained):
 
 
 def test_cli_option_misuse(trained, tmp_path):
+    (tmp_path / "c.json").write_text("{}")  # a file that exists: the misuse is the option without eccv/cxc
     result = invoke("evaluate", trained, "--split", "test", "--coco-captions", tmp_path / "c.json")
     assert result.exit_code == 2 and "--coco-captions" in result.output and "eccv" in result.output
     result = invoke("ensemble", trained, trained, "--split", "test", "--protocol", "cxc")

@@ -11,13 +11,32 @@ def test_new_or_missing_folder_is_fine(tmp_path):
     assert prepare_run_dir(tmp_path) == []
 
 
+def _cache(path, checkpoint):
+    """An embeddings cache file as `evaluate` writes it, encoded from ``checkpoint``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = {"format": "maxmatch-embeddings", "checkpoint": str(checkpoint.resolve())}
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"key": json.dumps(key)})
+
+
 def test_overwrite_removes_exactly_the_run_files(tmp_path):
-    run = ["best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.toml",
-           "embeddings/best.test.0123456789ab.safetensors", "embeddings/last.dev.0123456789ab.safetensors"]
-    keep = ["notes.txt", "best.safetensors.bak", "embeddings/other.test.0123456789ab.safetensors", "sub/recipe.toml"]
+    run = ["best.safetensors", "last.safetensors", "metrics.jsonl", "recipe.toml"]
+    caches = ["embeddings/best.test.0123456789ab.safetensors", "embeddings/last.dev.0123456789ab.safetensors"]
+    # A user's file and another run's cache that match the cache pattern are not this run's.
+    keep = ["notes.txt", "best.safetensors.bak", "embeddings/other.test.0123456789ab.safetensors", "sub/recipe.toml",
+            "embeddings/best.mine.safetensors"]
     for name in run + keep:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
+    for name in caches:
+        _cache(tmp_path / name, tmp_path / f"{name.split('/')[1].split('.')[0]}.safetensors")
+    _cache(tmp_path / "embeddings/last.test.ba9876543210.safetensors", tmp_path / "elsewhere" / "last.safetensors")
+    keep.append("embeddings/last.test.ba9876543210.safetensors")
+    run += caches
     assert sorted(existing_run_files(tmp_path)) == sorted(tmp_path / n for n in run)
     with pytest.raises(MaxMatchError, match="already holds a training run") as info:
         prepare_run_dir(tmp_path)
@@ -25,12 +44,12 @@ def test_overwrite_removes_exactly_the_run_files(tmp_path):
     assert all((tmp_path / n).exists() for n in run)
     assert sorted(prepare_run_dir(tmp_path, overwrite=True)) == sorted(tmp_path / n for n in run)
     assert not any((tmp_path / n).exists() for n in run)
-    assert all((tmp_path / n).read_text() == n for n in keep)
+    assert all((tmp_path / n).exists() for n in keep)
+    assert all((tmp_path / n).read_text() == n for n in keep if not n.startswith("embeddings/last.test"))
 
 
 def test_empty_cache_folder_removed_with_the_run(tmp_path):
-    (tmp_path / "embeddings").mkdir()
-    (tmp_path / "embeddings" / "best.test.0123456789ab.safetensors").write_text("x")
+    _cache(tmp_path / "embeddings" / "best.test.0123456789ab.safetensors", tmp_path / "best.safetensors")
     prepare_run_dir(tmp_path, overwrite=True)
     assert not (tmp_path / "embeddings").exists()
 

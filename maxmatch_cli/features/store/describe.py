@@ -38,7 +38,7 @@ def summarize(store: Any) -> dict[str, Any]:
         "has_image_sizes": store.image_sizes is not None,
         "splits": {name: _split_summary(store, name) for name in store.splits},
         "size_bytes": store.path.stat().st_size,
-        "fingerprint": store.fingerprint(),
+        "fingerprint": store.fingerprint() if store.complete else None,  # an unfinished file would be read whole
         "metadata": store.metadata,
     })
     return info

@@ -67,6 +67,9 @@ def create_partial(partial: Path, spec: StoreSpec, metadata: dict[str, Any]) -> 
     try:
         f = h5py.File(partial, "w", track_order=True)
     except OSError as exc:
+        if "unable to lock file" in str(exc):  # HDF5's own lock: a process outside maxmatch has the file open
+            raise MaxMatchError(f"cannot write {partial}: another process has it open ({exc}).",
+                                hint="wait for that process to finish or stop it, then re-run") from None
         raise MaxMatchError(f"cannot write {partial}: {exc}.", hint="choose a writable --out path") from None
     _write_header(f.attrs, spec, metadata)
     images = f.create_group("images")

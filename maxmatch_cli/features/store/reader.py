@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.errors import MaxMatchError, first_few
 from maxmatch_cli.features.store.describe import summarize
 from maxmatch_cli.features.store.fingerprint import content_fingerprint
 from maxmatch_cli.features.store.float16 import to_float32
@@ -27,6 +27,29 @@ from maxmatch_cli.features.store.schema import (
     inconsistent,
     read_header,
 )
+from maxmatch_cli.fileio import escapes_folder
+
+
+def utf8_strings(dataset: h5py.Dataset, path: Path, n: int | None = None) -> list[str]:
+    """The first ``n`` (default: all) strings of a string dataset, decoded as UTF-8.
+
+    Raises:
+        MaxMatchError: an entry is not UTF-8 (named with its dataset and position).
+    """
+    raw = dataset[:n] if n is not None else dataset[:]
+    out = []
+    for k, value in enumerate(raw):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MaxMatchError(
+                    f"{path}: {dataset.name.lstrip('/')}[{k}] is not UTF-8 text ({exc.reason} at byte {exc.start}: "
+                    f"{value[max(exc.start - 10, 0): exc.start + 10]!r}).",
+                    hint="strings in a feature file are UTF-8: re-create it with maxmatch extract-features from "
+                         "UTF-8 captions") from None
+        out.append(str(value))
+    return out
 
 
 def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> FeatureStore:
@@ -65,6 +88,8 @@ class FeatureStore:
         f = self._h5()
         try:
             self._load_metadata(f)
+            if not allow_incomplete:  # ``features info`` still describes such a file
+                self._refuse_empty_images()
         except KeyError as exc:  # a group or dataset is missing
             self.close()
             raise MaxMatchError(
@@ -130,9 +155,17 @@ class FeatureStore:
         """Image ids, sizes and (image-file stores) paths of the first ``n`` images."""
         self.n_images = n
         if self.feature_kind == PIXELS:
-            self.image_files = np.asarray(f["images/files"].asstr()[:n], dtype=object)
+            self.image_files = np.asarray(utf8_strings(f["images/files"], self.path, n), dtype=object)
+            outside = [name for name in self.image_files if escapes_folder(name)]
+            if outside:
+                raise MaxMatchError(
+                    f"{self.path} names {len(outside)} image file(s) outside its image folder (an absolute path or "
+                    f"a '..' part): {first_few([repr(name) for name in outside])}.",
+                    hint="an image-file store lists paths relative to its image_root; re-index the images with "
+                         "maxmatch extract-features --kind pixels")
         ids = f["images/ids"]
-        self.image_ids = (ids.asstr()[:n] if h5py.check_string_dtype(ids.dtype) else ids[:n]).copy()
+        string_ids = h5py.check_string_dtype(ids.dtype)
+        self.image_ids = np.asarray(utf8_strings(ids, self.path, n), dtype=object) if string_ids else ids[:n].copy()
         if self.complete and len(ids) != n:
             raise inconsistent(self.path, f"images/ids has {len(ids)} entries for {n} images")
         self.has_boxes = "boxes" in f["images"]
@@ -236,13 +269,34 @@ class FeatureStore:
     def captions_text(self, indices: Iterable[int] | np.ndarray | None = None) -> list[str]:
         """Caption strings at the given global indices (all captions if ``None``)."""
         if self._captions_cache is None:
-            self._captions_cache = list(self._h5()["captions/text"].asstr()[:])
+            self._captions_cache = utf8_strings(self._h5()["captions/text"], self.path)
         if indices is None:
             return list(self._captions_cache)
         cache = self._captions_cache
         return [cache[int(i)] for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
 
     # -- features ------------------------------------------------------------------------------------------
+
+    def _refuse_empty_images(self) -> None:
+        """Refuse a store with an image of no regions: its set embedding would be made of nothing (NaN or zeros).
+
+        Raises:
+            MaxMatchError: naming the file and the first few such images by id.
+        """
+        if self.image_files is not None or not self.n_images:
+            return
+        if self._offsets is None and self.regions_per_image == 0:
+            raise MaxMatchError(
+                f"{self.path} stores 0 regions per image (images/features has shape "
+                f"{tuple(self._h5()['images/features'].shape)}); every image needs at least one region.",
+                hint="re-create the feature file with maxmatch extract-features")
+        empty = np.flatnonzero(self.region_counts == 0)
+        if len(empty):
+            raise MaxMatchError(
+                f"{self.path}: {len(empty)} of {self.n_images} images have no regions (ids "
+                f"{first_few([str(self.image_ids[i]) for i in empty], 5)}); every image needs at least one.",
+                hint="re-extract those images (e.g. keep at least one detector box per image) or leave them out of "
+                     "the feature file")
 
     @property
     def region_counts(self) -> np.ndarray:

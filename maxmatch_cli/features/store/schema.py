@@ -11,7 +11,10 @@ Root attributes
     ``regions_per_image`` (int R, fixed layout only); ``created_with`` (``"maxmatch <version>"``); ``metadata``
     (a JSON object as a string, free form: preset, seed, backbone, image size, ...); ``args_fingerprint``
     (string identifying the arguments that produced the file, used to resume an interrupted extraction);
-    ``n_written`` (int, images flushed so far); ``complete`` (bool, set last, after everything else is flushed).
+    ``n_written`` (int, images flushed so far); ``complete`` (bool, set last, after everything else is flushed);
+    ``content_sha256`` (hex SHA-256 of every dataset's dtype, shape and bytes, recorded by the writer) and
+    ``content_mtime_ns`` (the modification time the writer gave the finished file: the hash is trusted while the
+    file keeps it; see :mod:`~maxmatch_cli.features.store.fingerprint`). Files written before these two still load.
 
 ``images/``
     ``features``: float16. Fixed layout: (N, R, D) with chunks (1, R, D), one chunk per image. Flat layout, for
@@ -151,6 +154,48 @@ class Header:
     image_root: str | None
 
 
+def _garbled(path: Path, name: str, value: Any, expected: str) -> MaxMatchError:
+    shown = repr(value)
+    return MaxMatchError(f"{path}: the root attribute {name} is {shown[:80]}{'...' if len(shown) > 80 else ''}, "
+                         f"not {expected}: the file is damaged or was not written by maxmatch.",
+                         hint="re-create it with maxmatch extract-features")
+
+
+def _int_attr(attrs: h5py.AttributeManager, name: str, path: Path, default: int | None = None) -> int:
+    """A root attribute that must be a non-negative integer (a missing one raises KeyError without a default)."""
+    value = attrs[name] if default is None else attrs.get(name, default)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+        raise _garbled(path, name, value, "a non-negative integer")
+    return int(value)
+
+
+def _str_attr(attrs: h5py.AttributeManager, name: str, path: Path, default: str | None = None) -> str:
+    """A root attribute that must be text (a missing one raises KeyError without a default)."""
+    value = attrs[name] if default is None else attrs.get(name, default)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _garbled(path, name, value, "UTF-8 text") from None
+    if not isinstance(value, str):
+        raise _garbled(path, name, value, "text")
+    return value
+
+
+def _metadata_attr(attrs: h5py.AttributeManager, path: Path) -> dict[str, Any]:
+    """The ``metadata`` root attribute: a JSON object (``{}`` when absent or empty)."""
+    text = _str_attr(attrs, "metadata", path, "{}") or "{}"
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _garbled(path, "metadata", text, f"JSON ({exc.msg} at character {exc.pos})") from None
+    if not isinstance(metadata, dict):
+        raise _garbled(path, "metadata", text, "a JSON object")
+    return metadata
+
+
 def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
     """Read and check the root attributes and the required groups of an open store.
 
@@ -171,7 +216,7 @@ def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
             hint="convert your features with maxmatch extract-features (--from-precomp, --from-butd-tsv, "
             "--images)",
         )
-    version = int(attrs["schema_version"])
+    version = _int_attr(attrs, "schema_version", path)
     if version != SCHEMA_VERSION:
         raise MaxMatchError(
             f"{path} uses feature-store schema version {version}; this maxmatch ({__version__}) reads "
@@ -190,10 +235,11 @@ def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
                 f"{path} lacks the '{group}/' group required by schema v{SCHEMA_VERSION}.",
                 hint="re-create it with maxmatch extract-features",
             )
-    kind, source = str(attrs["feature_kind"]), str(attrs["source"])
-    feature_dim, layout = int(attrs["feature_dim"]), str(attrs["layout"])
-    created_with, fingerprint = str(attrs.get("created_with", "")), str(attrs.get("args_fingerprint", ""))
-    metadata = json.loads(attrs.get("metadata", "{}") or "{}")
+    kind, source = _str_attr(attrs, "feature_kind", path), _str_attr(attrs, "source", path)
+    feature_dim, layout = _int_attr(attrs, "feature_dim", path), _str_attr(attrs, "layout", path)
+    created_with = _str_attr(attrs, "created_with", path, "")
+    fingerprint = _str_attr(attrs, "args_fingerprint", path, "")
+    metadata = _metadata_attr(attrs, path)
     if kind not in FEATURE_KINDS or layout not in LAYOUTS or (kind == PIXELS) != (layout == "files"):
         raise MaxMatchError(
             f"{path} has feature_kind={kind!r}, layout={layout!r}; expected one of "
@@ -201,10 +247,10 @@ def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
             hint="re-create it with maxmatch extract-features",
         )
     return Header(
-        schema_version=version, complete=complete, n_written=int(attrs.get("n_written", 0)), feature_kind=kind,
+        schema_version=version, complete=complete, n_written=_int_attr(attrs, "n_written", path, 0), feature_kind=kind,
         source=source, feature_dim=feature_dim, layout=layout, created_with=created_with,
         args_fingerprint=fingerprint, metadata=metadata,
-        image_root=str(attrs["image_root"]) if kind == PIXELS else None,
+        image_root=_str_attr(attrs, "image_root", path) if kind == PIXELS else None,
     )
 
 

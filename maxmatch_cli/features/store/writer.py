@@ -2,14 +2,16 @@
 
 Images are appended in order; ``n_written`` is updated at each flush. Re-running with ``resume=True`` and the same
 ``args_fingerprint`` continues after the last flushed image; a different fingerprint is refused with a message
-(see :mod:`maxmatch_cli.features.store.partial` for the ``.partial`` file and its publication).
+(see :mod:`maxmatch_cli.features.store.partial` for the ``.partial`` file and its publication). One process writes a
+feature file at a time: the writer holds ``.NAME.lock`` beside it (:mod:`maxmatch_cli.locks`) until it finishes,
+fails or is interrupted, and a second writer is refused with the holder's pid, host and command.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,10 @@ import h5py
 import numpy as np
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import DiskFullError, free_space, is_disk_full
+from maxmatch_cli.locks import acquire, lock_beside
 from maxmatch_cli.features.store.batch import append_rows, check_shapes, encode_block, feature_items, ids_array
+from maxmatch_cli.features.store.fingerprint import ContentHasher, stamp_file
 from maxmatch_cli.features.store.partial import (
     StoreSpec,
     check_same_arguments,
@@ -103,6 +108,9 @@ class StoreWriter:
             raise ValueError(f"id_kind must be 'int' or 'str', got {id_kind!r}")
         if compression not in (None, "lzf"):
             raise ValueError("compression must be None or 'lzf' (gzip makes every read ~25x slower)")
+        if regions_per_image is not None and int(regions_per_image) < 1:
+            raise MaxMatchError(f"{path}: images with {regions_per_image} regions each cannot be stored.",
+                                hint="every image needs at least one region: check the source features' shape")
         self.path = Path(path)
         self.partial = partial_path(self.path)
         if feature_kind == PIXELS:
@@ -126,7 +134,11 @@ class StoreWriter:
         self.flush_every = max(1, int(flush_every))
         self.chunk_rows = max(1, int(chunk_rows))
         self.resumed = False
+        self._resume = resume  # a failed run's .partial is continued by the same command (else started over)
+        self._out_of_room = False
         self._since_flush = 0
+        self._pending_bytes = 0  # written since the last flush: HDF5 may not have put them on disk yet
+        self._broken = False  # HDF5 failed mid-write (a full disk): the .partial cannot be trusted
         self._finished = False
         self._spec = StoreSpec(
             feature_kind=self.feature_kind, source=self.source, feature_dim=self.feature_dim, layout=self.layout,
@@ -134,11 +146,18 @@ class StoreWriter:
             with_boxes=self.with_boxes, with_sizes=self.with_sizes, args_fingerprint=self.args_fingerprint,
             compression=self.compression, chunk_rows=self.chunk_rows, image_root=self.image_root,
         )
-        self._check_output(overwrite)
-        if resume and self.partial.exists():
-            self._file = self._reopen_partial()
-        else:
-            self._file = self._create()
+        self._check_output(overwrite)  # also makes the folder, where the lock lies
+        self._lock = acquire(lock_beside(self.path), f"feature file {self.path}")  # one writer per feature file
+        try:
+            self._check_output(overwrite)  # again under the lock: a writer that finished meanwhile
+            if resume and self.partial.exists():
+                self._file = self._reopen_partial()
+            else:
+                self._file = self._create()
+            self._check_room_at_start()
+        except BaseException:
+            self._lock.release()
+            raise
 
     @classmethod
     def open_or_resume(cls, path: str | os.PathLike, **kwargs: Any) -> StoreWriter:
@@ -171,6 +190,7 @@ class StoreWriter:
         f = create_partial(self.partial, self._spec, self.metadata)
         self.n_written = 0
         self._rows = 0
+        self._hasher = ContentHasher()
         return f
 
     def _reopen_partial(self) -> h5py.File:
@@ -184,6 +204,7 @@ class StoreWriter:
         check_same_arguments(f, self.partial, stored, self._spec.defining())
         self.n_written = n_written
         self._rows = drop_unflushed(f, self._spec, n_written)
+        self._hasher = ContentHasher.of_prefix(f, n_written if self.layout == "fixed" else self._rows)
         self.resumed = True
         return f
 
@@ -223,6 +244,8 @@ class StoreWriter:
             raise ValueError("this store keeps image sizes: pass sizes=")
         block = encode_block(features, items, ids_arr, start, fixed=fixed, feature_dim=self.feature_dim)
         end = start + B
+        boxes_bytes = 16 * (B * int(self.regions_per_image) if fixed else len(block)) if self.with_boxes else 0
+        self._require_room(block.nbytes + boxes_bytes + B * self._per_image_extra())
         try:
             images = self._file["images"]
             self._ensure_capacity(end)
@@ -240,6 +263,7 @@ class StoreWriter:
                 images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
         except OSError as exc:
             raise self._write_error(exc) from None
+        self._hasher.add(block, self._file["images/features"].dtype)  # the content hash, as written
         if self.layout == "fixed":
             self._rows = end * int(self.regions_per_image)
         self._advance(end, B)
@@ -279,6 +303,7 @@ class StoreWriter:
             return
         start, end = self.n_written, self.n_written + B
         images = self._file["images"]
+        self._require_room(sum(len(str(x).encode()) for x in files) + B * (16 + self._per_image_extra()))
         try:
             self._ensure_capacity(end)
             images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
@@ -311,13 +336,74 @@ class StoreWriter:
             )
         resize_images(self._file, self.layout, n)
 
-    def _write_error(self, exc: OSError) -> MaxMatchError:
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc)
-        if full:
-            return MaxMatchError(
-                f"the disk is full while writing {self.partial}.",
-                hint="free some space and re-run the same command: it resumes from the last flushed image",
-            )
+    # -- room on the disk ----------------------------------------------------------------------------------
+    # HDF5 must never meet a full disk: a write it cannot finish leaves the file inconsistent (and h5py may crash
+    # on closing it). So the writer stops while there is still room to flush and close cleanly, and the same
+    # command resumes from the last flush once there is space.
+
+    def _per_image_extra(self) -> int:
+        """Bytes per image besides features and boxes: the id, the size, the offset."""
+        return (8 if self.id_kind == "int" else 16) + 8 * self.with_sizes + 8 * (self.layout == "flat")
+
+    def _rest_bytes(self) -> int | None:
+        """About the bytes the images still to write take (fixed layout, known count, uncompressed; else None)."""
+        if self.layout != "fixed" or self.n_images is None or self.compression is not None:
+            return None
+        R = int(self.regions_per_image)
+        per_image = R * self.feature_dim * 2 + 16 * R * self.with_boxes + self._per_image_extra()
+        return max(0, self.n_images - self.n_written) * per_image
+
+    def _headroom(self) -> int:
+        """Room kept free for a flush and the close: HDF5's metadata, and one whole chunk of each dataset (a
+        chunk is allocated whole on its first write)."""
+        chunks = 0
+        for ds in self._file["images"].values():
+            if ds.chunks:
+                chunks += int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16 if ds.dtype.kind == "O" else 0)
+        return 64 * 1024 + chunks
+
+    def _free(self) -> int | None:
+        return free_space(self.partial)
+
+    def _check_room_at_start(self) -> None:
+        """Refuse a store whose remaining images cannot fit on the disk, before writing any (the .partial of a
+        resumed run is kept as it is; a new, empty one is removed)."""
+        rest, free = self._rest_bytes(), self._free()
+        if rest is None or free is None or free >= rest + self._headroom():
+            return
+        needed = rest + self._headroom()
+        hint = self._room_hint()
+        _close_quietly(self._file)
+        if not (self._resume and self.n_written):
+            self.partial.unlink(missing_ok=True)
+        raise DiskFullError(self.path, needed, hint=hint, free=free)
+
+    def _room_hint(self) -> str:
+        again = "free some space (or choose an --out on a larger disk), then run the same command again"
+        if self._resume and self.n_written:
+            return f"{again}: it resumes after the {self.n_written:,} images in {self.partial.name}"
+        return again
+
+    def _require_room(self, nbytes: int) -> None:
+        """Before writing about ``nbytes`` more: refuse when the disk would then lack the room to flush and close.
+        What was written so far is flushed first, so the same command resumes after it."""
+        free = self._free()
+        needed = self._pending_bytes + nbytes + self._headroom()
+        if free is not None and free < needed:
+            needed += max(0, (self._rest_bytes() or 0) - nbytes)  # all that is still to come, where it is known
+            self.flush()
+            self._out_of_room = True
+            raise DiskFullError(self.path, needed, free=free, hint=self._room_hint())
+        self._pending_bytes += nbytes
+
+    def _write_error(self, exc: BaseException) -> MaxMatchError:
+        if is_disk_full(exc):
+            # HDF5 ran out of space in the middle of a write: what it has on disk is no longer consistent, and a
+            # resume could read garbage. :meth:`abort` removes the .partial.
+            self._broken = True
+            return DiskFullError(self.path, self._rest_bytes(), hint=(
+                f"the disk filled up while HDF5 was writing {self.partial.name}, so it cannot be resumed and is "
+                f"removed; free some space, then run the same command again"))
         return MaxMatchError(
             f"writing {self.partial} failed: {exc}.",
             hint="check the disk, then re-run the same command to resume",
@@ -329,9 +415,10 @@ class StoreWriter:
             self._file.flush()  # data first, then the count that vouches for it
             self._file.attrs["n_written"] = self.n_written
             self._file.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for a failed flush
             raise self._write_error(exc) from None
         self._since_flush = 0
+        self._pending_bytes = 0
 
     # -- captions, splits, metadata ------------------------------------------------------------------------
 
@@ -348,6 +435,7 @@ class StoreWriter:
             image_index: M indices of the owning images (positions in the store, not dataset ids).
             ids: optional M int64 caption ids.
         """
+        self._require_room(sum(len(t.encode("utf-8", "replace")) + 40 for t in texts))
         write_captions(self._file["captions"], texts, image_index, ids)
 
     def add_split(
@@ -364,6 +452,7 @@ class StoreWriter:
             caption_indices: its captions, grouped by image in the order of ``image_indices``. ``None`` takes
                 every stored caption of each image, in caption order (call :meth:`set_captions` first).
         """
+        self._require_room(64 * len(image_indices) + 16 * len(caption_indices if caption_indices is not None else []))
         write_split(self._file, name, image_indices, caption_indices)
 
     def set_metadata(self, **values: Any) -> None:
@@ -386,7 +475,11 @@ class StoreWriter:
     # -- finishing -----------------------------------------------------------------------------------------
 
     def finish(self) -> Path:
-        """Check, mark complete, close, sync and rename to the final path. Returns the final path."""
+        """Check, record the content hash, mark complete, close, sync and rename to the final path.
+
+        Returns:
+            The final path.
+        """
         f = self._file
         if self.n_images is not None and self.n_written != self.n_images:
             raise MaxMatchError(
@@ -397,24 +490,39 @@ class StoreWriter:
         if "text" not in f["captions"]:
             self.set_captions([], [])
         check_references(f, self.n_written, self.partial)
+        try:
+            stamp = self._hasher.record(f)
+        except OSError as exc:
+            raise self._write_error(exc) from None
         self.flush()
         f.attrs["complete"] = True
         try:
             publish_partial(f, self.partial, self.path)
         except OSError as exc:
             raise self._write_error(exc) from None
+        stamp_file(self.path, stamp)
         self._finished = True
+        self._lock.release()
         return self.path
 
     def abort(self) -> None:
-        """Flush what is written and close, keeping ``.partial`` for a resume."""
+        """Flush what is written and close, keeping ``.partial`` for a resume; the file's lock is released."""
         if self._finished or not self._file.id.valid:
+            self._lock.release()
             return
-        try:
-            self.flush()
-        except MaxMatchError:
-            pass
-        self._file.close()
+        if not self._broken:
+            try:
+                self.flush()
+            except MaxMatchError:
+                pass
+        if self._broken:  # HDF5 failed mid-write: the file cannot be trusted, so nothing resumes from it
+            _close_quietly(self._file)
+            self.partial.unlink(missing_ok=True)
+        else:
+            self._file.close()
+            if self._out_of_room and not self._resume:
+                self.partial.unlink(missing_ok=True)  # nothing continues it: do not leave it taking the space
+        self._lock.release()
 
     def discard(self) -> None:
         """Close and delete the ``.partial`` file."""
@@ -422,6 +530,7 @@ class StoreWriter:
             self._file.close()
         if self.partial.exists():
             self.partial.unlink()
+        self._lock.release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -431,8 +540,27 @@ class StoreWriter:
             if not self._finished:
                 try:
                     self.finish()
-                except BaseException:
-                    self.abort()
+                except BaseException as err:
+                    self._leave(err)
                     raise
         else:
-            self.abort()
+            self._leave(exc)
+
+    def _leave(self, exc: BaseException) -> None:
+        """:meth:`abort` after ``exc``; a full disk that HDF5 met becomes one message saying so."""
+        error = self._write_error(exc) if not isinstance(exc, MaxMatchError) and is_disk_full(exc) else None
+        self.abort()
+        if error is not None:
+            raise error from None
+
+
+def _close_quietly(f: h5py.File) -> None:
+    """Close a file whose writes failed: HDF5 retries them and reports each failure again, saying nothing new."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda *_: None  # h5py reports failures in its objects' destructors there
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the write failure was reported already
+        pass
+    finally:
+        sys.unraisablehook = hook

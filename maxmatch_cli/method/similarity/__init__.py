@@ -50,7 +50,7 @@ from maxmatch_cli.method.similarity.batched import (
 from maxmatch_cli.method.similarity.chamfer import chamfer_score
 from maxmatch_cli.method.similarity.maxmatch import maxmatch_score
 from maxmatch_cli.method.similarity.mil import mil_score
-from maxmatch_cli.method.similarity.registry import SIMILARITIES, _resolve, list_similarities
+from maxmatch_cli.method.similarity.registry import SIMILARITIES, _resolve, check_similarity, list_similarities
 from maxmatch_cli.method.similarity.sinkhorn import sinkhorn_score
 from maxmatch_cli.method.similarity.topk import topk_score
 
@@ -61,6 +61,7 @@ __all__ = [
     "SimilarityKind",
     "_resolve",
     "chamfer_score",
+    "check_similarity",
     "cosine_matrices",
     "list_similarities",
     "maxmatch_assignment",

@@ -21,6 +21,13 @@ def list_similarities() -> list[tuple[str, str]]:
     return [(kind.name, kind.description) for kind in SIMILARITIES.values()]
 
 
+def check_similarity(kind: str | None) -> None:
+    """Refuse a similarity name that is not in :data:`SIMILARITIES` (``None``: the default, nothing to check), so
+    that a command can say so before it loads a model."""
+    if kind is not None:
+        _resolve(kind, {})
+
+
 def _resolve(kind: str, options: Mapping[str, object]) -> tuple[SimilarityKind, dict[str, object], int | None]:
     """Look up ``kind`` and validate ``options``; returns the kind, its score options and the block size.
 

@@ -11,7 +11,9 @@ run again resumes after them; a different build starts the folder afresh.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -25,8 +27,10 @@ import numpy as np
 import torch.nn.functional as F
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import DiskFullError, is_disk_full, reserve_space
+from maxmatch_cli.locks import hold, lock_beside
 from maxmatch_cli.retrieval.index.engines import SEARCH_ENGINES, build_engine
-from maxmatch_cli.retrieval.index.folder import Index
+from maxmatch_cli.retrieval.index.folder import SETS_CHECK, Index, sets_check_record
 from maxmatch_cli.retrieval.index.format import (ENGINE, FORMAT, FORMAT_VERSION, IDS_FILE, KINDS, MANIFEST_FILE,
                                                  SETS_FILE, TEXTS_FILE, checkpoint_fingerprint, json_value,
                                                  write_json)
@@ -37,6 +41,31 @@ PROGRESS_FILE = "progress.json"
 """In a partial build folder: the build's identity and how many rows of sets.npy are encoded."""
 
 
+def _one_build_at_a_time(build):
+    """Hold the lock of the folder a build publishes (``.NAME.lock`` beside it, :mod:`maxmatch_cli.locks`) from
+    before its checks until it is published or fails: a second build of the same folder is refused with the
+    holder's pid, host and command instead of racing for the partial folder."""
+
+    @functools.wraps(build)
+    def locked(*args, **kwargs):
+        bound = inspect.signature(build).bind(*args, **kwargs)
+        out, shard = Path(bound.arguments["out"]), bound.arguments.get("shard")
+        if shard is not None:
+            out = out / shard_name(*(parse_shard(shard) if isinstance(shard, str) else shard))
+        if out.parent.exists() and not out.parent.is_dir():
+            return build(*args, **kwargs)  # its own checks name the file in the way
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MaxMatchError(f"cannot write to {out.parent}: {exc.strerror or exc}",
+                                hint="choose an output folder you can write to (--out)") from None
+        with hold(lock_beside(out), f"index {out}"):
+            return build(*args, **kwargs)
+
+    return locked
+
+
+@_one_build_at_a_time
 def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
                 split: str | None = None, kind: str = "images", device: str = "auto", batch_size: int | None = None,
                 overwrite: bool = False, show_progress: bool = True, engine: str = "exact",
@@ -78,6 +107,9 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     spec.check_build(nlist)
     if batch_size is not None and batch_size < 1:
         raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
+    from maxmatch_cli.devices import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device  # a bad name before the model loads
     out, shard = _target(Path(out), shard, overwrite)
     model = load(checkpoint, device)
     recipe = model.recipe
@@ -117,7 +149,7 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
             "dtype": "float16", "normalized": True, "similarity": model.similarity,
             "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
-            "element_index": element_index,
+            "element_index": element_index, SETS_CHECK: sets_check_record(tmp / SETS_FILE),
             "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
                            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
@@ -129,6 +161,10 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         _chmod_published(tmp)
         _publish_folder(tmp, out)
     except OSError as exc:  # disk full, permissions: the rows so far stay, and a re-run resumes after them
+        if is_disk_full(exc):
+            raise DiskFullError(getattr(exc, "filename", None) or tmp, None, hint=(
+                f"free some space, then run the same command again: it resumes after the {_rows_in(tmp):,} {kind} "
+                f"already encoded (kept in {tmp})")) from None
         raise MaxMatchError(f"building index {out} failed: {exc.strerror or exc}",
                             hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
                                  f"{kind} already encoded (kept in {tmp})") from None
@@ -185,8 +221,7 @@ def _encode_into(tmp: Path, build_id: str, done: int, model: Any, store: Any, ki
     from maxmatch_cli.progress import make_progress
 
     n, k, d = len(rows), model.num_embeds, model.embed_dim
-    sets = np.lib.format.open_memmap(tmp / SETS_FILE, mode="r+" if done else "w+", dtype=np.float16,
-                                     shape=(n, k, d))
+    sets = _open_sets(tmp, done, (n, k, d), kind)
     with make_progress(transient=True) as progress:
         task = progress.add_task(f"encoding {kind}", total=n, completed=done, unit=kind[:3],
                                  status=f"resumed at {done:,}" if done else "", visible=show_progress)
@@ -196,11 +231,60 @@ def _encode_into(tmp: Path, build_id: str, done: int, model: Any, store: Any, ki
                 encoded = model.encode_images(store, chunk, batch_size=batch_size)
             else:
                 encoded = model.encode_texts(texts[start: start + batch_size], batch_size=batch_size)
-            sets[start: start + len(chunk)] = F.normalize(encoded, dim=-1).numpy().astype(np.float16)
+            block = F.normalize(encoded, dim=-1).numpy().astype(np.float16)
+            _refuse_non_finite(block, model, store, kind, chunk)  # before the rows are written, or counted
+            sets[start: start + len(chunk)] = block
             sets.flush()  # the rows first, then the record that they are there
             _save_progress(tmp, build_id, start + len(chunk))
             progress.advance(task, len(chunk))
     del sets
+
+
+def _refuse_non_finite(block: np.ndarray, model: Any, store: Any, kind: str, chunk: np.ndarray) -> None:
+    """Refuse a batch whose sets hold NaN or inf: an index of them answers every query with ``nan`` scores.
+
+    Raises:
+        MaxMatchError: naming the checkpoint, the feature file and the first few items (image ids or caption
+            rows of the store).
+    """
+    bad = np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))
+    if not len(bad):
+        return
+    from maxmatch_cli.errors import first_few
+
+    names = [str(store.image_ids[int(chunk[j])]) if kind == "images" else str(int(chunk[j])) for j in bad]
+    what = "images with ids" if kind == "images" else "captions at rows"
+    raise MaxMatchError(f"checkpoint {model.checkpoint} encodes the {what} {first_few(names, 5)} of {store.path} "
+                        "as NaN or inf sets; an index of them would answer with nan scores",
+                        hint="check those features (a NaN or inf written into the feature file) and the checkpoint "
+                             "(`maxmatch evaluate` it; retrain if its weights hold NaN)")
+
+
+def _open_sets(tmp: Path, done: int, shape: tuple[int, int, int], kind: str) -> np.memmap:
+    """sets.npy mapped for writing, with the disk space of its rows still to encode reserved first.
+
+    A write through a memory map into a sparse file on a full disk is a SIGBUS that kills the process without a
+    word; with the blocks allocated up front, a full disk is an error here instead, before any row is encoded.
+
+    Raises:
+        DiskFullError: the rows still to encode do not fit (the rows encoded so far stay; the same command resumes).
+    """
+    path = tmp / SETS_FILE
+    row_bytes = int(np.prod(shape[1:])) * np.dtype(np.float16).itemsize
+    try:
+        sets = np.lib.format.open_memmap(path, mode="r+" if done else "w+", dtype=np.float16, shape=shape)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            reserve_space(fd, sets.offset + done * row_bytes, (shape[0] - done) * row_bytes)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(path, (shape[0] - done) * row_bytes, hint=(
+            f"free some space (or choose an --out on a larger disk), then run the same command again: it resumes "
+            f"after the {done:,} {kind} already encoded")) from None
+    return sets
 
 
 # ----------------------------------------------------------------------------------------------- partial folder

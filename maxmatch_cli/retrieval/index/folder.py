@@ -13,7 +13,51 @@ import torch
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.retrieval.index.engines import engine_for, search_sets
 from maxmatch_cli.retrieval.index.faiss_engine import _faiss, read_element_index
-from maxmatch_cli.retrieval.index.format import checkpoint_fingerprint, read_folder
+from maxmatch_cli.retrieval.index.format import SETS_FILE, checkpoint_fingerprint, index_file, read_folder
+
+SETS_CHECK = "sets_check"
+"""Manifest field: ``{"finite": true, "size", "mtime_ns"}`` of sets.npy when the build found every value finite."""
+_SCAN_BYTES = 64 << 20
+
+
+def sets_check_record(sets_file: Path) -> dict[str, Any]:
+    """The manifest's record that ``sets_file`` (every batch checked while it was encoded) holds finite values only;
+    valid while the file keeps this size and modification time."""
+    st = os.stat(sets_file)
+    return {"finite": True, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_finite_sets(index: "Index") -> None:
+    """Refuse an index whose sets hold NaN or inf (it would answer with ``nan`` scores).
+
+    Free when sets.npy is as the build left it (the manifest's :data:`SETS_CHECK` names its size and modification
+    time); otherwise (an index built before the record, copied without keeping times, or a sets.npy changed since)
+    the sets are scanned, ``_SCAN_BYTES`` at a time, at each opening.
+
+    Raises:
+        MaxMatchError: naming the index and its first bad rows (with their ids).
+    """
+    record = index.manifest.get(SETS_CHECK)
+    st = os.stat(index.path / SETS_FILE)
+    if isinstance(record, dict) and record.get("finite") is True and record.get("size") == st.st_size \
+            and record.get("mtime_ns") == st.st_mtime_ns:
+        return
+    sets = index.sets
+    step = max(1, _SCAN_BYTES // max(1, sets[:1].nbytes))
+    bad: list[int] = []
+    for start in range(0, len(sets), step):
+        block = np.asarray(sets[start: start + step]).reshape(min(step, len(sets) - start), -1)
+        bad.extend(int(start + r) for r in np.flatnonzero(~np.isfinite(block).all(axis=1)))
+        if len(bad) >= 5:
+            break
+    if bad:
+        from maxmatch_cli.errors import first_few
+
+        rows = first_few([f"{r} (id {index.ids[r]})" for r in bad], 5)
+        raise MaxMatchError(f"index {index.path}: {SETS_FILE} holds NaN or inf in rows {rows}; it would answer "
+                            "with nan scores",
+                            hint="rebuild the index with `maxmatch index` (it refuses a checkpoint or features "
+                                 "that encode to NaN)")
 
 
 @dataclass
@@ -44,7 +88,9 @@ class Index:
         Raises:
             MaxMatchError: the folder is incomplete, of another format version, or damaged.
         """
-        return cls(path, *read_folder(path))
+        index = cls(path, *read_folder(path))
+        check_finite_sets(index)
+        return index
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -115,7 +161,8 @@ class Index:
         :func:`~maxmatch_cli.retrieval.index.faiss_engine.read_element_index`); for a CUDA ``device`` with a faiss
         build that sees GPUs (faiss-gpu), a copy on the GPUs."""
         if self._element_index is None:
-            self._element_index = read_element_index(self.path / self.manifest["element_index"]["file"])
+            self._element_index = read_element_index(index_file(self.path, self.manifest["element_index"]["file"],
+                                                                "element_index.file of the manifest"))
         if torch.device(device).type == "cuda":
             faiss = _faiss()
             if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:

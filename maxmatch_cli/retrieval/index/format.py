@@ -5,7 +5,10 @@ An index is a folder:
 ==============  ===========================================================================================
 manifest.json   ``format``, ``format_version``, the checkpoint (path and fingerprint), ``kind`` (images or
                 captions), ``K``, ``D``, the similarity and its options, ``n_items``, the feature file and
-                split it was built from, the engine, the maxmatch version and the date
+                split it was built from, the engine, the maxmatch version and the date; ``sets_check``: the
+                size and modification time of sets.npy when the build found all of it finite (a sets.npy
+                without a matching record is scanned for NaN/inf at load,
+                :func:`~maxmatch_cli.retrieval.index.folder.check_finite_sets`)
 sets.npy        ``(N, K, D)`` float16 sets with L2-normalised elements (similarities compare cosines, so
                 normalising first loses nothing and keeps float16 in range); memory-mapped on load
 ids.json        the N item ids: image ids of the feature file, or caption indices
@@ -35,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import file_inside
 
 FORMAT = "maxmatch-index"
 FORMAT_VERSION = 1
@@ -98,13 +102,33 @@ def json_value(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def index_file(path: Path, name: str, named_by: str = "") -> Path:
+    """File ``name`` of index folder ``path``, refused unless it lies inside the folder (links resolved too): a
+    manifest or a link in a copied index must not lead the reader to other files.
+
+    Raises:
+        MaxMatchError: ``name`` is absolute, has a ``..`` part, or resolves outside ``path``.
+    """
+    return file_inside(path, name, named_by=f"the {named_by or 'file ' + name} of index {path}",
+                       hint=f"an index reads only files inside its folder; rebuild it ({BUILD_HINT})")
+
+
 def read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
     """The checked manifest of index folder ``path`` and the ``(N, K, D)`` it announces.
 
     Raises:
         MaxMatchError: no manifest, another format or version, or a field missing or garbled.
     """
+    index_file(path, MANIFEST_FILE)
     if not (path / MANIFEST_FILE).is_file():
+        run_files = [name for name in ("best.safetensors", "last.safetensors", "metrics.jsonl")
+                     if (path / name).is_file()]
+        if run_files:  # the run folder is the one a newcomer has at hand
+            raise MaxMatchError(f"{path} is a training run folder (it holds {', '.join(run_files)}), not an index",
+                                hint=f"index it first: `maxmatch index {path} --split test --out INDEX`, then "
+                                     f"`maxmatch query INDEX --text ...`")
+        if not (path / SETS_FILE).is_file():
+            raise MaxMatchError(f"{path} is not a maxmatch index (no {MANIFEST_FILE})", hint=BUILD_HINT)
         raise MaxMatchError(f"{path} is not a complete maxmatch index (no {MANIFEST_FILE})",
                             hint=f"its build may have been interrupted; {BUILD_HINT}")
     manifest = read_json(path / MANIFEST_FILE, "index manifest", path)
@@ -133,6 +157,8 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise MaxMatchError(f"the manifest of index {path} lacks or garbles a field ({exc})",
                             hint=f"rebuild the index ({BUILD_HINT})") from None
+    if element is not None:
+        index_file(path, element["file"], "element_index.file of the manifest")
     return manifest, (n, k, d)
 
 
@@ -145,15 +171,16 @@ def read_folder(path: Path) -> tuple[dict[str, Any], np.ndarray, list[Any], list
     """
     manifest, (n, k, d) = read_manifest(path)
     try:
-        sets = np.load(path / SETS_FILE, mmap_mode="r")
+        sets = np.load(index_file(path, SETS_FILE), mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut file
         raise MaxMatchError(f"cannot read the sets of index {path} ({exc or type(exc).__name__})",
                             hint=f"the index is damaged; rebuild it ({BUILD_HINT})") from None
     if sets.shape != (n, k, d) or sets.dtype != np.float16:
         raise MaxMatchError(f"index {path}: {SETS_FILE} holds {sets.dtype} {sets.shape}, the manifest announces "
                             f"float16 {(n, k, d)}", hint=f"the index is damaged; rebuild it ({BUILD_HINT})")
-    ids = read_json(path / IDS_FILE, "index ids", path)
-    texts = read_json(path / TEXTS_FILE, "index captions", path) if manifest["kind"] == "captions" else None
+    ids = read_json(index_file(path, IDS_FILE), "index ids", path)
+    texts = read_json(index_file(path, TEXTS_FILE), "index captions", path) if manifest["kind"] == "captions" \
+        else None
     for name, values in ((IDS_FILE, ids), (TEXTS_FILE, texts)):
         if values is not None and (not isinstance(values, list) or len(values) != n):
             raise MaxMatchError(f"index {path}: {name} does not hold {n} entries",

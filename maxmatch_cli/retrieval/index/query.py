@@ -126,6 +126,10 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise MaxMatchError(f"k must be a positive integer, got {k!r}", hint="e.g. -k 10")
     check_engine(engine)  # before the model is loaded
+    if model is None and isinstance(device, str):
+        from maxmatch_cli.devices import resolve_device
+
+        device = resolve_device(device)  # a bad name is refused before the model loads
     ckpt_path = Path(checkpoint) if checkpoint is not None else (model.checkpoint if model is not None
                                                                  else index.checkpoint)
     index.check_checkpoint(ckpt_path)

@@ -20,6 +20,7 @@ import torch
 
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.retrieval.index.folder import Index
+from maxmatch_cli.retrieval.index.format import index_file
 
 _SHARD_PATTERN = re.compile(r"^shard-(\d+)-of-(\d+)$")
 
@@ -89,6 +90,7 @@ class ShardedIndex:
         folders = shard_folders(path)
         shards = []
         for folder in folders:
+            index_file(path, folder.name, "shard folder")  # a link to a folder elsewhere is refused
             if not (folder / "manifest.json").is_file():
                 if any(folder.iterdir()):  # builds publish a folder whole, manifest included: this one is damaged
                     raise MaxMatchError(f"shard {folder} has files but no manifest.json: it is damaged",

@@ -128,11 +128,14 @@ def test_full_disk_is_reported_and_resumable(tmp_path, monkeypatch, fixed_data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(w, "_ensure_capacity", full)
-    with pytest.raises(MaxMatchError, match="disk is full") as err:
+    # An ENOSPC from inside HDF5 leaves its file inconsistent (a resume would read garbage, and h5py may crash
+    # closing it): the .partial is removed and the same command starts over. The writer's own space checks stop
+    # it before HDF5 meets a full disk, keeping the .partial resumable (tests/faults/test_full_disk.py).
+    with pytest.raises(MaxMatchError, match="not enough disk space to write") as err:
         with w:
             w.write_images(feats[2:4])
-    assert "resumes" in err.value.hint and partial_path(path).exists()
+    assert "run the same command again" in err.value.hint and not partial_path(path).exists()
     with StoreWriter.open_or_resume(path, **kw) as again:
-        assert again.n_written == 2
-        again.write_images(feats[2:])
+        assert again.n_written == 0
+        again.write_images(feats)
     np.testing.assert_allclose(open_store(path).image_features(5), feats[5], rtol=1e-3, atol=1e-3)
