@@ -331,13 +331,11 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         :class:`CollapseReport` (``points`` set when ``tsne`` > 0; ``out_dir`` and ``files`` empty until it is
         written).
     """
-    from maxmatch_cli.models.checkpoint import load_checkpoint
-    from maxmatch_cli.data.datasets import split_layout
     from maxmatch_cli.devices import resolve_device
     from maxmatch_cli.evaluation.cache import checkpoint_embeddings
     from maxmatch_cli.evaluation.encoding import similarity_options
-    from maxmatch_cli.evaluation.protocols import check_protocol, resolve_protocol
-    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.evaluation.evaluate import open_scoring
+    from maxmatch_cli.evaluation.protocols import check_protocol
     from maxmatch_cli.method.similarity import check_similarity
 
     if protocol is not None:
@@ -352,13 +350,10 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
             raise MaxMatchError("--tsne needs scikit-learn, which is not installed",
                                 hint="pip install 'maxmatch[viz]' (or `make install`)") from None
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint)
+    opened = open_scoring(checkpoint, data, split, protocol, similarity)
+    ckpt, store, split, kind, protocol = opened.ckpt, opened.store, opened.split, opened.kind, opened.protocol
     recipe = ckpt.recipe
-    store = open_store(data or recipe.data.path)
-    split = split or recipe.eval.split
-    kind = similarity or recipe.eval.similarity or recipe.loss.similarity
     cpi = recipe.data.captions_per_image
-    protocol = resolve_protocol(protocol or recipe.eval.protocol, len(split_layout(store, split, cpi)[0]), split)
     written: list[Path] = []
     emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=written)
     images, captions = emb.images, emb.captions

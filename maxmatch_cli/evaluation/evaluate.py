@@ -8,7 +8,9 @@ encoding and blockwise scoring in :mod:`~maxmatch_cli.evaluation.encoding`, the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +23,35 @@ from maxmatch_cli.evaluation.protocols import check_eval_protocol, metrics_for, 
 from maxmatch_cli.evaluation.results import EvalResult, eval_provenance, write_result
 from maxmatch_cli.method.similarity import check_similarity
 from maxmatch_cli.models.checkpoint import Checkpoint, load_checkpoint
+
+
+@dataclass
+class Scoring:
+    """A checkpoint opened to score one split: what ``evaluate`` and ``analyze-collapse`` resolve before encoding."""
+
+    ckpt: Checkpoint
+    store: Any
+    split: str
+    kind: str
+    """The set similarity: the one asked for, else the recipe's test-time one, else its training one."""
+    protocol: str
+    """The resolved protocol (checked against the split's size before anything is encoded)."""
+
+
+def open_scoring(checkpoint: str | Path, data: str | None, split: str | None, protocol: str | None,
+                 similarity: str | None) -> Scoring:
+    """Load ``checkpoint``, open its feature file (or ``data``), and resolve the split, similarity and protocol
+    from the arguments, falling back to the checkpoint's recipe."""
+    from maxmatch_cli.features.store import open_store
+
+    ckpt = load_checkpoint(checkpoint)
+    recipe = ckpt.recipe
+    store = open_store(data or recipe.data.path)
+    split = split or recipe.eval.split
+    kind = similarity or recipe.eval.similarity or recipe.loss.similarity
+    images, _ = split_layout(store, split, recipe.data.captions_per_image)
+    protocol = resolve_protocol(protocol or recipe.eval.protocol, len(images), split)
+    return Scoring(ckpt, store, split, kind, protocol)
 
 
 def evaluate_member(ckpt: Checkpoint, store, split: str, protocol: str, kind: str, captions_per_image: int,
@@ -72,18 +103,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: 
     from ``coco_captions`` (``captions_val2014.json``) or the feature file (:mod:`maxmatch_cli.evaluation.eccv`),
     and where they came from is recorded as ``provenance["coco_caption_ids"]``.
     """
-    from maxmatch_cli.features.store import open_store
-
     check_eval_protocol(protocol, coco_captions)
     check_similarity(similarity)  # before anything is loaded
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint)
+    opened = open_scoring(checkpoint, data, split, protocol, similarity)
+    ckpt, store, split, kind, protocol = opened.ckpt, opened.store, opened.split, opened.kind, opened.protocol
     recipe = ckpt.recipe
-    store = open_store(data or recipe.data.path)
-    split = split or recipe.eval.split
-    kind = similarity or recipe.eval.similarity or recipe.loss.similarity
-    images, _ = split_layout(store, split, recipe.data.captions_per_image)
-    protocol = resolve_protocol(protocol or recipe.eval.protocol, len(images), split)  # before the encoding
     coco_ids = None
     if protocol in ECCV_PROTOCOLS:  # a missing id mapping costs no encoding
         coco_ids = split_coco_ids(store, split, recipe.data.captions_per_image, coco_captions)
