@@ -161,9 +161,9 @@ def guarded(func):
                 raise
             _report(exc)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM where a command made it an interrupt: 143
             err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_status", 130)) from None
 
     return wrapper
 

@@ -41,11 +41,13 @@ def train_cmd(
     from maxmatch_cli.config.recipes import load_recipe, parse_overrides, to_toml
     from maxmatch_cli.reporting.tables import recall_table
     from maxmatch_cli.training.rundir import RUN_FILES, prepare_run_dir, run_lock
-    from maxmatch_cli.training.trainer import train
+    from maxmatch_cli.training.trainer import sigterm_interrupts, train
 
     resolved = load_recipe(recipe, parse_overrides(overrides))
     out = out or Path("runs") / resolved.name
-    with run_lock(out):  # before --overwrite removes anything: a second `train` on OUT is refused
+    # The lock before --overwrite removes anything: a second `train` on OUT is refused. SIGTERM (kill, SLURM,
+    # Kubernetes) is handled as Ctrl-C is: the run is saved for --resume, the lock released, exit 143.
+    with sigterm_interrupts(), run_lock(out):
         removed = prepare_run_dir(out, resume=resume, overwrite=overwrite)
         console.rule(f"[bold]maxmatch train[/] · recipe {escape(resolved.name)}")
         line(f"run folder {out}" + (" (continued)" if resume else ""))
@@ -62,4 +64,4 @@ def train_cmd(
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the run's files
         wrote(*(Path(result.out_dir) / name for name in RUN_FILES if (Path(result.out_dir) / name).is_file()))
     if result.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(result.exit_status or 130)

@@ -49,11 +49,17 @@ class TrainState:
     """One record per epoch (or per run cut short by ``train.max_steps``), as written to ``metrics.jsonl``."""
     running_loss: dict[str, float] = field(default_factory=dict)
     """Mid-epoch: the epoch's smoothed loss parts so far (its ``metrics.jsonl`` record continues them)."""
+    epoch_end_due: bool = False
+    """The epoch's steps are done (``epoch`` and ``step_in_epoch`` already count them) but its end is not: a run
+    interrupted during its validation or checkpoint saving. A resumed run does the end first (validation, the
+    ``metrics.jsonl`` record, ``best`` and ``last``). Checkpoints without the key (older ones) mean False."""
 
     def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's ``train_state``."""
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_rsum": self.best_rsum, "history": self.history, "running_loss": self.running_loss}
+        """The checkpoint's ``train_state`` (``epoch_end_due`` only when set, so other checkpoints stay as they
+        were)."""
+        saved = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "best_rsum": self.best_rsum, "history": self.history, "running_loss": self.running_loss}
+        return {**saved, "epoch_end_due": True} if self.epoch_end_due else saved
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:

@@ -47,7 +47,7 @@ from maxmatch_cli.training.state import (TrainState, decorrelate_ranks, load_res
 from maxmatch_cli.training.tracking import Trackers, check_available, open_trackers
 
 __all__ = ["Trainer", "TrainResult", "train", "loss_on_batch", "lr_factor", "build_train_dataset",
-           "resolve_device", "set_cpu_threads"]
+           "resolve_device", "set_cpu_threads", "Terminated", "sigterm_interrupts"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -126,36 +126,95 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
     return loss, log
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, SLURM preemption, Kubernetes before SIGKILL), raised where Ctrl-C raises
+    KeyboardInterrupt so that it takes the same path: the run saves its last step boundary and releases its lock.
+    The command then exits with ``exit_status`` (128 + 15)."""
+
+    exit_status = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 @contextmanager
-def _sigint_ignored():
-    """Ignore Ctrl-C while the interrupted run is saved: torchrun forwards the SIGINT it receives to every worker,
-    so a worker gets a second one right after the terminal's, which would abort the save (torchrun still kills
-    workers that take longer than its shutdown timeout)."""
+def sigterm_interrupts():
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is put back
+    afterwards). Under torchrun every worker gets the SIGTERM torchrun forwards, and each takes Ctrl-C's path."""
     if threading.current_thread() is not threading.main_thread():
         yield
-    else:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM: SLURM (and process-group kills) send it to every process, and a worker
+    killed by it makes PyTorch raise "DataLoader worker ... is killed by signal" in the main process at any point,
+    even during the save of the interrupted run. The main process takes SIGTERM's path and stops its workers
+    itself (they also exit when it does). Changes no random draw."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (_workers_started)
+
+
+@contextmanager
+def _workers_started():
+    """Block SIGTERM while the DataLoader forks its workers: they inherit the mask, so one that arrives before a
+    worker ignores it (:func:`_worker_ignores_sigterm`) waits and is then dropped; the main process gets it when
+    the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _interrupt_signals() -> list[int]:
+    """SIGINT, and SIGTERM where :func:`sigterm_interrupts` made it an interrupt."""
+    return [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is _raise_terminated else [])
+
+
+@contextmanager
+def _sigint_ignored():
+    """Ignore Ctrl-C (and SIGTERM) while the interrupted run is saved: torchrun forwards the SIGINT it receives to
+    every worker, so a worker gets a second one right after the terminal's, which would abort the save (torchrun
+    still kills workers that take longer than its shutdown timeout); SLURM sends SIGTERM to every process of a job
+    step, torchrun forwards it once more."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _interrupt_signals()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():  # None: set outside Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 @contextmanager
 def _sigint_deferred():
-    """Hold a Ctrl-C back until the block ends: the end of a step (optimiser update, counters, loss records) is
-    applied whole or not at all, so the step boundary a checkpoint saves is always a consistent one."""
+    """Hold a Ctrl-C (or SIGTERM) back until the block ends: the end of a step (optimiser update, counters, loss
+    records) is applied whole or not at all, so the step boundary a checkpoint saves is always a consistent one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum))
+                for signum in _interrupt_signals()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     if received:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in received else KeyboardInterrupt
 
 
 def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -182,6 +241,8 @@ class TrainResult:
     steps: int
     seconds: float
     interrupted: bool = False
+    exit_status: int = 0
+    """What the command exits with: 0, or after an interrupt 130 (Ctrl-C) or 143 (SIGTERM)."""
 
 
 def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, float]:
@@ -218,6 +279,9 @@ class Trainer:
         self.state = TrainState()
         self.last_metrics: dict[str, float] | None = None
         self.interrupted = False
+        self.exit_status = 0
+        self._epoch_end: tuple[float | None, int] | None = None
+        """While an epoch's steps are done but its end is not: (best RSUM, history length) before the end began."""
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -299,6 +363,7 @@ class Trainer:
                                     world_size=dist.world_size())
         self.loader = DataLoader(self.dataset, batch_size=r.train.batch_size, sampler=self.sampler,
                                  collate_fn=self.dataset.collate, num_workers=r.data.num_workers,
+                                 worker_init_fn=_worker_ignores_sigterm if r.data.num_workers else None,
                                  persistent_workers=False, pin_memory=self.device.type == "cuda", drop_last=True)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * r.train.epochs
@@ -338,11 +403,13 @@ class Trainer:
         try:
             with make_progress() as progress:
                 self.log.attach(progress, self.show_progress, self.state.global_step)
+                if self.state.epoch_end_due:
+                    self._redo_epoch_end()
                 while self.state.epoch < self.recipe.train.epochs and self.state.global_step < self.total_steps:
                     epoch_done = self._train_epoch()
                     self._end_epoch(epoch_done)
-        except KeyboardInterrupt:
-            self._save_interrupted()
+        except KeyboardInterrupt as exc:
+            self._save_interrupted(getattr(exc, "exit_status", 130))
 
     def _train_epoch(self) -> bool:
         """The current epoch's steps (from the saved step on, up to ``train.max_steps``); True if it completed."""
@@ -354,8 +421,10 @@ class Trainer:
             self.dataset.set_epoch(epoch)
         self.model.train()
         self.log.start_epoch(s.running_loss if s.step_in_epoch else None)  # mid-epoch resume: the saved losses
-        self.step_rng = rng_state(self.device)
-        batches = iter(self.loader)
+        # The states an interrupt before the first step saves (mid-epoch resume: the checkpoint's, restored below).
+        self.step_rng = rng_state(self.device) if self._resume_rng is None else self._resume_rng
+        with _workers_started():
+            batches = iter(self.loader)
         if self._resume_rng is not None:  # mid-epoch resume: the states after the iterator drew its seed
             set_rng_state(self._resume_rng, self.device)
             self.step_rng, self._resume_rng = self._resume_rng, None
@@ -368,9 +437,10 @@ class Trainer:
                 break
         self.log.end_epoch(epoch)
         epoch_done = s.step_in_epoch >= self.steps_per_epoch
-        if epoch_done:
-            s.epoch += 1
-            s.step_in_epoch = 0
+        with _sigint_deferred():  # both counters or neither (an interrupt in between would count the epoch twice)
+            if epoch_done:
+                s.epoch += 1
+                s.step_in_epoch = 0
         return epoch_done
 
     def _train_step(self, batch, hardest: bool) -> dict[str, torch.Tensor]:
@@ -392,13 +462,22 @@ class Trainer:
             self.state.step_in_epoch += 1
             self.log.record(self.state.global_step, self.optimizer.param_groups[0]["lr"], parts)
             self._boundary_buffers = _buffers(self.core)
+            if self.state.step_in_epoch >= self.steps_per_epoch or self.state.global_step >= self.total_steps:
+                self._epoch_end = (self.state.best_rsum, len(self.state.history))  # the epoch's end is due
         return parts
 
     def _end_epoch(self, epoch_done: bool) -> None:
-        """After an epoch (or a run cut short): its record, validation when due, best and last checkpoints."""
+        """After an epoch (or a run cut short): its record, validation when due, best and last checkpoints.
+
+        An interrupt before ``last`` is saved saves the state from before this end, marked ``epoch_end_due``
+        (:meth:`_save_interrupted`), and the resumed run does it again (:meth:`_redo_epoch_end`)."""
         s = self.state
+        if self._epoch_end is None:  # (set by the epoch's last step; not when a run resumed after all its steps)
+            self._epoch_end = (s.best_rsum, len(s.history))
         record = self.log.epoch_record(s.epoch, s.global_step, self.optimizer.param_groups[0]["lr"])
-        due = s.epoch % self.recipe.train.val_every == 0 or s.global_step >= self.total_steps
+        # A run cut short (not epoch_done) ended at train.max_steps, so it validates; `or not epoch_done` says so
+        # for a resumed run that redoes that end with a longer train.max_steps.
+        due = s.epoch % self.recipe.train.val_every == 0 or s.global_step >= self.total_steps or not epoch_done
         if self.recipe.data.val_split and self.is_main and due:
             metrics = self.validate()
             record.update({f"val/{k}": v for k, v in metrics.items()})
@@ -410,6 +489,19 @@ class Trainer:
         # Mid-epoch (max_steps reached) a resumed run restarts from this step, so the validation's draws must not
         # be in the saved states.
         self.save_checkpoint(self.last_path, with_optim=True, rng=None if epoch_done else self.step_rng)
+        self._epoch_end = None
+
+    def _redo_epoch_end(self) -> None:
+        """A resumed run whose interrupted one stopped during an epoch's end: do that end now, as the interrupted
+        run would have, from the same state (weights, smoothed losses, RNG states at the epoch's last step)."""
+        s = self.state
+        with _sigint_deferred():  # an interrupt from here on saves the same state again (see _save_interrupted)
+            self.log.start_epoch(s.running_loss)  # the epoch's smoothed losses, for its record
+            self._epoch_end = (s.best_rsum, len(s.history))
+            s.epoch_end_due = False
+        if self._resume_rng is not None:  # cut short mid-epoch: the states at its last step (kept for a longer run)
+            set_rng_state(self._resume_rng, self.device)
+        self._end_epoch(epoch_done=s.step_in_epoch == 0)
 
     # ------------------------------------------------------------------------------------ validate and save
     def validate(self) -> dict[str, float]:
@@ -426,24 +518,35 @@ class Trainer:
             with_optim: Add the optimiser state and the RNG states (``last.safetensors``).
             rng: The RNG states to resume from (default: the current ones).
         """
-        # Mid-epoch, the smoothed losses so far, for a resumed run's epoch record.
-        self.state.running_loss = dict(self.log.running) if self.state.step_in_epoch else {}
+        # Mid-epoch (or before the epoch's end), the smoothed losses so far, for a resumed run's epoch record.
+        due = self.state.step_in_epoch or self.state.epoch_end_due
+        self.state.running_loss = dict(self.log.running) if due else {}
         if self.is_main:
             save_checkpoint(path, self.core, self.recipe, self.vocab_json, self.provenance,
                             train_state=self.state.to_dict(), optimizer=self.optimizer if with_optim else None,
                             rng_state=(rng or rng_state(self.device)) if with_optim else None)
 
-    def _save_interrupted(self) -> None:
-        """Ctrl-C: save the state at the last step boundary, immune to the second SIGINT torchrun forwards."""
-        self.interrupted = True
+    def _save_interrupted(self, exit_status: int = 130) -> None:
+        """Ctrl-C or SIGTERM: save the state at the last step boundary, immune to the second SIGINT torchrun
+        forwards. Between an epoch's last step and the end of its end (validation, record, checkpoints), the
+        state from before that end, marked ``epoch_end_due``: the resumed run does the end again."""
+        self.interrupted, self.exit_status = True, exit_status
         with _sigint_ignored():
             # Undo what the unfinished step did (its forward pass updated the BatchNorm statistics) and write the
             # finished steps' losses, so that the saved state is exactly the last step boundary's.
             for name, buffer in self.core.named_buffers():
                 buffer.copy_(self._boundary_buffers[name])
             self.log.end_epoch(self.state.epoch)
+            if self._epoch_end is not None:
+                s = self.state
+                s.best_rsum, kept = self._epoch_end
+                del s.history[kept:]
+                if s.step_in_epoch >= self.steps_per_epoch:  # _train_epoch had not counted the epoch yet
+                    s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                s.epoch_end_due = True
             self.save_checkpoint(self.last_path, with_optim=True, rng=self.step_rng)
-        console.print(f"[yellow]interrupted[/] at step {self.state.global_step}; saved {self.last_path} "
+        what = "terminated (SIGTERM)" if exit_status == Terminated.exit_status else "interrupted"
+        console.print(f"[yellow]{what}[/] at step {self.state.global_step}; saved {self.last_path} "
                       f"(continue with --resume)")
 
     def out_of_space(self, exc: Exception) -> DiskFullError:
@@ -486,14 +589,16 @@ class Trainer:
         self.log.close()
 
     def finish(self) -> TrainResult:
-        """Without validation the last weights are the best ones; wait for every rank and report."""
+        """Without validation the last weights are the best ones; wait for every rank (not after an interrupt)
+        and report."""
         if self.is_main and not self.recipe.data.val_split and not self.interrupted:
             self.save_checkpoint(self.best_path, with_optim=False)
         if self.is_main and self.last_metrics and not self.interrupted:
             self._warn_at_chance()
-        dist.barrier()
+        if not self.interrupted:  # after an interrupt another rank may be stuck in a collective this one left
+            dist.barrier()
         return TrainResult(self.out_dir, self.state.best_rsum, self.last_metrics, self.state.global_step,
-                           self.log.elapsed(), self.interrupted)
+                           self.log.elapsed(), self.interrupted, self.exit_status)
 
 
 def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
@@ -506,10 +611,12 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, show_progress: bo
         show_progress: Show the progress bar.
 
     Returns:
-        The run's outcome (also after Ctrl-C, with ``interrupted`` set).
+        The run's outcome (also after Ctrl-C or SIGTERM, with ``interrupted`` and ``exit_status`` set).
     """
     trainer = Trainer(recipe, out_dir, resume=resume, show_progress=show_progress)
-    with run_lock(out_dir):  # one writer per run folder (re-entrant: `maxmatch train` took it already)
+    # SIGTERM takes Ctrl-C's path (save, release the lock); one run folder's writer (re-entrant: `maxmatch train`
+    # took it already)
+    with sigterm_interrupts(), run_lock(out_dir):
         trainer.setup()
         try:
             trainer.train()

@@ -123,6 +123,90 @@ def test_ctrl_c_at_any_point_of_a_step_then_resume_is_exact(tiny_h5, tiny_overri
     assert_same_run(straight, out)
 
 
+# ------------------------------------------------------------------------------------ the epoch's end, SIGTERM
+@pytest.mark.parametrize("call", [1, 2])  # the first epoch's validation, and the run's last one
+def test_interrupt_during_validation_then_resume_redoes_the_epoch_end(tiny_h5, tiny_overrides, tmp_path,
+                                                                      monkeypatch, straight, call):
+    import signal
+
+    out = tmp_path / "run"
+    hook, calls = _raise_on_call(train_mod._validate, call)
+    monkeypatch.setattr(train_mod, "_validate", hook)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = invoke(*train_args(tiny_h5, tiny_overrides, out))
+    assert calls.get("raised") and result.exit_code == 130, result.output
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back after the run
+    monkeypatch.undo()
+    _, state = checkpoint(out / "last.safetensors")
+    steps = call * STEPS_PER_EPOCH
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (steps, call, 0)
+    assert state["epoch_end_due"] is True and len(state["history"]) == call - 1
+    assert not (out / "metrics.jsonl").exists() if call == 1 else len(jsonl(out / "metrics.jsonl")) == 1
+    result = invoke(*train_args(tiny_h5, tiny_overrides, out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in jsonl(out / "metrics.jsonl")] == [1, 2]  # every epoch once, validated
+    assert all("val/rsum" in r for r in jsonl(out / "metrics.jsonl"))
+    assert_same_run(straight, out)
+
+
+def test_interrupt_during_the_end_of_a_run_cut_short_by_max_steps(tiny_h5, tiny_overrides, tmp_path, monkeypatch):
+    args = lambda out: train_args(tiny_h5, tiny_overrides, out, "--set", f"train.max_steps={STOP}")  # noqa: E731
+    reference = tmp_path / "straight"
+    assert invoke(*args(reference)).exit_code == 0
+    out = tmp_path / "run"
+    hook, calls = _raise_on_call(runlog_mod.RunLog.write_record, 2)  # after the validation and the best save
+    monkeypatch.setattr(runlog_mod.RunLog, "write_record", hook)
+    result = invoke(*args(out))
+    assert calls.get("raised") and result.exit_code == 130, result.output
+    monkeypatch.undo()
+    _, state = checkpoint(out / "last.safetensors")
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"], state["epoch_end_due"]) == (
+        STOP, 1, STOP - STEPS_PER_EPOCH, True)
+    result = invoke(*args(out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert_same_run(reference, out)
+
+
+SIGTERM_AT_STEP = """
+import os, signal, sys
+from maxmatch_cli.training import trainer
+
+stop, args, calls = int(sys.argv[1]), sys.argv[2:], []
+real = trainer.loss_on_batch
+
+def loss_on_batch(*a, **k):
+    calls.append(1)
+    if len(calls) == stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID`, SLURM preemption or Kubernetes send it
+    return real(*a, **k)
+
+trainer.loss_on_batch = loss_on_batch
+from maxmatch_cli.cli.app import app
+app(args, prog_name="maxmatch")
+"""
+
+
+def test_sigterm_saves_the_run_releases_the_lock_and_exits_143(tiny_h5, tiny_overrides, tmp_path, straight):
+    import subprocess
+    import sys
+
+    from maxmatch_cli.locks import lock_inside
+
+    out = tmp_path / "run"
+    args = [str(a) for a in train_args(tiny_h5, tiny_overrides, out)]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_AT_STEP, str(STOP), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "SIGTERM" in proc.stdout
+    assert not lock_inside(out).exists()
+    _, state = checkpoint(out / "last.safetensors")
+    assert (state["global_step"], state["epoch"]) == (STOP - 1, 1)  # the step it landed in is not kept
+    result = invoke(*train_args(tiny_h5, tiny_overrides, out), "--resume")
+    assert result.exit_code == 0, result.output
+    assert not lock_inside(out).exists()
+    assert_same_run(straight, out)
+
+
 # ------------------------------------------------------------------------------------------------ kill -9
 KILLER = """
 import os, signal, sys
