@@ -19,9 +19,9 @@ from typing import Callable
 
 from maxmatch_cli.errors import MaxMatchError
 
-__all__ = ["atomic_write", "current_umask", "disk_full_error", "DiskFullError", "escapes_folder", "file_inside",
+__all__ = ["atomic_write", "current_umask", "DiskFullError", "escapes_folder", "file_inside",
            "file_mode", "format_bytes", "free_space", "is_disk_full", "pid_alive", "publish", "read_history",
-           "read_jsonl", "remove_stale_temps", "require_space", "reserve_space", "TEMP_NAME", "write_text"]
+           "read_jsonl", "remove_stale_temps", "require_space", "stale_temp", "reserve_space", "TEMP_NAME", "write_text"]
 
 
 def escapes_folder(name: str) -> bool:
@@ -121,7 +121,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full_error(path, size) from None
+            raise DiskFullError(path, size) from None
         raise MaxMatchError(f"cannot write to {path.parent}: {exc.strerror}",
                             hint="choose an output path in a folder you can write to") from None
     os.close(fd)
@@ -133,7 +133,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, MaxMatchError) and is_disk_full(exc):
-            raise disk_full_error(path, size) from None
+            raise DiskFullError(path, size) from None
         raise
 
 
@@ -176,24 +176,28 @@ def remove_stale_temps(folder: str | os.PathLike, names: tuple[str, ...] = (),
     except OSError:
         return removed
     for path in entries:
-        match = TEMP_NAME.match(path.name)
-        if match is None or not path.is_file() or path.is_symlink():
-            continue
-        pid = match["pid"]
-        if pid is not None:  # a live writer's file stays, whatever its age
-            stale = int(pid) != os.getpid() and not pid_alive(int(pid))
-        else:
-            try:
-                stale = older_than is not None and match["name"] in names and path.stat().st_mtime < older_than
-            except OSError:
-                stale = False
-        if stale:
+        if stale_temp(path, names, older_than):
             try:
                 path.unlink()
                 removed.append(path)
             except OSError:
                 pass
     return removed
+
+
+def stale_temp(path: Path, names: tuple[str, ...] = (), older_than: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_write` left by a killed process (the rule of
+    :func:`remove_stale_temps`)."""
+    match = TEMP_NAME.match(path.name)
+    if match is None or not path.is_file() or path.is_symlink():
+        return False
+    pid = match["pid"]
+    if pid is not None:  # a live writer's file stays, whatever its age
+        return int(pid) != os.getpid() and not pid_alive(int(pid))
+    try:
+        return older_than is not None and match["name"] in names and path.stat().st_mtime < older_than
+    except OSError:
+        return False
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
@@ -314,20 +318,15 @@ class DiskFullError(MaxMatchError):
                          f"{self.path.absolute().parent}", hint=hint)
 
 
-def disk_full_error(path: str | os.PathLike, needed: int | None, hint: str = DISK_FULL_HINT) -> DiskFullError:
-    """The message for a write of ``path`` that did not fit: the file, the bytes it needed and the bytes free."""
-    return DiskFullError(path, needed, hint)
-
-
 def require_space(path: str | os.PathLike, needed: int, hint: str = DISK_FULL_HINT) -> None:
     """Refuse a write of ``needed`` bytes to ``path`` before it starts when the file system has less free.
 
     Raises:
-        MaxMatchError: from :func:`disk_full_error`.
+        DiskFullError: the file, the bytes it needs and those free.
     """
     free = free_space(path)
     if free is not None and free < needed:
-        raise disk_full_error(path, needed, hint)
+        raise DiskFullError(path, needed, hint)
 
 
 def reserve_space(fd: int, offset: int, length: int) -> None:

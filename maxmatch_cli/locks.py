@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.fileio import pid_alive
 
 __all__ = ["Holder", "LockHeld", "WriterLock", "acquire", "hold", "live_holder", "lock_beside", "lock_inside",
            "read_holder"]
@@ -134,12 +135,8 @@ def _alive(holder: Holder) -> bool:
         return False
     if holder.pid == os.getpid():  # this very process, but the lock is not in _HELD: an earlier process's pid
         return False
-    try:
-        os.kill(holder.pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(holder.pid):
         return False
-    except PermissionError:
-        pass  # another user's process: it exists
     try:
         stat = Path(f"/proc/{holder.pid}/stat").read_text(encoding="ascii", errors="replace")
         if stat.rpartition(")")[2].split()[0] == "Z":

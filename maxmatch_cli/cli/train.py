@@ -41,7 +41,8 @@ def train_cmd(
     from maxmatch_cli.config.recipes import load_recipe, parse_overrides, to_toml
     from maxmatch_cli.reporting.tables import recall_table
     from maxmatch_cli.training.rundir import RUN_FILES, prepare_run_dir, run_lock
-    from maxmatch_cli.training.trainer import sigterm_interrupts, train
+    from maxmatch_cli.training.interrupts import sigterm_interrupts
+    from maxmatch_cli.training.trainer import train
 
     resolved = load_recipe(recipe, parse_overrides(overrides))
     out = out or Path("runs") / resolved.name

@@ -51,15 +51,24 @@ def embeddings_cache_path(ckpt: Checkpoint, store, split: str, cache_dir: Path |
     return folder / f"{Path(ckpt.path).stem}.{safe_split}.{digest}.safetensors"
 
 
-def _read_cache(path: Path, key: dict[str, Any]) -> Embeddings | None:
+def stored_key(path: Path) -> dict[str, Any] | None:
+    """The key a cache file was written with; None for a missing, truncated or foreign file."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("key") != json.dumps(key, sort_keys=True):
-            return None
+            key = json.loads((fh.metadata() or {}).get("key", "null"))
+    except Exception:  # not a safetensors file, or a key that is no JSON
+        return None
+    return key if isinstance(key, dict) and key.get("format") == EMBEDDINGS_FORMAT else None
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> Embeddings | None:
+    from safetensors.torch import load_file
+
+    if stored_key(path) != key:
+        return None
+    try:
         t = load_file(str(path))
         return Embeddings(t["images"], t["captions"], t["image_indices"].numpy(), t["caption_indices"].numpy())
     except Exception:  # a missing, truncated or foreign file is simply re-encoded

@@ -32,7 +32,8 @@ def _cache_files(out: Path) -> list[Path]:
     """The run's cached embeddings: ``embeddings/{best,last}.<split>.<hash>.safetensors`` that this run's own
     checkpoints produced (the cache key inside names the checkpoint), and temporaries of them whose writer is gone.
     A file that merely matches the pattern (a user's, another run's cache) is not the run's."""
-    from maxmatch_cli.fileio import TEMP_NAME, pid_alive
+    from maxmatch_cli.evaluation.cache import stored_key
+    from maxmatch_cli.fileio import TEMP_NAME, stale_temp
 
     folder = out / EMBEDDINGS_DIR
     if not folder.is_dir():
@@ -44,26 +45,13 @@ def _cache_files(out: Path) -> list[Path]:
             continue
         temp = TEMP_NAME.match(path.name)
         if temp is not None:
-            if (temp["name"].startswith(("best.", "last.")) and temp["pid"] is not None
-                    and not pid_alive(int(temp["pid"]))):
+            if temp["name"].startswith(("best.", "last.")) and temp["pid"] is not None and stale_temp(path):
                 found.append(path)
-        elif path.name.startswith(("best.", "last.")) and path.suffix == ".safetensors" and _cache_of(path) in own:
-            found.append(path)
+        elif path.name.startswith(("best.", "last.")) and path.suffix == ".safetensors":
+            key = stored_key(path)
+            if key is not None and key.get("checkpoint") in own:
+                found.append(path)
     return found
-
-
-def _cache_of(path: Path) -> str | None:
-    """The checkpoint an embeddings cache file was encoded from (its key's ``checkpoint``), or None."""
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            key = json.loads((fh.metadata() or {}).get("key", "{}"))
-    except Exception:  # not a safetensors file, or no key: not a cache this package wrote
-        return None
-    return key.get("checkpoint") if isinstance(key, dict) and key.get("format") == "maxmatch-embeddings" else None
 
 
 def existing_run_files(out: str | os.PathLike) -> list[Path]:

@@ -15,9 +15,6 @@ the checkpoint holds rank 0's RNG state and the other ranks derive their own str
 from __future__ import annotations
 
 import os
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,6 +36,8 @@ from maxmatch_cli.method.losses import LossWeights, set_mmd, total_loss
 from maxmatch_cli.progress import console, make_progress
 from maxmatch_cli.config.recipes import Recipe, to_toml
 from maxmatch_cli.method.similarity import set_similarity
+from maxmatch_cli.training.interrupts import (Terminated, sigint_deferred, sigint_ignored, sigterm_interrupts,
+                                             worker_ignores_sigterm, workers_started)
 from maxmatch_cli.training.rundir import discard_unsaved_run, run_lock
 from maxmatch_cli.training.runlog import RunLog, cut_history
 from maxmatch_cli.training.schedule import lr_factor, remember_base_lr, set_lr
@@ -124,97 +123,6 @@ def _loss_from_sets(img, txt, batch, recipe: Recipe, hardest: bool) -> tuple[tor
         loss = loss + l.mmd_weight * mmd
         log = {**{k: v for k, v in log.items() if k != "total"}, "mmd": mmd.detach(), "total": loss.detach()}
     return loss, log
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, SLURM preemption, Kubernetes before SIGKILL), raised where Ctrl-C raises
-    KeyboardInterrupt so that it takes the same path: the run saves its last step boundary and releases its lock.
-    The command then exits with ``exit_status`` (128 + 15)."""
-
-    exit_status = 128 + signal.SIGTERM
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-@contextmanager
-def sigterm_interrupts():
-    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is put back
-    afterwards). Under torchrun every worker gets the SIGTERM torchrun forwards, and each takes Ctrl-C's path."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
-
-
-def _worker_ignores_sigterm(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM: SLURM (and process-group kills) send it to every process, and a worker
-    killed by it makes PyTorch raise "DataLoader worker ... is killed by signal" in the main process at any point,
-    even during the save of the interrupted run. The main process takes SIGTERM's path and stops its workers
-    itself (they also exit when it does). Changes no random draw."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork (_workers_started)
-
-
-@contextmanager
-def _workers_started():
-    """Block SIGTERM while the DataLoader forks its workers: they inherit the mask, so one that arrives before a
-    worker ignores it (:func:`_worker_ignores_sigterm`) waits and is then dropped; the main process gets it when
-    the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
-def _interrupt_signals() -> list[int]:
-    """SIGINT, and SIGTERM where :func:`sigterm_interrupts` made it an interrupt."""
-    return [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is _raise_terminated else [])
-
-
-@contextmanager
-def _sigint_ignored():
-    """Ignore Ctrl-C (and SIGTERM) while the interrupted run is saved: torchrun forwards the SIGINT it receives to
-    every worker, so a worker gets a second one right after the terminal's, which would abort the save (torchrun
-    still kills workers that take longer than its shutdown timeout); SLURM sends SIGTERM to every process of a job
-    step, torchrun forwards it once more."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _interrupt_signals()}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():  # None: set outside Python
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-
-
-@contextmanager
-def _sigint_deferred():
-    """Hold a Ctrl-C (or SIGTERM) back until the block ends: the end of a step (optimiser update, counters, loss
-    records) is applied whole or not at all, so the step boundary a checkpoint saves is always a consistent one."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum))
-                for signum in _interrupt_signals()}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    if received:
-        raise Terminated if signal.SIGTERM in received else KeyboardInterrupt
 
 
 def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -363,7 +271,7 @@ class Trainer:
                                     world_size=dist.world_size())
         self.loader = DataLoader(self.dataset, batch_size=r.train.batch_size, sampler=self.sampler,
                                  collate_fn=self.dataset.collate, num_workers=r.data.num_workers,
-                                 worker_init_fn=_worker_ignores_sigterm if r.data.num_workers else None,
+                                 worker_init_fn=worker_ignores_sigterm if r.data.num_workers else None,
                                  persistent_workers=False, pin_memory=self.device.type == "cuda", drop_last=True)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.steps_per_epoch * r.train.epochs
@@ -423,7 +331,7 @@ class Trainer:
         self.log.start_epoch(s.running_loss if s.step_in_epoch else None)  # mid-epoch resume: the saved losses
         # The states an interrupt before the first step saves (mid-epoch resume: the checkpoint's, restored below).
         self.step_rng = rng_state(self.device) if self._resume_rng is None else self._resume_rng
-        with _workers_started():
+        with workers_started():
             batches = iter(self.loader)
         if self._resume_rng is not None:  # mid-epoch resume: the states after the iterator drew its seed
             set_rng_state(self._resume_rng, self.device)
@@ -431,13 +339,13 @@ class Trainer:
         for batch in batches:
             parts = self._train_step(batch, hardest)
             last_step = s.global_step >= self.total_steps or s.step_in_epoch >= self.steps_per_epoch
-            with _sigint_deferred():  # reading the losses back and appending them to steps.jsonl
+            with sigint_deferred():  # reading the losses back and appending them to steps.jsonl
                 self.log.step(s.global_step, epoch, last_step)
             if s.global_step >= self.total_steps:
                 break
         self.log.end_epoch(epoch)
         epoch_done = s.step_in_epoch >= self.steps_per_epoch
-        with _sigint_deferred():  # both counters or neither (an interrupt in between would count the epoch twice)
+        with sigint_deferred():  # both counters or neither (an interrupt in between would count the epoch twice)
             if epoch_done:
                 s.epoch += 1
                 s.step_in_epoch = 0
@@ -455,7 +363,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
         # Until here the step changed only the buffers (the forward pass), the gradients and the RNG states, which a
         # Ctrl-C puts back to the step boundary; from here on it is applied whole.
-        with _sigint_deferred():
+        with sigint_deferred():
             self.optimizer.step()
             self.step_rng = rng_state(self.device)
             self.state.global_step += 1
@@ -495,7 +403,7 @@ class Trainer:
         """A resumed run whose interrupted one stopped during an epoch's end: do that end now, as the interrupted
         run would have, from the same state (weights, smoothed losses, RNG states at the epoch's last step)."""
         s = self.state
-        with _sigint_deferred():  # an interrupt from here on saves the same state again (see _save_interrupted)
+        with sigint_deferred():  # an interrupt from here on saves the same state again (see _save_interrupted)
             self.log.start_epoch(s.running_loss)  # the epoch's smoothed losses, for its record
             self._epoch_end = (s.best_rsum, len(s.history))
             s.epoch_end_due = False
@@ -531,7 +439,7 @@ class Trainer:
         forwards. Between an epoch's last step and the end of its end (validation, record, checkpoints), the
         state from before that end, marked ``epoch_end_due``: the resumed run does the end again."""
         self.interrupted, self.exit_status = True, exit_status
-        with _sigint_ignored():
+        with sigint_ignored():
             # Undo what the unfinished step did (its forward pass updated the BatchNorm statistics) and write the
             # finished steps' losses, so that the saved state is exactly the last step boundary's.
             for name, buffer in self.core.named_buffers():

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.fileio import atomic_write
+from maxmatch_cli.fileio import atomic_write, format_bytes
 
 CONTENT_HASH_ATTR = "content_sha256"
 CONTENT_STAMP_ATTR = "content_mtime_ns"
@@ -106,13 +106,9 @@ def store_content_hash(f: h5py.File, path: Path, complete: bool = True) -> str:
     saved = _write_sidecar(sidecar, dict(ident, content_sha256=value))
     then = (f"remembered in {sidecar.name} until the file changes" if saved
             else f"{sidecar.parent} is not writable, so this happens at every use; copy the file where it is")
-    warnings.warn(f"{path} has no valid recorded content hash ({why}); hashed its {_size(st.st_size)} once "
+    warnings.warn(f"{path} has no valid recorded content hash ({why}); hashed its {format_bytes(st.st_size)} once "
                   f"({then})", stacklevel=2)
     return value
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _read_sidecar(sidecar: Path, ident: dict[str, int]) -> str | None:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.method.losses.base import check_sets, upper_pairs
+from maxmatch_cli.method.losses.base import pair_cosines
 
 
 def diversity_loss(slots: Tensor) -> Tensor:
@@ -21,11 +19,7 @@ def diversity_loss(slots: Tensor) -> Tensor:
     Returns:
         Scalar.
     """
-    check_sets(slots, "slots")
-    if slots.shape[1] < 2:
-        raise MaxMatchError("diversity loss needs at least 2 slots per set", "set its weight to 0 for K=1")
-    unit = F.normalize(slots, dim=-1)
+    cos = pair_cosines(slots, "slots", "diversity loss needs at least 2 slots per set")
     # For unit vectors ||a - b||^2 = 2 - 2 cos(a, b).
-    sq = (2.0 - 2.0 * (unit @ unit.transpose(1, 2))).clamp(min=0)
-    pairs = sq[:, upper_pairs(slots.shape[1], slots.device)]
-    return torch.exp(-2.0 * pairs).mean()
+    sq = (2.0 - 2.0 * cos).clamp(min=0)
+    return torch.exp(-2.0 * sq).mean()

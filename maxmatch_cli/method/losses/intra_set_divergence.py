@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.method.losses.base import check_sets, upper_pairs
+from maxmatch_cli.method.losses.base import pair_cosines
 
 
 def intra_set_divergence_loss(sets: Tensor, margin: float = 0.6, scale: float = 0.5) -> Tensor:
@@ -24,10 +22,5 @@ def intra_set_divergence_loss(sets: Tensor, margin: float = 0.6, scale: float = 
     Returns:
         Scalar.
     """
-    check_sets(sets, "sets")
-    if sets.shape[1] < 2:
-        raise MaxMatchError("intra-set divergence needs at least 2 elements per set", "set its weight to 0 for K=1")
-    unit = F.normalize(sets, dim=-1)
-    cos = unit @ unit.transpose(1, 2)
-    pairs = cos[:, upper_pairs(sets.shape[1], sets.device)]  # (B, K(K-1)/2)
+    pairs = pair_cosines(sets, "sets", "intra-set divergence needs at least 2 elements per set")  # (B, K(K-1)/2)
     return torch.exp(scale * (pairs - margin)).mean()
