@@ -15,12 +15,18 @@ unit vectors instead, the hard case for any element-level candidate generator.
     .venv/bin/python benchmarks/index.py                       # 100,000 items, 200 queries, table on stdout
     .venv/bin/python benchmarks/index.py --items 20000 --json /tmp/index.json
     .venv/bin/python benchmarks/index.py --shards 4 --settings auto:32   # also the gallery in 4 shards
+    .venv/bin/python benchmarks/index.py --milvus auto:32,1024:32        # also milvus-lite (the milvus extra)
 
 A setting ``auto:P`` searches at the default depth (maxmatch_cli.retrieval.index.default_candidates of the gallery, or of
 each shard). ``--shards N`` also splits the gallery into N contiguous shards, each with its own faiss element
 index (as ``maxmatch index --shard I/N`` builds them), and searches them as ``maxmatch query`` searches a sharded
 index (maxmatch_cli.retrieval.index.fan_out: one search per shard, merged): recall against the same exact top-10 and
 queries/s, "× exact" against the unsharded exhaustive engine.
+
+``--milvus C:P,...`` also inserts the gallery into a milvus-lite collection (``FILE.db`` in the work folder, as
+``maxmatch index --engine milvus`` fills it: one row per element, index type by size or ``--milvus-index-type``)
+and searches it as ``maxmatch query`` does (candidates from Milvus, element vectors fetched back, exact
+re-ranking): build seconds (insert + index), bytes on disk (the .db folder), recall@10 and queries/s.
 """
 
 from __future__ import annotations
@@ -109,6 +115,58 @@ def memory_mib() -> dict[str, float]:
     return fields
 
 
+def milvus_rows(args, sets: np.ndarray, queries: torch.Tensor, workdir: Path, recall_of) -> dict:
+    """Build the gallery into a milvus-lite collection as ``maxmatch index --engine milvus`` does, and search it at
+    each ``--milvus`` depth; returns the timings, the bytes on disk and the table rows."""
+    from milvus_lite import __version__ as lite_version
+
+    from maxmatch_cli.retrieval.index import milvus_engine as me
+
+    uri, n = workdir / "gallery.db", args.items
+    identity = {"build": f"bench-{args.seed}-{n}", "fingerprint": "benchmark", "K": args.k, "D": args.dim}
+    real_index = me._make_index
+    index_s = []
+
+    def timed_index(*a, **kw):  # the index build and load, apart from the inserts
+        start = time.perf_counter()
+        out = real_index(*a, **kw)
+        index_s.append(time.perf_counter() - start)
+        return out
+
+    me._make_index = timed_index
+    try:
+        build_s, record = timed(lambda: me.build_collection(
+            sets, list(range(n)), None, workdir / "milvus.json", uri=str(uri), collection="bench", identity=identity,
+            index_type=args.milvus_index_type, batch_size=me.INSERT_BATCH, overwrite=True))
+    finally:
+        me._make_index = real_index
+    coll = me.open_collection(record, n, args.k, args.dim, "benchmark", workdir)
+    n_timed = min(args.milvus_queries or args.queries, args.queries)
+    rows = []
+    for setting in args.milvus.split(","):
+        c, p = setting.split(":")
+        candidates, nprobe = (None if c == "auto" else int(c)), int(p)
+        fetched, _ = me.milvus_depth(coll, candidates, nprobe)
+        pools = me.milvus_candidates(coll, queries, candidates, nprobe)
+        found = search_sets(sets, queries, 10, "maxmatch", engine="milvus", element_index=coll,
+                            candidates=candidates, nprobe=nprobe)
+        seconds, _ = timed(lambda: search_sets(sets, queries[:n_timed], 10, "maxmatch", engine="milvus",
+                                               element_index=coll, candidates=candidates, nprobe=nprobe),
+                           args.repeats)
+        rows.append({"engine": "milvus-lite", "shards": 1, "candidates": fetched, "auto": candidates is None,
+                     "nprobe": nprobe if record["index_type"].startswith("IVF") else None,
+                     "recall@10": recall_of(found), "queries_per_s": n_timed / seconds,
+                     "mean_pool": float(np.mean([len(p) for p in pools]))})
+    disk = sum(f.stat().st_size for f in uri.rglob("*") if f.is_file())
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(uri, ignore_errors=True)
+    return {"milvus_lite": lite_version, "insert_s": build_s - sum(index_s), "index_s": sum(index_s),
+            "build_s": build_s, "index_type": record["index_type"], "index_params": record["index_params"],
+            "bytes": disk, "queries_timed": n_timed, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -129,6 +187,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the index files (default: tmp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--milvus", default="",
+                        help="also milvus-lite: candidates:nprobe pairs (auto: the default depth), comma-separated")
+    parser.add_argument("--milvus-index-type", default=None, help="milvus index type (default: by size)")
+    parser.add_argument("--milvus-queries", type=int, default=None,
+                        help="queries in milvus's timed runs (default: all; recall is over all queries)")
     args = parser.parse_args()
     if args.shards < 1:
         parser.error(f"--shards must be at least 1, got {args.shards}")
@@ -209,6 +272,8 @@ def main() -> None:
                          "auto": candidates is None, "nprobe": nprobe, "recall@10": recall_of(found),
                          "queries_per_s": args.queries / seconds, "mean_pool": float(np.mean(pool_sizes))})
         del parts
+    milvus = milvus_rows(args, sets, queries, workdir, recall_of) if args.milvus else None
+    rows += milvus["rows"] if milvus else []
     after = memory_mib()
 
     record = {
@@ -221,7 +286,9 @@ def main() -> None:
         "nlist": info["nlist"], "train_size": info["train_size"],
         "build_s": {"sets": write_s, "faiss": build_s,
                     **({"faiss_shards": shard_build} if args.shards > 1 else {})},
-        "bytes_per_item": {"sets": sets_bytes / args.items, "faiss": faiss_bytes / args.items},
+        "bytes_per_item": {"sets": sets_bytes / args.items, "faiss": faiss_bytes / args.items,
+                           **({"milvus": milvus["bytes"] / args.items} if milvus else {})},
+        **({"milvus": {k: v for k, v in milvus.items() if k != "rows"}} if milvus else {}),
         "memory_mib": {"before_open": before, "after_open": opened, "after_queries": after},
         "exact_timing": {"runs": args.repeats, "queries_per_timed_run": [args.queries] + [n_timed] * (args.repeats - 1)},
         "rows": rows,
@@ -237,6 +304,10 @@ def main() -> None:
           f"anonymous; after all queries {after['RssAnon']:,.0f} MiB anonymous in all, and {touched:,.0f} MiB "
           f"({touched * 2**20 / args.items:,.0f} B/item) of index file pages resident (the exact engine reads "
           f"every set; the operating system may drop these pages again)")
+    if milvus:
+        print(f"milvus-lite {milvus['milvus_lite']}: inserted in {milvus['insert_s']:.1f} s, index "
+              f"{milvus['index_type']} {milvus['index_params']} built and loaded in {milvus['index_s']:.1f} s; "
+              f"{milvus['bytes'] / args.items:,.0f} B/item on disk")
     print(f"timing: median of {args.repeats} runs (exact: {args.queries} then {n_timed} queries per run)")
     if args.shards > 1:
         print(f"shards: {args.shards} element indexes built in {sum(shard_build):.1f} s in all "

@@ -35,6 +35,7 @@ from maxmatch_cli.retrieval.index.format import (ENGINE, FORMAT, FORMAT_VERSION,
                                                  SETS_FILE, TEXTS_FILE, checkpoint_fingerprint, json_value,
                                                  write_json)
 from maxmatch_cli.retrieval.index.interface import check_nlist
+from maxmatch_cli.retrieval.index.metadata import METADATA_KEY, item_metadata
 from maxmatch_cli.retrieval.index.shards import parse_shard, shard_folders, shard_name, shard_rows
 
 PROGRESS_FILE = "progress.json"
@@ -69,7 +70,9 @@ def _one_build_at_a_time(build):
 def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str | os.PathLike | None = None,
                 split: str | None = None, kind: str = "images", device: str = "auto", batch_size: int | None = None,
                 overwrite: bool = False, show_progress: bool = True, engine: str = "exact",
-                nlist: int | None = None, shard: tuple[int, int] | str | None = None) -> Index:
+                nlist: int | None = None, shard: tuple[int, int] | str | None = None, *, uri: str | None = None,
+                token: str | None = None, db: str | None = None, collection: str | None = None,
+                index_type: str | None = None) -> Index:
     """Encode a split's images (or captions) once and write them as an index folder.
 
     Args:
@@ -90,6 +93,10 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             :func:`~maxmatch_cli.retrieval.index.shards.shard_rows` of the split, into ``out/shard-i-of-n``
             (``out`` is the sharded index folder; :func:`~maxmatch_cli.retrieval.index.query.load_index` on it
             opens every shard as one :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`).
+        uri, token, db, collection, index_type: ``milvus``: where the element rows go (a milvus-lite ``FILE.db``
+            or ``http://HOST:19530``), the server's token and database, the collection (default
+            :func:`~maxmatch_cli.retrieval.index.milvus_engine.collection_for` ``out``) and its vector index type (default by size,
+            :func:`~maxmatch_cli.retrieval.index.milvus_engine.default_index_type`).
 
     Returns:
         The written :class:`~maxmatch_cli.retrieval.index.folder.Index` (the shard's, with ``shard``).
@@ -104,7 +111,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     if kind not in KINDS:
         raise MaxMatchError(f"unknown index kind '{kind}'", hint="use --kind images or --kind captions")
     spec = build_engine(engine)
-    spec.check_build(nlist)
+    milvus = _milvus_options(engine, uri, token, db, collection, index_type, Path(out), shard, overwrite)
+    spec.check_build(nlist, **milvus) if milvus else spec.check_build(nlist)
     if batch_size is not None and batch_size < 1:
         raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
     from maxmatch_cli.devices import resolve_device
@@ -135,21 +143,32 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     ckpt_fp, data_fp = checkpoint_fingerprint(model.checkpoint), store.fingerprint()
     build_id = hashlib.sha256(json.dumps([FORMAT_VERSION, ckpt_fp, data_fp, split, kind, shard_record, n, k, d],
                                          sort_keys=True).encode()).hexdigest()
+    if milvus:  # before any encoding: the server answers, and its collection is free or this build's
+        milvus["identity"] = {"build": build_id, "fingerprint": ckpt_fp, "K": k, "D": d, "out": str(out.resolve())}
+        spec.prepare(milvus, milvus["identity"])
     tmp, done = _open_partial(out, build_id)
     try:
         _encode_into(tmp, build_id, done, model, store, kind, rows, texts, batch_size, show_progress)
         for name in (name for each in SEARCH_ENGINES.values() for name in each.files):
-            (tmp / name).unlink(missing_ok=True)  # from an earlier attempt with another --engine
-        element_index = spec.build(tmp, nlist)
+            if name not in getattr(spec, "resumable_files", ()):
+                (tmp / name).unlink(missing_ok=True)  # from an earlier attempt with another --engine
         write_json(tmp / IDS_FILE, ids)
+        metadata = item_metadata(store, kind, rows)  # image files or caption owners, for showing results
+        for name, values in metadata.items():
+            write_json(tmp / name, values)
         if texts is not None:
             write_json(tmp / TEXTS_FILE, texts)
+        element_index = spec.build(tmp, nlist, batch_size=batch_size, show_progress=show_progress, **milvus) \
+            if milvus else spec.build(tmp, nlist)
+        local_sets = getattr(spec, "local_sets", True)
         stat = model.checkpoint.stat()
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
             "dtype": "float16", "normalized": True, "similarity": model.similarity,
             "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
-            "element_index": element_index, SETS_CHECK: sets_check_record(tmp / SETS_FILE),
+            "element_index": element_index,
+            **({SETS_CHECK: sets_check_record(tmp / SETS_FILE)} if local_sets else {}),
+            METADATA_KEY: sorted(metadata),
             "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
                            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
             "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
@@ -157,6 +176,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / PROGRESS_FILE).unlink()
+        if not local_sets:
+            (tmp / SETS_FILE).unlink()  # the vectors are in the engine's store (Milvus)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: a folder with a manifest is whole
         _chmod_published(tmp)
         _publish_folder(tmp, out)
@@ -169,7 +190,27 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
                             hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
                                  f"{kind} already encoded (kept in {tmp})") from None
     # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
-    return Index.open(out)
+    return Index.open(out, milvus.get("token"))
+
+
+def _milvus_options(engine: str, uri: str | None, token: str | None, db: str | None, collection: str | None,
+                    index_type: str | None, out: Path, shard: Any, overwrite: bool) -> dict[str, Any]:
+    """The milvus engine's build options ({} for the other engines, which refuse them)."""
+    given = {"--uri": uri, "--token": token, "--db": db, "--collection": collection, "--index-type": index_type}
+    if engine != "milvus":
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise MaxMatchError(f"{', '.join(named)} set{'s' if len(named) == 1 else ''} the milvus engine",
+                                hint="add --engine milvus --uri URI, or leave them out")
+        return {}
+    if shard is not None:
+        raise MaxMatchError("--shard builds one-machine shards; a Milvus collection is sharded by Milvus itself",
+                            hint="leave out --shard with --engine milvus")
+    from maxmatch_cli.retrieval.index.milvus_engine import check_collection_name, collection_for
+
+    name = check_collection_name(collection) if collection is not None else collection_for(out)
+    return {"uri": uri, "token": token, "db": db, "collection": name, "index_type": index_type,
+            "overwrite": overwrite}
 
 
 def _target(out: Path, shard: tuple[int, int] | str | None,

@@ -16,12 +16,14 @@ from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.retrieval.index.exact import ExactEngine
 from maxmatch_cli.retrieval.index.faiss_engine import FaissEngine
 from maxmatch_cli.retrieval.index.interface import SearchEngine
+from maxmatch_cli.retrieval.index.milvus_engine import MilvusEngine
 
-SEARCH_ENGINES: dict[str, SearchEngine] = {engine.name: engine for engine in (ExactEngine(), FaissEngine())}
+SEARCH_ENGINES: dict[str, SearchEngine] = {engine.name: engine
+                                           for engine in (ExactEngine(), FaissEngine(), MilvusEngine())}
 """Every engine by name, in the order listed to users."""
 ENGINES = ("auto", *SEARCH_ENGINES)
-"""Search engines of :meth:`~maxmatch_cli.retrieval.index.folder.Index.search` (``auto``: faiss when the index has
-an element index and faiss is installed, else exact)."""
+"""Search engines of :meth:`~maxmatch_cli.retrieval.index.folder.Index.search` (``auto``: milvus for an index whose
+vectors are in Milvus; faiss when the index has an element index and faiss is installed; else exact)."""
 
 
 def check_engine(engine: str) -> None:

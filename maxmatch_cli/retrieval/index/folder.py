@@ -13,7 +13,8 @@ import torch
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.retrieval.index.engines import engine_for, search_sets
 from maxmatch_cli.retrieval.index.faiss_engine import _faiss, read_element_index
-from maxmatch_cli.retrieval.index.format import SETS_FILE, checkpoint_fingerprint, index_file, read_folder
+from maxmatch_cli.retrieval.index.format import SETS_FILE, checkpoint_fingerprint, index_file, is_milvus, read_folder
+from maxmatch_cli.retrieval.index.metadata import OWNERS_FILE, PATHS_FILE, read_metadata
 
 SETS_CHECK = "sets_check"
 """Manifest field: ``{"finite": true, "size", "mtime_ns"}`` of sets.npy when the build found every value finite."""
@@ -37,6 +38,8 @@ def check_finite_sets(index: "Index") -> None:
     Raises:
         MaxMatchError: naming the index and its first bad rows (with their ids).
     """
+    if index.milvus is not None:
+        return  # checked batch by batch before the rows went into Milvus
     record = index.manifest.get(SETS_CHECK)
     st = os.stat(index.path / SETS_FILE)
     if isinstance(record, dict) and record.get("finite") is True and record.get("size") == st.st_size \
@@ -70,6 +73,10 @@ class Index:
         sets: ``(N, K, D)`` float16 array, memory-mapped read-only.
         ids: the N item ids.
         texts: the N caption strings of a captions index, else None.
+        paths: the N image files of an images index whose feature file lists them, else None
+            (:mod:`~maxmatch_cli.retrieval.index.metadata`).
+        owners: the image id of each of the N captions of a captions index, else None (an index built before
+            owners.json).
     """
 
     path: Path
@@ -77,11 +84,16 @@ class Index:
     sets: np.ndarray = field(repr=False)
     ids: list[Any] = field(repr=False)
     texts: list[str] | None = field(default=None, repr=False)
+    paths: list[str] | None = field(default=None, repr=False)
+    owners: list[Any] | None = field(default=None, repr=False)
     _element_index: Any = field(default=None, init=False, repr=False, compare=False)
     _gpu_element_index: Any = field(default=None, init=False, repr=False, compare=False)
+    milvus: Any = field(default=None, init=False, repr=False, compare=False)
+    """The opened :class:`~maxmatch_cli.retrieval.index.milvus_engine.MilvusCollection` of an index built with
+    ``--engine milvus`` (its :attr:`sets` then fetch rows from it), else None."""
 
     @classmethod
-    def open(cls, path: Path) -> "Index":
+    def open(cls, path: Path, milvus_token: str | None = None) -> "Index":
         """Open the index folder ``path`` (which must exist; :func:`~maxmatch_cli.retrieval.index.query.load_index`
         also opens folders of shards).
 
@@ -89,6 +101,15 @@ class Index:
             MaxMatchError: the folder is incomplete, of another format version, or damaged.
         """
         index = cls(path, *read_folder(path))
+        if is_milvus(index.manifest):  # the vectors are in Milvus: connect and check the collection now
+            from maxmatch_cli.retrieval.index.milvus_engine import MilvusSets, open_collection
+
+            m = index.manifest
+            index.milvus = open_collection(m["element_index"], int(m["n_items"]), int(m["K"]), int(m["D"]),
+                                           m["checkpoint"]["fingerprint"], path, milvus_token)
+            index.sets = MilvusSets(index.milvus)
+        extra = read_metadata(path, index.manifest, len(index))
+        index.paths, index.owners = extra.get(PATHS_FILE), extra.get(OWNERS_FILE)
         check_finite_sets(index)
         return index
 
@@ -123,7 +144,7 @@ class Index:
     @property
     def has_element_index(self) -> bool:
         """Whether the index holds a faiss element index (built with ``--engine faiss``)."""
-        return bool(self.manifest.get("element_index"))
+        return bool(self.manifest.get("element_index")) and not is_milvus(self.manifest)
 
     def search(self, queries: torch.Tensor, k: int = 10, engine: str = "auto", candidates: int | None = None,
                nprobe: int | None = None, device: str | torch.device = "cpu",
@@ -149,6 +170,9 @@ class Index:
             MaxMatchError: an unknown engine, or faiss asked for but missing (the package or the element index).
         """
         chosen = engine_for(engine, self)
+        if self.milvus is not None and chosen.name != "milvus":
+            raise MaxMatchError(f"index {self.path} keeps its vectors in Milvus ({self.milvus.uri}); the {chosen.name} "
+                                "engine searches local sets", hint="use --engine milvus (or auto)")
         element_index = chosen.open(self, device)
         side = "text" if self.kind == "images" else "image"
         ranking = search_sets(self.sets, queries, k, self.similarity, self.similarity_options, engine=chosen.name,
@@ -175,6 +199,12 @@ class Index:
     def image_extraction(self) -> dict[str, Any] | None:
         """How the gallery's image features were extracted (``extract-features --images``), else None."""
         return self.manifest.get("image_extraction")
+
+    def describe(self, row: int) -> dict[str, Any]:
+        """What a person is shown of one row besides its id: ``text`` (a caption), ``path`` (an image file) and
+        ``image_id`` (a caption's image), each only where the index knows it."""
+        values = (("text", self.texts), ("path", self.paths), ("image_id", self.owners))
+        return {name: column[row] for name, column in values if column is not None}
 
     def item(self, row: int) -> tuple[Any, np.ndarray, str | None]:
         """``(id, set, caption text or None)`` of one row (a global row for a sharded index)."""

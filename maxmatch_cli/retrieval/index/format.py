@@ -13,9 +13,16 @@ sets.npy        ``(N, K, D)`` float16 sets with L2-normalised elements (similari
                 normalising first loses nothing and keeps float16 in range); memory-mapped on load
 ids.json        the N item ids: image ids of the feature file, or caption indices
 texts.json      captions only: the N caption strings
+paths.json      optional, images only: the N image files, when the feature file lists them
+owners.json     optional, captions only: the image id of each caption (both listed in the manifest's
+                ``metadata_files``, :mod:`~maxmatch_cli.retrieval.index.metadata`)
 elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K set elements; memory-mapped on
                 load (:mod:`~maxmatch_cli.retrieval.index.faiss_engine`)
 ==============  ===========================================================================================
+
+An index built with ``--engine milvus`` has no sets.npy: its vectors (and a copy of the ids and captions) are in a
+Milvus collection that the manifest's ``element_index`` record names (``kind`` "milvus", ``uri``, ``db``,
+``collection``, ``build``, ``index_type``; :mod:`~maxmatch_cli.retrieval.index.milvus_engine`).
 
 The manifest is written last (:mod:`~maxmatch_cli.retrieval.index.build`): a folder with one is whole. Its
 ``format_version`` is :data:`FORMAT_VERSION`; an index of another version is refused, one of this version loads
@@ -150,26 +157,37 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
         if not isinstance(manifest.get("similarity_options", {}), dict):
             raise ValueError(f"similarity_options {manifest['similarity_options']!r}")
         element = manifest.get("element_index")
-        if element is not None and not (isinstance(element, dict) and isinstance(element.get("file"), str)
-                                        and isinstance(element.get("nlist"), int)
-                                        and isinstance(element.get("n_elements"), int)):
+        if is_milvus(manifest):
+            if not all(isinstance(element.get(name), str) for name in ("uri", "collection", "build", "index_type")):
+                raise ValueError(f"element_index {element!r}")
+        elif element is not None and not (isinstance(element, dict) and isinstance(element.get("file"), str)
+                                          and isinstance(element.get("nlist"), int)
+                                          and isinstance(element.get("n_elements"), int)):
             raise ValueError(f"element_index {element!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise MaxMatchError(f"the manifest of index {path} lacks or garbles a field ({exc})",
                             hint=f"rebuild the index ({BUILD_HINT})") from None
-    if element is not None:
+    if element is not None and not is_milvus(manifest):
         index_file(path, element["file"], "element_index.file of the manifest")
     return manifest, (n, k, d)
 
 
-def read_folder(path: Path) -> tuple[dict[str, Any], np.ndarray, list[Any], list[str] | None]:
-    """``(manifest, sets, ids, texts)`` of index folder ``path``: the sets memory-mapped read-only, texts None
-    for an images index.
+def is_milvus(manifest: dict[str, Any]) -> bool:
+    """Whether the manifest's index keeps its vectors in a Milvus collection (``--engine milvus``: no sets.npy)."""
+    element = manifest.get("element_index")
+    return isinstance(element, dict) and element.get("kind") == "milvus"
+
+
+def read_folder(path: Path) -> tuple[dict[str, Any], np.ndarray | None, list[Any], list[str] | None]:
+    """``(manifest, sets, ids, texts)`` of index folder ``path``: the sets memory-mapped read-only (None for an
+    index whose vectors are in Milvus), texts None for an images index.
 
     Raises:
         MaxMatchError: a file missing, unreadable, or disagreeing with the manifest.
     """
     manifest, (n, k, d) = read_manifest(path)
+    if is_milvus(manifest):
+        return (manifest, None, *_read_ids_texts(path, manifest, n))
     try:
         sets = np.load(index_file(path, SETS_FILE), mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty or cut file
@@ -178,6 +196,10 @@ def read_folder(path: Path) -> tuple[dict[str, Any], np.ndarray, list[Any], list
     if sets.shape != (n, k, d) or sets.dtype != np.float16:
         raise MaxMatchError(f"index {path}: {SETS_FILE} holds {sets.dtype} {sets.shape}, the manifest announces "
                             f"float16 {(n, k, d)}", hint=f"the index is damaged; rebuild it ({BUILD_HINT})")
+    return (manifest, sets, *_read_ids_texts(path, manifest, n))
+
+
+def _read_ids_texts(path: Path, manifest: dict[str, Any], n: int) -> tuple[list[Any], list[str] | None]:
     ids = read_json(index_file(path, IDS_FILE), "index ids", path)
     texts = read_json(index_file(path, TEXTS_FILE), "index captions", path) if manifest["kind"] == "captions" \
         else None
@@ -185,4 +207,4 @@ def read_folder(path: Path) -> tuple[dict[str, Any], np.ndarray, list[Any], list
         if values is not None and (not isinstance(values, list) or len(values) != n):
             raise MaxMatchError(f"index {path}: {name} does not hold {n} entries",
                                 hint=f"the index is damaged; rebuild it ({BUILD_HINT})")
-    return manifest, sets, ids, texts
+    return ids, texts

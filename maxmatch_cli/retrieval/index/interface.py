@@ -3,6 +3,11 @@
 An engine answers "the ``k`` best gallery sets for each query set" over an index's memory-mapped sets, possibly
 with a structure of its own built next to them (the faiss engine's element index). The engines are listed by
 name in :data:`maxmatch_cli.retrieval.index.engines.SEARCH_ENGINES`.
+
+An engine that stores the vectors elsewhere (the milvus engine: a Milvus collection) also takes its build options
+as keywords of :meth:`SearchEngine.check_build` and :meth:`SearchEngine.build`, and may declare ``prepare(options,
+identity)`` (run before anything is encoded), ``local_sets = False`` (the published folder has no sets.npy) and
+``resumable_files`` (its files a resumed build keeps).
 """
 
 from __future__ import annotations

@@ -16,13 +16,16 @@ from maxmatch_cli.retrieval.index.engines import check_engine
 from maxmatch_cli.retrieval.index.folder import Index
 from maxmatch_cli.retrieval.index.format import BUILD_HINT, MANIFEST_FILE, json_value
 from maxmatch_cli.retrieval.index.interface import check_depth
+from maxmatch_cli.retrieval.index.metadata import caption_owners
 from maxmatch_cli.retrieval.index.shards import ShardedIndex, shard_folders
 
 
-def load_index(path: str | os.PathLike) -> Index | ShardedIndex:
+def load_index(path: str | os.PathLike, milvus_token: str | None = None) -> Index | ShardedIndex:
     """Open an index folder written by :func:`~maxmatch_cli.retrieval.index.build.build_index` (the sets
     memory-mapped, read-only), or a folder of shards built with ``shard=(i, n)`` (a
-    :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`).
+    :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`). An index built with ``--engine milvus`` connects
+    to its collection (``milvus_token``: the server's token, default ``$MAXMATCH_MILVUS_TOKEN``) and checks it is
+    complete.
 
     Raises:
         MaxMatchError: the folder is missing, incomplete, of another format version, or damaged.
@@ -34,7 +37,7 @@ def load_index(path: str | os.PathLike) -> Index | ShardedIndex:
         raise MaxMatchError(f"{path} is a file, not an index folder", hint=BUILD_HINT)
     if not (path / MANIFEST_FILE).is_file() and shard_folders(path):
         return ShardedIndex.open(path)
-    return Index.open(path)
+    return Index.open(path, milvus_token)
 
 
 @dataclass
@@ -49,6 +52,11 @@ class Hit:
         matching: the MaxMatch assignment between the query set and the item's set, one entry per matched pair:
             ``(query element, gallery element, cosine)`` with 0-based element numbers, by query element.
         text: the caption, for a hit of a captions index.
+        path: the image file, for a hit of an images index whose feature file lists its files (else None: the
+            id is all the index knows).
+        image_id: the id of the caption's image, for a hit of a captions index that knows it.
+        own: for a query by image id against a captions index: whether the caption is one of that image's own
+            (its ground truth); None where the index cannot tell.
     """
 
     rank: int
@@ -57,12 +65,16 @@ class Hit:
     score: float
     matching: list[tuple[int, int, float]] = field(default_factory=list)
     text: str | None = None
+    path: str | None = None
+    image_id: Any = None
+    own: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The hit as ``maxmatch query --json`` prints it."""
         out = {"rank": self.rank, "row": self.row, "id": self.id, "score": self.score}
-        if self.text is not None:
-            out["text"] = self.text
+        for name in ("text", "path", "image_id", "own"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         out["matching"] = [{"query_element": q, "gallery_element": g, "cosine": c} for q, g, c in self.matching]
         return out
 
@@ -147,9 +159,24 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
         hits = []
         for r, (row, score) in enumerate(((row, score) for row, score in zip(rows, scores) if row >= 0), 1):
             item_id, item_set, text = index.item(row)
-            hits.append(Hit(r, row, item_id, score, _matching(torch.from_numpy(item_set), queries[q], side), text))
+            hit = Hit(r, row, item_id, score, _matching(torch.from_numpy(item_set), queries[q], side), text)
+            hits.append(_described(hit, index, values[q] if image_ids is not None else None))
         results.append(hits)
     return results, engine
+
+
+def _described(hit: Hit, index: Any, query_image_id: Any = None) -> Hit:
+    """``hit`` with what a person is shown besides its id: its image file, or its caption's image and, for a query
+    by ``query_image_id``, whether the caption is that image's own."""
+    describe = getattr(index, "describe", None)  # an index object without metadata shows ids (and texts) only
+    hit.path = describe(hit.row).get("path") if describe is not None else None
+    if index.kind == "captions":
+        owners = caption_owners(index)
+        if owners is not None:
+            hit.image_id = owners[hit.row]
+            if query_image_id is not None:
+                hit.own = str(hit.image_id) == str(query_image_id)
+    return hit
 
 
 def _query_values(index: Index | ShardedIndex, texts: Any, images: Any, image_ids: Any) -> tuple[str, list[Any]]:

@@ -170,6 +170,11 @@ class ShardedIndex:
         shard, local = self._locate(row)
         return shard.item(local)
 
+    def describe(self, row: int) -> dict[str, Any]:
+        """What a person is shown of global row ``row`` besides its id (:meth:`Index.describe`)."""
+        shard, local = self._locate(row)
+        return shard.describe(local)
+
     def search(self, queries: torch.Tensor, k: int = 10, engine: str = "auto", candidates: int | None = None,
                nprobe: int | None = None, device: str | torch.device = "cpu",
                block_size: int | None = None) -> tuple[Any, str]:

@@ -20,7 +20,7 @@ def _gallery(seed=0, n=12, k=4, d=8):
 
 
 def test_every_engine_satisfies_the_interface_under_its_own_name():
-    assert ENGINES == ("auto", "exact", "faiss")  # the CLI's --engine choices, in this order
+    assert ENGINES == ("auto", "exact", "faiss", "milvus")  # the CLI's --engine choices, in this order
     for name, engine in SEARCH_ENGINES.items():
         assert isinstance(engine, SearchEngine) and engine.name == name
     assert len({engine.auto_rank for engine in SEARCH_ENGINES.values()}) == len(SEARCH_ENGINES)  # auto is decided
