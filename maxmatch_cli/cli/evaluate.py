@@ -9,8 +9,9 @@ import typer
 from rich.markup import escape
 
 from maxmatch_cli.cli.options import (CacheOption, CheckpointArgument, CocoCaptionsOption, CsvOption, DataOption,
-                                      DeviceOption, EvalProtocolOption, JsonOption, SimilarityOption, SplitOption,
-                                      command_group, console, guarded, line, require_inputs, wrote)
+                                      DeviceOption, EvalProtocolOption, JsonOption, SimilaritiesOption,
+                                      SimilarityOption, SplitOption, command_group, console, guarded, line,
+                                      require_inputs, wrote)
 
 PANEL = "Training and evaluation"
 
@@ -24,7 +25,7 @@ def evaluate_cmd(
     data: DataOption = None,
     split: SplitOption = None,
     protocol: EvalProtocolOption = None,
-    similarity: SimilarityOption = None,
+    similarity: SimilaritiesOption = None,
     device: DeviceOption = "auto",
     json_path: JsonOption = None,
     csv_path: CsvOption = None,
@@ -33,37 +34,49 @@ def evaluate_cmd(
 ) -> None:
     """Recall@K and RSUM of a checkpoint, as in the paper's tables (and ECCV Caption / CxC on COCO 5K).
 
+    The paper recipes score with §3.4's top-k inference; `--similarity topk,maxmatch` encodes once and reports
+    top-k beside exact MaxMatch in one table (the JSON's "metrics" is the first's, "by_similarity" holds each).
     A checkpoint of a run folder keeps its result with the run, in RUN/eval/<split>-<protocol>.json, where
-    `maxmatch compare RUN` finds it.
+    `maxmatch compare RUN` finds it; a similarity other than the checkpoint's own is kept beside it, one file
+    each, as RUN/eval/<split>-<protocol>-<similarity>.json.
 
     Examples:
       [bold]maxmatch evaluate demo/run/best.safetensors --split test --json results.json[/]
+      [bold]maxmatch evaluate demo/run --split test --similarity topk,maxmatch[/]
       [bold]maxmatch evaluate runs/coco --split testall --protocol eccv \\
           --coco-captions captions_val2014.json[/]
     """
     require_inputs(data=data, coco_captions=coco_captions)
     from maxmatch_cli.evaluation.eccv import ECCV_PROTOCOLS, metrics_table
     from maxmatch_cli.evaluation.evaluate import evaluate_checkpoint
-    from maxmatch_cli.evaluation.results import run_evaluation_path, write_result
     from maxmatch_cli.reporting.tables import recall_table
 
     result = evaluate_checkpoint(checkpoint, data=data, split=split, protocol=protocol, similarity=similarity,
                                  device=device, json_path=json_path, csv_path=csv_path, cache=cache,
-                                 coco_captions=coco_captions)
-    kept = run_evaluation_path(result, rescored_with=similarity)
-    if kept is not None and (json_path is None or kept.resolve() != Path(json_path).resolve()):
-        write_result(result, kept, None)  # kept with the run, for `maxmatch compare RUN`
-    recall_protocol = "coco5k" if result.protocol in ECCV_PROTOCOLS else result.protocol
-    rows = [(f"{recall_protocol} ({result.n_images:,} images)", result.metrics)]
-    if result.folds_mean is not None:
-        rows.append((f"coco1k (mean of {len(result.folds)} folds)", result.folds_mean))
-    elif result.folds:
-        rows += [(f"fold {i + 1}", m) for i, m in enumerate(result.folds)]
+                                 coco_captions=coco_captions, keep_with_run=True)
+    scored = list(result.by_similarity.values()) or [result]
+    several = len(scored) > 1
+    rows = [row for r in scored for row in _recall_rows(r, f"{r.similarity} · " if several else "")]
     line(f"checkpoint {result.checkpoint} · split {result.split} of {result.data}")
-    console.print(recall_table(rows, title=f"Recall@K (%) · similarity {escape(result.similarity)}"))
+    names = ", ".join(r.similarity for r in scored)
+    console.print(recall_table(rows, title=f"Recall@K (%) · similarit{'ies' if several else 'y'} {escape(names)}"))
     if result.protocol in ECCV_PROTOCOLS:
-        console.print(metrics_table(result.metrics, result.protocol))
+        for r in scored:
+            console.print(metrics_table(r.metrics, r.protocol, r.similarity if several else None))
     wrote(*result.files)
+
+
+def _recall_rows(result, prefix: str = "") -> list[tuple[str, dict[str, float]]]:
+    """The Recall@K rows of one result: the protocol's, then the coco1k folds' mean (or each fold)."""
+    from maxmatch_cli.evaluation.eccv import ECCV_PROTOCOLS
+
+    recall_protocol = "coco5k" if result.protocol in ECCV_PROTOCOLS else result.protocol
+    rows = [(f"{prefix}{recall_protocol} ({result.n_images:,} images)", result.metrics)]
+    if result.folds_mean is not None:
+        rows.append((f"{prefix}coco1k (mean of {len(result.folds)} folds)", result.folds_mean))
+    elif result.folds:
+        rows += [(f"{prefix}fold {i + 1}", m) for i, m in enumerate(result.folds)]
+    return rows
 
 
 @app.command("ensemble", rich_help_panel=PANEL)

@@ -21,9 +21,9 @@ from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.progress import console
 
 __all__ = ["CacheOption", "CheckpointArgument", "CocoCaptionsOption", "CsvOption", "DataOption", "DeviceOption",
-           "EvalProtocolOption", "JsonOption", "ProtocolOption", "SetOption", "SimilarityOption", "SplitOption",
-           "command_group", "console", "err_console", "guarded", "line", "note", "readable_help", "require_inputs",
-           "wrote"]
+           "EvalProtocolOption", "JsonOption", "ProtocolOption", "SetOption", "SimilaritiesOption", "SimilarityOption",
+           "SplitOption", "command_group", "console", "err_console", "guarded", "line", "note", "readable_help",
+           "require_inputs", "wrote"]
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -143,7 +143,11 @@ CocoCaptionsOption = Annotated[Optional[Path], typer.Option(
     "--coco-captions", metavar="JSON", help="COCO caption annotations (captions_val2014.json) giving --protocol "
                                             "eccv/cxc the caption annotation ids, matched by image id and text.")]
 SimilarityOption = Annotated[Optional[str], typer.Option(
-    "--similarity", help="Set similarity at test time (default: the training one).")]
+    "--similarity", help="Set similarity at test time (default: the recipe's eval.similarity, else its training one).")]
+SimilaritiesOption = Annotated[Optional[str], typer.Option(
+    "--similarity", metavar="NAME,...",
+    help="Set similarity at test time (default: the recipe's eval.similarity, else its training one); a comma list "
+         "(topk,maxmatch) scores one encoding with each, one row group per similarity.")]
 
 
 # ------------------------------------------------------------------------------------------ errors and output

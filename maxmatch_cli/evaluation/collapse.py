@@ -287,6 +287,9 @@ class CollapseReport:
     retrieval: dict[str, Any]
     tsne: dict[str, Any] = field(default_factory=dict)
     """Settings and size of the t-SNE (:meth:`TsnePoints.summary`); empty when none was asked for."""
+    elements: list[dict[str, Any]] = field(default_factory=list)
+    """Per-element retrieval (Figures 5–7): one record per model, the analysed checkpoint first, then the
+    ``--compare`` one (:meth:`~maxmatch_cli.evaluation.element_retrieval.ElementRetrieval.to_json`)."""
     out_dir: str = ""
     files: list[str] = field(default_factory=list)
     """Files written to ``out_dir`` (names)."""
@@ -306,7 +309,8 @@ class CollapseReport:
 def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str | None = None,
                      protocol: str | None = None, similarity: str | None = None, device: str = "auto",
                      cache: bool = True, show_progress: bool = True, tsne: int = 0,
-                     tsne_seed: int = 0) -> CollapseReport:
+                     tsne_seed: int = 0, examples: int | str = 4, compare: str | Path | None = None,
+                     image_root: str | Path | None = None) -> CollapseReport:
     """Set-collapse analyses of a checkpoint on a split.
 
     Encodes the split (or reads the embedding cache), then computes the circular variance of both modalities,
@@ -326,6 +330,12 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         show_progress: progress bars while encoding.
         tsne: images (from the first of the split) whose elements and captions' elements the t-SNE shows; 0: none.
         tsne_seed: random_state of the t-SNE.
+        examples: the images whose per-element retrieval is shown, both directions (a count, or image ids
+            separated by commas; :func:`~maxmatch_cli.evaluation.element_retrieval.pick_examples`); the
+            distinct-item means over the whole split are computed whatever it is.
+        compare: a second checkpoint whose per-element retrieval is shown beside (same images and captions).
+        image_root: image folder for thumbnails (default: an image-file store's own; see
+            :func:`~maxmatch_cli.evaluation.element_retrieval.image_files`).
 
     Returns:
         :class:`CollapseReport` (``points`` set when ``tsne`` > 0; ``out_dir`` and ``files`` empty until it is
@@ -354,6 +364,7 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
     ckpt, store, split, kind, protocol = opened.ckpt, opened.store, opened.split, opened.kind, opened.protocol
     recipe = ckpt.recipe
     cpi = recipe.data.captions_per_image
+    setup = _element_setup(opened, examples, compare, data, image_root)
     written: list[Path] = []
     emb = checkpoint_embeddings(ckpt, store, split, dev, cache=cache, show_progress=show_progress, written=written)
     images, captions = emb.images, emb.captions
@@ -373,6 +384,38 @@ def analyze_collapse(checkpoint: str | Path, data: str | None = None, split: str
         report.tsne = report.points.summary()
         if report.points.n_images < tsne:
             report.notes.append(f"split {split} has {report.points.n_images:,} images: the t-SNE shows all of them")
+    report.elements = _element_records(opened, setup, images, captions, dev, cache, show_progress, written)
     report.cache_files = [str(p) for p in written]
     return report
 
+
+def _element_setup(opened, examples: int | str, compare: str | Path | None, data: str | None,
+                   image_root: str | Path | None):
+    """What the per-element retrieval shows, checked before anything is encoded: the split's items, the picked
+    images and the ``--compare`` checkpoint with its store (or None)."""
+    from maxmatch_cli.evaluation.element_retrieval import open_compare, pick_examples, split_items
+
+    ckpt, store, split = opened.ckpt, opened.store, opened.split
+    cpi = ckpt.recipe.data.captions_per_image
+    items = split_items(store, split, cpi, image_root or ckpt.recipe.data.image_root or None)
+    picks = pick_examples(examples, items.image_ids)
+    other = open_compare((ckpt.path, store), compare, data, split, cpi) if compare is not None else None
+    return items, picks, other
+
+
+def _element_records(opened, setup, images: torch.Tensor, captions: torch.Tensor, device: torch.device,
+                     cache: bool, show_progress: bool, written: list[Path]) -> list[dict[str, Any]]:
+    """Per-element retrieval of the analysed checkpoint and, with a compared one, of that one too."""
+    from maxmatch_cli.evaluation.cache import checkpoint_embeddings
+    from maxmatch_cli.evaluation.element_retrieval import element_retrieval
+
+    items, picks, other = setup
+    out = [element_retrieval(images, captions, items, picks, str(opened.ckpt.path), device,
+                             opened.ckpt.recipe.loss.similarity, show_progress).to_json()]
+    if other is not None:
+        ckpt, store = other
+        emb = checkpoint_embeddings(ckpt, store, opened.split, device, cache=cache, show_progress=show_progress,
+                                    written=written)
+        out.append(element_retrieval(emb.images, emb.captions, items, picks, str(ckpt.path), device,
+                                     ckpt.recipe.loss.similarity, show_progress).to_json())
+    return out

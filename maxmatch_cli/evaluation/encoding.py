@@ -16,7 +16,7 @@ from maxmatch_cli.data.datasets import CaptionDataset, ImageDataset, split_layou
 from maxmatch_cli.data.images import ImageSource, check_image_input
 from maxmatch_cli.data.tokenizers import TextTokenizer, build_tokenizer
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.method.similarity import set_similarity
+from maxmatch_cli.method.similarity import gallery_similarity, text_gallery
 from maxmatch_cli.models.checkpoint import Checkpoint
 from maxmatch_cli.progress import make_progress
 
@@ -76,15 +76,18 @@ def encode_split(model, store, split: str, tokenizer: TextTokenizer, captions_pe
 @torch.no_grad()
 def score(emb_images: torch.Tensor, emb_captions: torch.Tensor, kind: str, device: torch.device,
           block_size: int = 256, show_progress: bool = False, **options) -> torch.Tensor:
-    """(N, M) set similarities, computed in row blocks on ``device`` and gathered on the CPU."""
-    txt = emb_captions.to(device)
+    """(N, M) set similarities, computed in row blocks on ``device`` and gathered on the CPU.
+
+    The captions are normalised and laid out for the no-grad kernels once (:func:`text_gallery`), not per block.
+    """
+    gallery = text_gallery(emb_captions.to(device).float())
     out = torch.empty(emb_images.shape[0], emb_captions.shape[0])
     with make_progress(transient=True) as progress:
         task = progress.add_task(f"scoring ({kind})", total=emb_images.shape[0], unit="img", status="",
                                  visible=show_progress)
         for start in range(0, emb_images.shape[0], block_size):
-            block = emb_images[start: start + block_size].to(device)
-            out[start: start + block.shape[0]] = set_similarity(block, txt, kind=kind, **options).float().cpu()
+            block = emb_images[start: start + block_size].to(device).float()
+            out[start: start + block.shape[0]] = gallery_similarity(block, gallery, kind, **options).cpu()
             progress.advance(task, block.shape[0])
     return out
 

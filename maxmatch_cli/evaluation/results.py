@@ -34,15 +34,26 @@ class EvalResult:
     provenance: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     """Files written while evaluating (the embedding cache, --json, --csv), in order."""
+    by_similarity: dict[str, EvalResult] = field(default_factory=dict)
+    """Where one encoding was scored with several similarities: each one's result by name, in the order asked,
+    this one (the first) included; empty for a single similarity."""
 
-    def to_json(self) -> dict[str, Any]:
-        """DESIGN §5's {"protocol", "metrics", "folds"} and what the numbers come from (unrounded)."""
-        out: dict[str, Any] = {"protocol": self.protocol, "metrics": self.metrics, "folds": self.folds}
+    def scores_json(self) -> dict[str, Any]:
+        """The numbers alone: {"metrics", "folds"} and "folds_mean" where there is one (unrounded)."""
+        out: dict[str, Any] = {"metrics": self.metrics, "folds": self.folds}
         if self.folds_mean is not None:
             out["folds_mean"] = self.folds_mean
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """DESIGN §5's {"protocol", "metrics", "folds"} and what the numbers come from (unrounded); "metrics" is
+        the first similarity's, and with several, "by_similarity" maps each name to its :meth:`scores_json`."""
+        out: dict[str, Any] = {"protocol": self.protocol, **self.scores_json()}
         out.update({"checkpoint": self.checkpoint, "split": self.split, "data": self.data,
                     "similarity": self.similarity, "n_images": self.n_images, "n_captions": self.n_captions,
                     "provenance": self.provenance})
+        if self.by_similarity:
+            out["by_similarity"] = {name: r.scores_json() for name, r in self.by_similarity.items()}
         return out
 
 
@@ -64,6 +75,8 @@ def rounded_record(record: dict[str, Any]) -> dict[str, Any]:
     out["folds"] = [rounded(fold) for fold in out.get("folds", [])]
     if "members" in out:
         out["members"] = [rounded_record(member) for member in out["members"]]
+    if "by_similarity" in out:
+        out["by_similarity"] = {name: rounded_record(scores) for name, scores in out["by_similarity"].items()}
     return out
 
 
@@ -82,10 +95,20 @@ def write_result(result: EvalResult, json_path: Path | None, csv_path: Path | No
     if json_path:
         result.files.append(write_text(json_path, json.dumps(rounded_record(result.to_json()), indent=2) + "\n"))
     if csv_path:
-        keys = list(result.metrics)
-        values = rounded(result.metrics)
-        rows = ["protocol," + ",".join(keys), result.protocol + "," + ",".join(f"{values[k]:.{METRIC_DECIMALS}f}" for k in keys)]
-        result.files.append(write_text(csv_path, "\n".join(rows) + "\n"))
+        result.files.append(write_text(csv_path, _csv(result)))
+
+
+def _csv(result: EvalResult) -> str:
+    """One row of rounded metrics; with several similarities, a ``similarity`` column and one row for each."""
+    keys = list(result.metrics)
+    several = list(result.by_similarity.values())
+    head = ["protocol", *(["similarity"] if several else []), *keys]
+    rows = []
+    for r in several or [result]:
+        values = rounded(r.metrics)
+        rows.append([r.protocol, *([r.similarity] if several else []),
+                     *(f"{values[k]:.{METRIC_DECIMALS}f}" for k in keys)])
+    return "\n".join(",".join(row) for row in [head, *rows]) + "\n"
 
 
 RUN_EVAL_DIR = "eval"

@@ -7,7 +7,7 @@ into local folders (nothing is ever downloaded).
 """
 
 from maxmatch_cli.models.common import Features, SetOutput, masked_max, masked_mean, random_drop_mask
-from maxmatch_cli.models.heads import PVSEHead, SetDivHead, slot_competition_attention
+from maxmatch_cli.models.heads import PooledHead, PVSEHead, SetDivHead, slot_competition_attention
 from maxmatch_cli.models.model import (IMAGE_ENCODERS, SET_HEADS, TEXT_ENCODERS, SetEmbeddingModel, build_model,
                                        component_names, count_parameters)
 from maxmatch_cli.models.paths import resolve_bert_path, resolve_local_path
@@ -16,6 +16,7 @@ __all__ = [
     "Features",
     "IMAGE_ENCODERS",
     "PVSEHead",
+    "PooledHead",
     "SET_HEADS",
     "SetDivHead",
     "SetEmbeddingModel",

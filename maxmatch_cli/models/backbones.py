@@ -3,8 +3,13 @@
 Weights are never downloaded. ``cnn_weights`` may be:
 - a path to a ``.pth`` state dict (torchvision's, the WSL-Images Instagram ResNeXt, or a dict holding one
   under ``state_dict``/``model``);
-- empty: look in the torch hub cache, ``torch.hub.get_dir()/checkpoints/``, for the files torchvision and
-  the WSL-Images hub entry would have downloaded (listed in :data:`BACKBONES`);
+- empty: look in the torch hub cache, ``torch.hub.get_dir()/checkpoints/``, for the file the paper's model
+  starts from (listed in :data:`BACKBONES`): torchvision's ImageNet ResNets, and for ResNeXt-101 32x8d the
+  Instagram-pretrained WSL-Images file of App. E *only*; torchvision's ImageNet ResNeXt is a different model and is
+  never taken in its place;
+- ``"imagenet"``: torchvision's ImageNet weights from the hub cache, for any backbone. For ResNeXt this is an
+  explicit departure from App. E, and the run records it (the value is part of the recipe saved with every
+  checkpoint);
 - ``"random"``: random initialisation (tests and smoke runs; never for real training).
 """
 
@@ -22,6 +27,10 @@ from torch import nn
 from maxmatch_cli.errors import MaxMatchError
 
 RANDOM_WEIGHTS = "random"
+IMAGENET_WEIGHTS = "imagenet"
+WSL_URL = "https://download.pytorch.org/models/ig_resnext101_32x8-c38310e5.pth"
+"""The Instagram-pretrained ResNeXt-101 32x8d (Mahajan et al. 2018, facebookresearch/WSL-Images hub entry
+``resnext101_32x8d_wsl``), App. E's backbone."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +40,17 @@ class BackboneSpec:
     build: Callable[..., nn.Module]
     """torchvision constructor (called with weights=None)."""
     files: tuple[str, ...]
-    """Accepted checkpoint file names in the hub cache, preferred first."""
+    """Checkpoint file names in the hub cache that give the paper's model (the default), preferred first."""
     channels: int
     """Channels of the last feature map."""
     how_to_get: str
     """One-line instruction for fetching the preferred file on a machine with internet."""
+    imagenet: tuple[str, ...] = ()
+    """torchvision's ImageNet checkpoint names, taken from the hub cache only with ``cnn_weights = "imagenet"``."""
+    pretraining: str = "ImageNet"
+    """What the default files were trained on (for messages)."""
+    url: str = ""
+    """Where the preferred file comes from, when it is not a torchvision download (for messages)."""
 
 
 def _names(enum) -> tuple[str, ...]:
@@ -46,21 +61,27 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet152": BackboneSpec(
         build=torchvision.models.resnet152,
         files=_names(torchvision.models.ResNet152_Weights),
+        imagenet=_names(torchvision.models.ResNet152_Weights),
         channels=2048,
         how_to_get="python -c \"import torchvision; torchvision.models.resnet152(weights='IMAGENET1K_V1')\"",
     ),
     "resnext101_32x8d": BackboneSpec(
         build=torchvision.models.resnext101_32x8d,
-        # The paper's (and SetDiv's) ResNeXt is the Instagram-pretrained WSL model; ImageNet ones also load.
-        files=("ig_resnext101_32x8-c38310e5.pth",) + _names(torchvision.models.ResNeXt101_32X8D_Weights),
+        # The paper's (and SetDiv's) ResNeXt is the Instagram-pretrained WSL model (App. E); torchvision's ImageNet
+        # ResNeXt has the same shapes and would load without complaint, so it is taken only when asked for by name.
+        files=(os.path.basename(WSL_URL),),
+        imagenet=_names(torchvision.models.ResNeXt101_32X8D_Weights),
         channels=2048,
         how_to_get="python -c \"import torch; torch.hub.load('facebookresearch/WSL-Images', "
                    "'resnext101_32x8d_wsl')\"",
+        url=WSL_URL,
+        pretraining="Instagram (WSL-Images)",
     ),
     # Not in the paper: a small trunk (11.7M parameters, 512 channels) for smoke runs and tests on a CPU.
     "resnet18": BackboneSpec(
         build=torchvision.models.resnet18,
         files=_names(torchvision.models.ResNet18_Weights),
+        imagenet=_names(torchvision.models.ResNet18_Weights),
         channels=512,
         how_to_get="python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"",
     ),
@@ -73,13 +94,16 @@ def hub_checkpoint_dir() -> Path:
 
 
 def resolve_cnn_weights(backbone: str, weights: str) -> Path:
-    """The local weight file for ``backbone``: ``weights`` if given, else the first match in the hub cache.
+    """The local weight file for ``backbone``: ``weights`` if a path, else the first match in the hub cache.
+
+    Empty ``weights`` looks for the paper's checkpoint (:attr:`BackboneSpec.files`); ``"imagenet"`` looks for
+    torchvision's ImageNet one (:attr:`BackboneSpec.imagenet`).
 
     Raises:
-        MaxMatchError: naming the exact file that is missing and where to put it.
+        MaxMatchError: naming the exact file that is missing, where it comes from and where to put it.
     """
     spec = BACKBONES[backbone]
-    if weights:
+    if weights and weights != IMAGENET_WEIGHTS:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise MaxMatchError(f"CNN weights file {path} does not exist (model.cnn_weights)",
@@ -88,14 +112,34 @@ def resolve_cnn_weights(backbone: str, weights: str) -> Path:
                                      f"'{RANDOM_WEIGHTS}' for an untrained smoke test")
         return path
     folder = hub_checkpoint_dir()
-    for name in spec.files:
+    names = spec.imagenet if weights == IMAGENET_WEIGHTS else spec.files
+    for name in names:
         if (folder / name).is_file():
             return folder / name
+    if weights == IMAGENET_WEIGHTS:
+        raise MaxMatchError(f"no ImageNet {backbone} weights found (model.cnn_weights='{IMAGENET_WEIGHTS}'): "
+                            f"expected {folder / names[0]}",
+                            hint=f"nothing is downloaded at run time; on a machine with internet run python -c "
+                                 f"\"import torchvision; torchvision.models.{backbone}(weights='IMAGENET1K_V1')\" "
+                                 f"and copy {names[0]} into {folder}")
     raise MaxMatchError(
-        f"no {backbone} weights found: expected {folder / spec.files[0]}"
-        + (f" (or {', '.join(spec.files[1:])} in that folder)" if len(spec.files) > 1 else ""),
-        hint=f"nothing is downloaded at run time; on a machine with internet run {spec.how_to_get} and copy "
-             f"{spec.files[0]} into {folder}, or set model.cnn_weights to a local .pth file")
+        f"no {spec.pretraining}-pretrained {backbone} weights found: expected {folder / spec.files[0]}"
+        + (f" (or {', '.join(spec.files[1:])} in that folder)" if len(spec.files) > 1 else "")
+        + _imagenet_note(spec, folder),
+        hint=f"nothing is downloaded at run time; on a machine with internet run {spec.how_to_get}"
+             + (f" (it downloads {spec.url})" if spec.url else "")
+             + f" and copy {spec.files[0]} into {folder}, or set model.cnn_weights to a local .pth file"
+             + (f"; --set model.cnn_weights={IMAGENET_WEIGHTS} trains from torchvision's ImageNet weights instead "
+                f"(not the paper's model; the run records the choice)" if spec.imagenet != spec.files else ""))
+
+
+def _imagenet_note(spec: BackboneSpec, folder: Path) -> str:
+    """Says so when only torchvision's ImageNet file is there, which is not taken in the paper's file's place."""
+    if spec.imagenet == spec.files:
+        return ""
+    found = [name for name in spec.imagenet if (folder / name).is_file()]
+    return (f"; {found[0]} there is torchvision's ImageNet model, used only with "
+            f"model.cnn_weights='{IMAGENET_WEIGHTS}'") if found else ""
 
 
 def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +157,8 @@ def build_cnn_trunk(backbone: str, weights: str = "") -> tuple[nn.Module, int]:
 
     Args:
         backbone: a key of :data:`BACKBONES`.
-        weights: local .pth path, empty for the torch hub cache, or ``"random"``.
+        weights: local .pth path, empty for the paper's checkpoint in the torch hub cache, ``"imagenet"`` for
+            torchvision's ImageNet checkpoint there, or ``"random"``.
 
     Returns:
         The trunk and its channel count C.

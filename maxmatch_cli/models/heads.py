@@ -5,12 +5,15 @@
   normalised over the *slots* (slots compete for each key) and then renormalised over the keys.
 - ``pvse``: PVSE's polysemous instance embedding (Song & Soleymani 2019): K self-attention maps over the
   local features, each attended sum through fc + sigmoid, added to the global feature and layer-normalised.
+- ``pooled``: a single vector (K = 1), the encoder's global feature L2-normalised, as VSE++ (Faghri et al.
+  2018) embeds an image (a linear projection of the pooled CNN feature) and a caption (the GRU's final state).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as nnf
 
 from maxmatch_cli.models.common import SetOutput
 
@@ -176,3 +179,19 @@ class PVSEHead(nn.Module):
         residual = self.dropout(torch.sigmoid(self.fc(attended)))
         sets = self.norm(global_.unsqueeze(1) + residual)
         return SetOutput(sets=sets, global_=global_, slots=residual)
+
+
+class PooledHead(nn.Module):
+    """VSE++'s single embedding: the encoder's global feature as a set of one, L2-normalised.
+
+    The encoder already computes what VSE++ embeds: for images the projection of the locals pooled over the
+    valid positions (with ``model.image_mlp = false`` and ``model.image_pool = "mean"`` that is one linear map of
+    the mean-pooled features, VSE++'s fc on the average-pooled CNN feature), for captions the text encoder's
+    global output (the Bi-GRU's final states, BERT's pooled states). The head adds no weights, so the model has
+    exactly VSE++'s parameters. With K = 1 every set similarity is a function of the one cosine; MIL is exactly it.
+    """
+
+    def forward(self, local: Tensor, global_: Tensor, mask: Tensor, key_pos: Tensor | None = None) -> SetOutput:
+        """local (B, N, C) and mask (B, N) unused; global_ (B, D) -> SetOutput with sets/slots (B, 1, D) unit rows."""
+        embedding = nnf.normalize(global_, dim=-1).unsqueeze(1)
+        return SetOutput(sets=embedding, global_=global_, slots=embedding)

@@ -90,15 +90,18 @@ class CNNEncoder(nn.Module):
         mlp: use the MLP residual branch in the projection.
         freeze_epochs: the trunk is frozen (no gradients, BatchNorm statistics fixed) while epoch < this
             (0-based epochs, see :meth:`set_epoch`).
+        dropout: dropout on the projected cells.
+        pool: 'mean' (the average pooling of the CNN, default) or 'max' for the global feature.
     """
 
     backbone_lr_group = "cnn"
     """The trunk trains at lr x optim.lr_scale_cnn once unfrozen."""
 
     def __init__(self, trunk: nn.Module, channels: int, dim: int, mlp: bool = True, freeze_epochs: int = 0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, pool: str = "mean"):
         super().__init__()
         self.backbone = trunk
+        self.pool = PrecomputedEncoder.POOLS[pool]
         self.project = LocalProjection(channels, dim, mlp, dropout)
         self.freeze_epochs = freeze_epochs
         self.frozen = False
@@ -134,4 +137,4 @@ class CNNEncoder(nn.Module):
         cells = maps.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cell_mask = full_mask(cells)
         local = self.project(cells, cell_mask)
-        return Features(local, masked_mean(local, cell_mask), cell_mask)
+        return Features(local, self.pool(local, cell_mask), cell_mask)

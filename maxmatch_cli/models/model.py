@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from maxmatch_cli.models.common import SetOutput
-from maxmatch_cli.models.heads import PVSEHead, SetDivHead
+from maxmatch_cli.models.heads import PooledHead, PVSEHead, SetDivHead
 from maxmatch_cli.models.image import CNNEncoder, PrecomputedEncoder
 from maxmatch_cli.models.registry import Registry
 from maxmatch_cli.models.text import BertEncoder, build_bigru, load_bert_backbone
@@ -23,14 +23,14 @@ SET_HEADS: Registry = Registry("set head", "model.set_head")
 
 @IMAGE_ENCODERS.register("region", "precomputed BUTD regions (B, R, F): fc + MLP residual, max-pooled global")
 def _region_encoder(cfg, pretrained: bool) -> nn.Module:
-    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="max", mlp=cfg.image_mlp,
+    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool=cfg.image_pool or "max", mlp=cfg.image_mlp,
                               dropout=cfg.image_dropout)
 
 
 @IMAGE_ENCODERS.register("grid", "precomputed CNN grid cells (B, h*w, F): 1x1 projection (+ MLP), mean-pooled global")
 def _grid_encoder(cfg, pretrained: bool) -> nn.Module:
-    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool="mean", mlp=cfg.image_mlp,
-                              dropout=cfg.image_dropout)
+    return PrecomputedEncoder(cfg.image_feature_dim, cfg.embed_dim, pool=cfg.image_pool or "mean",
+                              mlp=cfg.image_mlp, dropout=cfg.image_dropout)
 
 
 @IMAGE_ENCODERS.register("cnn", "raw pixels (B, 3, H, W) through ResNet-152 / ResNeXt-101, fine-tuned end to end")
@@ -39,7 +39,7 @@ def _cnn_encoder(cfg, pretrained: bool) -> nn.Module:
 
     trunk, channels = build_cnn_trunk(cfg.cnn_backbone, cfg.cnn_weights if pretrained else RANDOM_WEIGHTS)
     return CNNEncoder(trunk, channels, cfg.embed_dim, mlp=cfg.image_mlp, freeze_epochs=cfg.cnn_freeze_epochs,
-                      dropout=cfg.image_dropout)
+                      dropout=cfg.image_dropout, pool=cfg.image_pool or "mean")
 
 
 @TEXT_ENCODERS.register("bigru", "word embeddings (GloVe if model.glove_path) + Bi-GRU, mean final state as global; "
@@ -64,6 +64,11 @@ def _setdiv_head(cfg, context_dim: int) -> nn.Module:
 @SET_HEADS.register("pvse", "PVSE multi-head self-attention, sets = LN(global + sigmoid(fc(attended)))")
 def _pvse_head(cfg, context_dim: int) -> nn.Module:
     return PVSEHead(cfg.embed_dim, cfg.num_embeds, max(cfg.embed_dim // 2, 1), cfg.set_dropout, context_dim)
+
+
+@SET_HEADS.register("pooled", "one vector per item (K = 1): the encoder's global feature, L2-normalised (VSE++)")
+def _pooled_head(cfg, context_dim: int) -> nn.Module:
+    return PooledHead()
 
 
 class SetEmbeddingModel(nn.Module):

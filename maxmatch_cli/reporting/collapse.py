@@ -17,7 +17,7 @@ from maxmatch_cli.evaluation.metrics import METRIC_KEYS
 from maxmatch_cli.fileio import write_text
 from maxmatch_cli.reporting import plots
 
-__all__ = ["default_out_dir", "tsne_csv", "write_collapse_report"]
+__all__ = ["default_out_dir", "element_csv", "tsne_csv", "write_collapse_report"]
 
 
 def default_out_dir(report: CollapseReport) -> Path:
@@ -31,7 +31,9 @@ def write_collapse_report(report: CollapseReport, out_dir: str | Path | None = N
 
     Files: ``circular_variance.csv``, ``slot_ablation.csv``, ``heatmap_raw.csv``, ``heatmap_aligned.csv``,
     ``slot_retrieval.csv``, ``heatmaps.png`` / ``.pdf``; with the report's t-SNE points also ``tsne.csv`` (one row
-    a point) and ``tsne.png`` / ``.pdf``; last ``collapse.json`` (everything). Without matplotlib the figures are
+    a point) and ``tsne.png`` / ``.pdf``; with per-element retrieval records (Figures 5–7) ``element_retrieval.csv``,
+    ``elements_i2t.png`` / ``.pdf``, ``elements_t2i.png`` / ``.pdf`` and ``elements.html``; last ``collapse.json``
+    (everything). Without matplotlib the figures are
     left out and a note says so.
 
     Args:
@@ -56,6 +58,10 @@ def write_collapse_report(report: CollapseReport, out_dir: str | Path | None = N
         tsne_files = _tsne_figure(report, points, out_dir / "tsne")
         report.files += tsne_files
         figures += tsne_files
+    if report.elements:
+        element_files = _element_files(report, out_dir)
+        report.files += element_files
+        figures += [name for name in element_files if name.endswith(".png")]
     if not figures and not any("matplotlib" in note for note in report.notes):
         what = "heatmaps and t-SNE" if points is not None else "heatmaps"
         report.notes.append(f"matplotlib is not installed: {what} written as CSV only "
@@ -119,3 +125,47 @@ def _tsne_figure(report: CollapseReport, points: TsnePoints, stem: Path) -> list
     title = (f"{ckpt.parent.name}/{ckpt.name} · split {report.split}\n"
              f"t-SNE of the set elements of {points.n_images:,} images and their {n_caps:,} captions (K={report.K})")
     return plots.save_figure(plots.tsne_figure(points.coords, points.modality, points.slot, title), stem)
+
+
+def element_csv(records: list[dict]) -> str:
+    """Per-element retrieval as CSV, one row per (model, query, element): ``model,direction,query_image_id,
+    query_caption,k,item,item_image_id,score,correct,same_as``; item is a caption position (i2t) or an image
+    position (t2i) in the split, query_caption the caption position of a t2i query."""
+    lines = ["model,direction,query_image_id,query_caption,k,item,item_image_id,score,correct,same_as"]
+    for r in records:
+        model = _csv_field(r["checkpoint"])
+        for ex in r["examples"]:
+            q = ex["query"]
+            for e in ex["elements"]:
+                item_image = e["image"] if ex["direction"] == "i2t" else e["image_id"]
+                lines.append(",".join([model, ex["direction"], _csv_field(str(q["image_id"])),
+                                       str(q.get("caption", "")), str(e["k"]), str(e["item"]),
+                                       _csv_field(str(item_image)), f"{e['score']:.6f}", str(e["correct"]).lower(),
+                                       str(e["same_as"] or "")]))
+    return "\n".join(lines) + "\n"
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def _element_files(report: CollapseReport, out_dir: Path) -> list[str]:
+    """Figures 5–7 for each direction (without matplotlib: left out, the note says so), the HTML page and the
+    CSV of the per-element retrieval."""
+    from maxmatch_cli.reporting.element_figure import element_figure
+    from maxmatch_cli.reporting.element_page import element_page
+
+    names = [write_text(out_dir / "element_retrieval.csv", element_csv(report.elements)).name]
+    ckpt = Path(report.checkpoint)
+    where = f"split {report.split} of {Path(report.data).name} ({report.n_images:,} images)"
+    if report.elements[0]["examples"] and plots.pyplot() is not None:
+        for direction, what in (("i2t", "each image element's top caption"),
+                                ("t2i", "each caption element's top image")):
+            title = f"{ckpt.parent.name}/{ckpt.name} · {where}: {what}"
+            names += plots.save_figure(element_figure(report.elements, direction, title),
+                                       out_dir / f"elements_{direction}")
+    page = element_page(report.elements, "What each set element retrieves",
+                        f"{where} · K = {report.K} · "
+                        + " vs ".join(r["checkpoint"] for r in report.elements))
+    names.append(write_text(out_dir / "elements.html", page).name)
+    return names

@@ -59,7 +59,8 @@ PATH_KEYS = frozenset({"data.path", "data.image_root", "model.glove_path", "mode
 """Recipe keys naming files: they set a row apart, but name it only where the rows' labels would otherwise be the
 same (the same data in two folders is no setting worth a label)."""
 SIMILARITY_NAMES = {"maxmatch": "Maximal Pair Assignment", "chamfer": "Smooth-Chamfer", "mil": "MIL",
-                    "topk": "top-k", "sinkhorn": "Sinkhorn"}
+                    "topk": "top-k", "sinkhorn": "Sinkhorn", "cosine": "Cosine, one vector (K = 1)",
+                    "cosine-vsepp": "Cosine, one vector (K = 1, VSE++: mean-pooled)"}
 """Table 3's names of the similarities."""
 REGULARISERS = (("Div", "div_weight"), ("MMD", "mmd_weight"), ("GD", "gd_weight"), ("ISD", "isd_weight"))
 """Table 3's regulariser columns and the loss weight that switches each on."""
@@ -95,8 +96,12 @@ class RunResult:
 
     @property
     def rescored(self) -> bool:
-        """Evaluated with another similarity than the one the recipe trained with (``evaluate --similarity``)."""
-        return bool(self.recipe and self.eval_similarity and self.eval_similarity != self.recipe.get("loss.similarity"))
+        """Evaluated with another similarity than the recipe's own inference (``eval.similarity``, else the training
+        similarity), i.e. rescored by ``evaluate --similarity``."""
+        if not (self.recipe and self.eval_similarity):
+            return False
+        own = self.recipe.get("eval.similarity") or self.recipe.get("loss.similarity")
+        return self.eval_similarity != own
 
     @property
     def source(self) -> str:
@@ -493,6 +498,8 @@ def compare(results: Sequence[RunResult], group_by: str = "config", baseline: st
         first = members[0]
         recipe = first.recipe or {}
         similarity = recipe.get("loss.similarity") or first.eval_similarity
+        if str(recipe.get("model.num_embeds")) == "1":  # one vector a side: every set similarity is the cosine's
+            similarity = "cosine-vsepp" if recipe.get("model.image_pool") == "mean" else "cosine"
         row = {"label": labels[g], "n": int(counts[g]),
                "seeds": " ".join("?" if r.seed is None else str(r.seed) for r in members),
                "similarity": similarity or "",

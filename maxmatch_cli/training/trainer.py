@@ -158,6 +158,7 @@ def _validate(model, store, recipe: Recipe, tokenizer, device) -> dict[str, floa
                        batch_size=recipe.eval.batch_size, max_len=recipe.data.max_caption_len,
                        max_images=recipe.train.val_max_images or None, show_progress=False,
                        image_source=build_image_source(store, recipe, train=False))
+    # The test-time similarity (the paper recipes: §3.4's top-k), so `best` is chosen on the inference reported.
     kind = recipe.eval.similarity or recipe.loss.similarity
     sims = score(emb.images, emb.captions, kind, device, recipe.eval.block_size, **similarity_options(recipe, kind))
     return metrics_for(sims, "full", recipe.data.captions_per_image).metrics

@@ -91,7 +91,8 @@ def test_every_section_field_is_covered_or_a_choice_or_free_text():
 
     checked = {key for key, _, _ in RANGES}
     free = {"data.path", "data.val_split", "data.image_root", "data.batching", "model.image_encoder",
-            "model.image_mlp", "model.image_tower_lr_as_set", "model.cnn_backbone", "model.cnn_weights",
+            "model.image_mlp", "model.image_pool", "model.image_tower_lr_as_set", "model.cnn_backbone",
+            "model.cnn_weights",
             "model.text_encoder", "model.glove_path", "model.text_local", "model.text_pos_encoding",
             "model.bert_path", "model.set_head", "model.set_share_weights", "loss.similarity",
             "loss.triplet_reduction", "loss.hardest_negatives", "loss.warmup_negatives", "loss.gd_margin",

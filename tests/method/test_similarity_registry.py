@@ -15,7 +15,7 @@ from maxmatch_cli.method.similarity.base import positive_float
 # The members documented in similarity/__init__.py, in table order. Adding a similarity without its table entry
 # (or an entry without its file, its docs and this list) fails below.
 KINDS = ["maxmatch", "chamfer", "mil", "topk", "sinkhorn"]
-MACHINERY = ["base", "batched", "registry"]
+MACHINERY = ["base", "batched", "registry", "slabs"]
 
 
 def test_registry():

@@ -160,6 +160,30 @@ def test_rescored_evaluation_is_its_own_row(tmp_path):
     assert list(f["label"]) == ["demo", "demo (scored with topk)"] and list(f["n"]) == [1, 1]
 
 
+def test_a_recipes_own_inference_is_not_a_rescoring(tmp_path):
+    """A paper recipe trains with maxmatch and evaluates with top-k (§3.4): top-k is its own score, and exact
+    matching is the rescoring."""
+    run = make_run(tmp_path / "r", 0, overrides={"eval.similarity": "topk"})
+    eval_json(run / "test.json", metrics(42, 20), similarity="topk")
+    exact = eval_json(tmp_path / "exact.json", metrics(40, 20), similarity="maxmatch",
+                      checkpoint=str(run / "best.safetensors"))
+    (tmp_path / "recipe.toml").write_text((run / "recipe.toml").read_text())
+    f = cmp.compare_runs([run, exact]).frame
+    assert list(f["label"]) == ["demo", "demo (scored with maxmatch)"]
+
+
+def test_one_vector_runs_are_labelled_cosine_in_table3(tmp_path):
+    """With K = 1 every set similarity scores the cosine: Table 3's column says so, not the similarity's name."""
+    one = {"model.num_embeds": "1", "model.set_head": "pooled", "loss.similarity": "mil", "loss.gd_weight": "0",
+           "loss.isd_weight": "0"}
+    runs = [make_run(tmp_path / "mm", 0, metrics(40, 20)),
+            make_run(tmp_path / "vsepp", 0, metrics(10, 5), {**one, "model.image_pool": "mean"}),
+            make_run(tmp_path / "one", 0, metrics(15, 5), one)]
+    table, _ = cmp.display_frame(cmp.compare_runs(runs), "table3")
+    assert list(table["Similarity"]) == ["Maximal Pair Assignment", "Cosine, one vector (K = 1, VSE++: mean-pooled)",
+                                         "Cosine, one vector (K = 1)"]
+
+
 def test_table3_marks_from_the_recipes(tmp_path):
     runs = [make_run(tmp_path / "mm", 0, metrics(40, 20)),
             make_run(tmp_path / "ch", 0, metrics(30, 15), CHAMFER),

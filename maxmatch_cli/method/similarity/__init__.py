@@ -23,15 +23,22 @@ Layout (the shape of pytorch-metric-learning's ``distances/``: shared machinery 
 * ``maxmatch.py``, ``chamfer.py``, ``mil.py``, ``topk.py``, ``sinkhorn.py`` -- one member each: its score
   function ``(c: (..., K, K'), **options) -> (...)`` and ``KIND``, its :class:`SimilarityKind`;
 * ``registry.py`` -- :data:`SIMILARITIES`, the name-keyed table, and the lookup that checks options;
-* ``batched.py`` -- the entry points :func:`set_similarity`, :func:`paired_similarity`, :func:`cosine_matrices`
-  and :func:`maxmatch_assignment`.
+* ``batched.py`` -- the entry points :func:`set_similarity`, :func:`paired_similarity`, :func:`cosine_matrices`,
+  :func:`maxmatch_assignment`, and :func:`text_gallery` + :func:`gallery_similarity` (a gallery prepared once
+  and scored block by block, as evaluation does);
+* ``slabs.py`` -- the no-grad path ``set_similarity`` takes when no gradient is needed: one GEMM per block laid
+  out element-major, and each kind's optional ``slab_score`` kernel on it (evaluation speed; training keeps the
+  autograd path).
 
 Adding a similarity is one file plus one table entry:
 
 1. ``similarity/<name>.py`` with ``<name>_score(c, **options)`` (shapes in its docstring) and
    ``KIND = SimilarityKind("<name>", "<one line>", <name>_score, defaults={...}, checks={...})``, one default
    and one check (from ``base.py``, or your own ``(name, value) -> value``) per option;
-2. ``<name>.KIND`` in the tuple that builds :data:`SIMILARITIES` in ``registry.py``.
+2. ``<name>.KIND`` in the tuple that builds :data:`SIMILARITIES` in ``registry.py``;
+3. optionally, for evaluation speed, ``slab_score=<name>_slabs``: the same score as elementwise operations on
+   the ``(bi, K, K', bt)`` cosine slabs of ``slabs.py`` (without it, evaluation runs ``score`` on a view of them),
+   with a test against the score function in ``tests/method/test_similarity_slabs.py``.
 
 ``set_similarity(kind="<name>", ...)``, the retrieval API and ``maxmatch similarities`` then know it, and
 ``tests/method/test_similarity_registry.py`` fails until its name is added to the member list there (put a
@@ -43,9 +50,11 @@ then), and a kind with options gets them from the recipe through ``evaluation/en
 from maxmatch_cli.method.similarity.base import BLOCK_ENTRIES, SimilarityKind
 from maxmatch_cli.method.similarity.batched import (
     cosine_matrices,
+    gallery_similarity,
     maxmatch_assignment,
     paired_similarity,
     set_similarity,
+    text_gallery,
 )
 from maxmatch_cli.method.similarity.chamfer import chamfer_score
 from maxmatch_cli.method.similarity.maxmatch import maxmatch_score
@@ -63,6 +72,7 @@ __all__ = [
     "chamfer_score",
     "check_similarity",
     "cosine_matrices",
+    "gallery_similarity",
     "list_similarities",
     "maxmatch_assignment",
     "maxmatch_score",
@@ -70,5 +80,6 @@ __all__ = [
     "paired_similarity",
     "set_similarity",
     "sinkhorn_score",
+    "text_gallery",
     "topk_score",
 ]

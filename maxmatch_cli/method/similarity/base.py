@@ -37,6 +37,11 @@ class SimilarityKind:
         score: ``(c: (..., K, K'), **options) -> (...)``.
         defaults: every option ``score`` takes, with its default.
         checks: for every option in ``defaults``, the check its values pass before ``score`` sees them.
+        slab_score: optional no-grad evaluation kernel ``(g: (bi, K, K', bt), **options) -> (bi, bt) | None``
+            on the element-major cosine block of :mod:`~maxmatch_cli.method.similarity.slabs` (``g[:, k, l, :]``
+            is the ``(bi, bt)`` slab of entry ``(k, l)``); it may overwrite ``g``, and returns ``None``, before
+            touching ``g``, for shapes or options it does not handle (``score`` then runs on ``g``). Its results
+            equal ``score``'s up to float rounding.
     """
 
     name: str
@@ -44,6 +49,7 @@ class SimilarityKind:
     score: Callable[..., Tensor]
     defaults: Mapping[str, object] = field(default_factory=dict)
     checks: Mapping[str, OptionCheck] = field(default_factory=dict)
+    slab_score: Callable[..., Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         # An option without a check would reach the score function unvalidated; one without a default could
@@ -85,14 +91,22 @@ def entries_first(c: Tensor) -> Tensor:
 
 
 def normalised_sets(img: Tensor, txt: Tensor, *, paired: bool) -> tuple[Tensor, Tensor]:
-    """Check two batches of sets and L2-normalise their elements.
+    """Check two batches of sets (:func:`check_sets`) and L2-normalise their elements.
+
+    Returns:
+        ``(img, txt)`` with unit-norm elements.
+    """
+    check_sets(img, txt, paired=paired)
+    # Elements are compared by cosine, so any input scale is allowed.
+    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+
+def check_sets(img: Tensor, txt: Tensor, *, paired: bool) -> None:
+    """Refuse malformed batches of sets.
 
     Args:
         img: ``(Bi, K, D)`` floating point; txt: ``(Bt, K', D)`` on the same device.
         paired: require ``Bi == Bt`` (row-aligned pairs).
-
-    Returns:
-        ``(img, txt)`` with unit-norm elements.
 
     Raises:
         MaxMatchError: wrong rank, dtype, empty set or dimension, differing ``D`` or device, unequal batches.
@@ -115,8 +129,6 @@ def normalised_sets(img: Tensor, txt: Tensor, *, paired: bool) -> tuple[Tensor, 
                             hint="use set_similarity for all pairs of two batches")
     if img.device != txt.device:
         raise MaxMatchError(f"img is on {img.device} but txt on {txt.device}", hint="move both to one device")
-    # Elements are compared by cosine, so any input scale is allowed.
-    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
 def default_block(k_img: int, k_txt: int) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.method.assignment import max_trace_assignment
 from maxmatch_cli.method.similarity.base import (
     blockwise,
+    check_sets,
     cosine_block,
     default_block,
     normalised_sets,
@@ -15,6 +17,7 @@ from maxmatch_cli.method.similarity.base import (
 )
 from maxmatch_cli.method.similarity.maxmatch import solver_name
 from maxmatch_cli.method.similarity.registry import _resolve
+from maxmatch_cli.method.similarity.slabs import SLAB_DTYPES, Gallery, gallery_scores, prepare_gallery
 
 Tensor = torch.Tensor
 
@@ -33,7 +36,9 @@ def set_similarity(img: Tensor, txt: Tensor, kind: str = "maxmatch", **options: 
             unchanged.
 
     Returns:
-        ``(Bi, Bt)`` scores, differentiable with respect to ``img`` and ``txt``.
+        ``(Bi, Bt)`` scores, differentiable with respect to ``img`` and ``txt``. Under ``torch.no_grad()`` the
+        no-grad kernels of :mod:`~maxmatch_cli.method.similarity.slabs` compute them: the same scores up to
+        float rounding, in less time and memory.
 
     Raises:
         MaxMatchError: unknown kind or option, invalid option value, or malformed inputs.
@@ -44,9 +49,50 @@ def set_similarity(img: Tensor, txt: Tensor, kind: str = "maxmatch", **options: 
         torch.Size([3, 5])
     """
     spec, opts, block = _resolve(kind, options)
+    if _slab_path(img, txt):
+        check_sets(img, txt, paired=False)
+        return gallery_scores(img, prepare_gallery(txt, block), spec, opts, block)
     img, txt = normalised_sets(img, txt, paired=False)
     block = block or default_block(img.shape[1], txt.shape[1])
     return blockwise(img, txt, block, lambda c: spec.score(c, **opts))
+
+
+def gallery_similarity(img: Tensor, gallery: Gallery, kind: str = "maxmatch", **options: object) -> Tensor:
+    """No-grad similarity of image sets to a gallery of text sets prepared once (:func:`text_gallery`), for
+    scoring a large gallery block of queries by block without preparing it again.
+
+    Args:
+        img: ``(Bi, K, D)`` image sets (any scale), on the gallery's device and dtype.
+        gallery: from :func:`text_gallery`.
+        kind, **options: as for :func:`set_similarity` (``block_size``: image sets per block).
+
+    Returns:
+        ``(Bi, Bt)`` scores, equal to ``set_similarity(img, txt, kind)`` under ``torch.no_grad()``.
+    """
+    spec, opts, block = _resolve(kind, options)
+    if gallery.blocks[0].dtype != img.dtype or gallery.blocks[0].shape[1] != img.shape[-1]:
+        raise MaxMatchError(f"image sets {tuple(img.shape)} {img.dtype} do not fit the gallery's "
+                            f"D={gallery.blocks[0].shape[1]} {gallery.blocks[0].dtype}",
+                            hint="encode both with the same model and dtype")
+    return gallery_scores(img, gallery, spec, opts, block)
+
+
+def text_gallery(txt: Tensor, block_size: int | None = None) -> Gallery:
+    """Text sets ``(Bt, K', D)`` (any scale, float32 or float64) prepared for :func:`gallery_similarity`:
+    unit-norm, element-major blocks of ``block_size`` sets (default: sized for the device)."""
+    check_sets(txt, txt, paired=False)
+    if txt.dtype not in SLAB_DTYPES:
+        raise MaxMatchError(f"a gallery needs float32 or float64 sets, got {txt.dtype}", hint="call .float() first")
+    return prepare_gallery(txt, optional_positive_int("block_size", block_size))
+
+
+def _slab_path(img: Tensor, txt: Tensor) -> bool:
+    """Whether set_similarity may use the no-grad kernels: gradients off (``torch.no_grad()``, as evaluation and
+    retrieval run) and a dtype they run in. With gradients on, even for detached inputs, the autograd path runs,
+    so that whatever training computes stays bit for bit what it was."""
+    if torch.is_grad_enabled() or not (isinstance(img, Tensor) and isinstance(txt, Tensor)):
+        return False  # (check_sets on the autograd path names a non-tensor)
+    return img.dtype == txt.dtype and img.dtype in SLAB_DTYPES
 
 
 def paired_similarity(img: Tensor, txt: Tensor, kind: str = "maxmatch", **options: object) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from maxmatch_cli.method.similarity.base import SimilarityKind, entries_first, positive_float
@@ -30,7 +32,24 @@ def chamfer_score(c: Tensor, alpha: float = 16.0) -> Tensor:
     return ((rows + cols) / (2.0 * alpha)).reshape(c.shape[:-2])
 
 
+def chamfer_slabs(g: Tensor, alpha: float = 16.0) -> Tensor | None:
+    """No-grad kernel (:mod:`~maxmatch_cli.method.similarity.slabs`): eq. 1 on ``g: (bi, K, K', bt)`` of unit-norm
+    cosines, overwriting ``g``; ``(bi, bt)``, or ``None`` when ``alpha`` is too large for the unshifted form.
+
+    Cosines lie in ``[-1, 1]``, so ``exp(alpha * c)`` needs no max shift while ``K * e^alpha`` and ``e^-alpha``
+    stay within the dtype's normal range: one exp over the block, then sums over slabs and a log per row and
+    column.
+    """
+    k_img, k_txt = g.shape[1:3]
+    if alpha + math.log(max(k_img, k_txt)) + 1.0 >= -math.log(torch.finfo(g.dtype).tiny):
+        return None
+    x = g.mul_(alpha).exp_()
+    rows = x.sum(2).log_().sum(1)  # (bi, K, bt) row sums -> their logs summed over k
+    cols = x.sum(1).log_().sum(1)
+    return rows.div_(k_img).add_(cols, alpha=1.0 / k_txt).div_(2.0 * alpha)
+
+
 KIND = SimilarityKind(
     "chamfer", "smooth-Chamfer (eq. 1, SetDiv): log-sum-exp with temperature alpha",
-    chamfer_score, defaults={"alpha": 16.0}, checks={"alpha": positive_float},
+    chamfer_score, defaults={"alpha": 16.0}, checks={"alpha": positive_float}, slab_score=chamfer_slabs,
 )

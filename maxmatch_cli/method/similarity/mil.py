@@ -21,4 +21,10 @@ def mil_score(c: Tensor) -> Tensor:
     return entries_first(c).amax(dim=(0, 1)).reshape(c.shape[:-2])
 
 
-KIND = SimilarityKind("mil", "MIL (PVSE): the largest element-to-element cosine", mil_score)
+def mil_slabs(g: Tensor) -> Tensor:
+    """No-grad kernel (:mod:`~maxmatch_cli.method.similarity.slabs`): ``(bi, K, K', bt) -> (bi, bt)``, the max
+    over the ``K*K'`` slabs (exact: the same cosines, the same max)."""
+    return g.flatten(1, 2).amax(1)
+
+
+KIND = SimilarityKind("mil", "MIL (PVSE): the largest element-to-element cosine", mil_score, slab_score=mil_slabs)
