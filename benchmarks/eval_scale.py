@@ -136,7 +136,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    for n_images in (int(n) for n in args.images.split(",")):
+    try:
+        sizes = [int(n) for n in args.images.split(",")]
+    except ValueError:
+        parser.error(f"--images {args.images!r}: give image counts separated by commas, e.g. 1000,5000")
+    if min(sizes) < 1 or args.repeat < 1:
+        parser.error("--images counts and --repeat must be at least 1")
+    for n_images in sizes:
         run_size(n_images, args, device)
 
 

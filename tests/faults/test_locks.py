@@ -250,8 +250,10 @@ def test_two_train_processes_on_one_folder(tmp_path, tiny_h5, tiny_overrides):
         return [sys.executable, "-m", "maxmatch_cli", "train", "--recipe", "demo", "--set", f"data.path={tiny_h5}",
                 *tiny_overrides, "--set", f"train.seed={seed}", *extra, "--out", str(out)]
 
+    # SIGINT at its default even where the test runner itself ignores it (a job started with `&` or nohup).
     first = subprocess.Popen(train(11, "--set", "train.epochs=500"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "steps.jsonl").exists():  # the first run trains: its lock, recipe and steps are there
