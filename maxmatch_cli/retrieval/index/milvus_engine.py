@@ -464,9 +464,10 @@ class MilvusCollection:
         where = {int(r): i for i, r in enumerate(rows)}
         step = max(1, MAX_TOPK // self.k)
         for lo in range(0, len(rows), step):
-            chunk = [int(r) for r in rows[lo: lo + step]]
-            got = _call(self, "query", self.name, filter=f"set_id in {chunk}",
-                        output_fields=["set_id", "position", "vector"], limit=len(chunk) * self.k)
+            # By primary key (set_id * K + position): a key lookup, where a filter on set_id scans the collection
+            # (3.5x slower for 508 sets of a 50K-set milvus-lite collection, more as it grows).
+            keys = [int(r) * self.k + p for r in rows[lo: lo + step] for p in range(self.k)]
+            got = _call(self, "get", self.name, ids=keys, output_fields=["set_id", "position", "vector"])
             fast = _columns(got, self.d)
             if fast is not None:
                 set_ids, positions, vectors = fast
