@@ -104,7 +104,6 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     Raises:
         MaxMatchError: bad inputs, an existing ``out`` without ``overwrite``, or a folder that cannot be written.
     """
-    from maxmatch_cli import __version__
     from maxmatch_cli.retrieval.api import load
     from maxmatch_cli.features.store import open_store
 
@@ -161,20 +160,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
         element_index = spec.build(tmp, nlist, batch_size=batch_size, show_progress=show_progress, **milvus) \
             if milvus else spec.build(tmp, nlist)
         local_sets = getattr(spec, "local_sets", True)
-        stat = model.checkpoint.stat()
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
-            "dtype": "float16", "normalized": True, "similarity": model.similarity,
-            "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
-            "element_index": element_index,
-            **({SETS_CHECK: sets_check_record(tmp / SETS_FILE)} if local_sets else {}),
-            METADATA_KEY: sorted(metadata),
-            "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
-                           "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-            "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
-            "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
-            "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        manifest = _manifest(tmp, model, store, kind, split, (n, k, d), element_index, local_sets, sorted(metadata),
+                             (ckpt_fp, data_fp), extraction, shard_record)
         (tmp / PROGRESS_FILE).unlink()
         if not local_sets:
             (tmp / SETS_FILE).unlink()  # the vectors are in the engine's store (Milvus)
@@ -191,6 +178,30 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
                                  f"{kind} already encoded (kept in {tmp})") from None
     # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
     return Index.open(out, milvus.get("token"))
+
+
+def _manifest(tmp: Path, model: Any, store: Any, kind: str, split: str, shape: tuple[int, int, int],
+              element_index: Any, local_sets: bool, metadata_files: list[str], fingerprints: tuple[str, str],
+              extraction: Any, shard_record: Any) -> dict[str, Any]:
+    """The index folder's manifest: what was encoded, by which checkpoint from which data, and how to search it."""
+    from maxmatch_cli import __version__
+
+    n, k, d = shape
+    ckpt_fp, data_fp = fingerprints
+    stat = model.checkpoint.stat()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
+        "dtype": "float16", "normalized": True, "similarity": model.similarity,
+        "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
+        "element_index": element_index,
+        **({SETS_CHECK: sets_check_record(tmp / SETS_FILE)} if local_sets else {}),
+        METADATA_KEY: metadata_files,
+        "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
+                       "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
+        "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
+        "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _milvus_options(engine: str, uri: str | None, token: str | None, db: str | None, collection: str | None,
