@@ -120,11 +120,11 @@ def milvus_rows(args, sets: np.ndarray, queries: torch.Tensor, workdir: Path, re
     each ``--milvus`` depth; returns the timings, the bytes on disk and the table rows."""
     from milvus_lite import __version__ as lite_version
 
-    from maxmatch_cli.retrieval.index import milvus_engine as me
+    from maxmatch_cli.retrieval.index.milvus import building as mb, search as ms
 
     uri, n = workdir / "gallery.db", args.items
     identity = {"build": f"bench-{args.seed}-{n}", "fingerprint": "benchmark", "K": args.k, "D": args.dim}
-    real_index = me._make_index
+    real_index = mb._make_index
     index_s = []
 
     def timed_index(*a, **kw):  # the index build and load, apart from the inserts
@@ -133,21 +133,21 @@ def milvus_rows(args, sets: np.ndarray, queries: torch.Tensor, workdir: Path, re
         index_s.append(time.perf_counter() - start)
         return out
 
-    me._make_index = timed_index
+    mb._make_index = timed_index
     try:
-        build_s, record = timed(lambda: me.build_collection(
+        build_s, record = timed(lambda: mb.build_collection(
             sets, list(range(n)), None, workdir / "milvus.json", uri=str(uri), collection="bench", identity=identity,
-            index_type=args.milvus_index_type, batch_size=me.INSERT_BATCH, overwrite=True))
+            index_type=args.milvus_index_type, batch_size=mb.INSERT_BATCH, overwrite=True))
     finally:
-        me._make_index = real_index
-    coll = me.open_collection(record, n, args.k, args.dim, "benchmark", workdir)
+        mb._make_index = real_index
+    coll = ms.open_collection(record, n, args.k, args.dim, "benchmark", workdir)
     n_timed = min(args.milvus_queries or args.queries, args.queries)
     rows = []
     for setting in args.milvus.split(","):
         c, p = setting.split(":")
         candidates, nprobe = (None if c == "auto" else int(c)), int(p)
-        fetched, _ = me.milvus_depth(coll, candidates, nprobe)
-        pools = me.milvus_candidates(coll, queries, candidates, nprobe)
+        fetched, _ = ms.milvus_depth(coll, candidates, nprobe)
+        pools = ms.milvus_candidates(coll, queries, candidates, nprobe)
         found = search_sets(sets, queries, 10, "maxmatch", engine="milvus", element_index=coll,
                             candidates=candidates, nprobe=nprobe)
         seconds, _ = timed(lambda: search_sets(sets, queries[:n_timed], 10, "maxmatch", engine="milvus",

@@ -156,7 +156,7 @@ def query_cmd(
                      ("image", [str(p) for p in image]) if image is not None else ("image_id", image_id))
     depth = {}
     if used == "milvus":
-        from maxmatch_cli.retrieval.index.milvus_engine import milvus_depth
+        from maxmatch_cli.retrieval.index.milvus.search import milvus_depth
 
         fetched, params = milvus_depth(idx.milvus, candidates, nprobe)
         depth = {"candidates": fetched, **params, "milvus_index": idx.milvus.index_type}

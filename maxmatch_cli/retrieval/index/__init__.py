@@ -11,7 +11,7 @@ interface         :class:`SearchEngine`, what an engine provides; the search opt
 exact             the ``exact`` engine: exhaustive exact scoring (always available)
 faiss_engine      the ``faiss`` engine: element index build and read, candidates and their depth rules
                   (:func:`default_candidates`, :func:`search_depth`), exact re-ranking
-milvus_engine     the ``milvus`` engine: the set elements in a Milvus collection (milvus-lite file or server),
+milvus/           the ``milvus`` engine: the set elements in a Milvus collection (milvus-lite file or server),
                   resumable batched inserts, candidates from Milvus re-ranked exactly on vectors fetched back
 engines           :data:`SEARCH_ENGINES`, the engines by name, and :func:`search_sets`
 metadata          what results show besides ids: image files (paths.json) and each caption's image

@@ -95,8 +95,8 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
             opens every shard as one :class:`~maxmatch_cli.retrieval.index.shards.ShardedIndex`).
         uri, token, db, collection, index_type: ``milvus``: where the element rows go (a milvus-lite ``FILE.db``
             or ``http://HOST:19530``), the server's token and database, the collection (default
-            :func:`~maxmatch_cli.retrieval.index.milvus_engine.collection_for` ``out``) and its vector index type (default by size,
-            :func:`~maxmatch_cli.retrieval.index.milvus_engine.default_index_type`).
+            :func:`~maxmatch_cli.retrieval.index.milvus.connection.collection_for` ``out``) and its vector index type
+            (default by size, :func:`~maxmatch_cli.retrieval.index.milvus.connection.default_index_type`).
 
     Returns:
         The written :class:`~maxmatch_cli.retrieval.index.folder.Index` (the shard's, with ``shard``).
@@ -217,7 +217,7 @@ def _milvus_options(engine: str, uri: str | None, token: str | None, db: str | N
     if shard is not None:
         raise MaxMatchError("--shard builds one-machine shards; a Milvus collection is sharded by Milvus itself",
                             hint="leave out --shard with --engine milvus")
-    from maxmatch_cli.retrieval.index.milvus_engine import check_collection_name, collection_for
+    from maxmatch_cli.retrieval.index.milvus.connection import check_collection_name, collection_for
 
     name = check_collection_name(collection) if collection is not None else collection_for(out)
     return {"uri": uri, "token": token, "db": db, "collection": name, "index_type": index_type,

@@ -16,7 +16,7 @@ from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.retrieval.index.exact import ExactEngine
 from maxmatch_cli.retrieval.index.faiss_engine import FaissEngine
 from maxmatch_cli.retrieval.index.interface import SearchEngine
-from maxmatch_cli.retrieval.index.milvus_engine import MilvusEngine
+from maxmatch_cli.retrieval.index.milvus.engine import MilvusEngine
 
 SEARCH_ENGINES: dict[str, SearchEngine] = {engine.name: engine
                                            for engine in (ExactEngine(), FaissEngine(), MilvusEngine())}

@@ -89,7 +89,7 @@ class Index:
     _element_index: Any = field(default=None, init=False, repr=False, compare=False)
     _gpu_element_index: Any = field(default=None, init=False, repr=False, compare=False)
     milvus: Any = field(default=None, init=False, repr=False, compare=False)
-    """The opened :class:`~maxmatch_cli.retrieval.index.milvus_engine.MilvusCollection` of an index built with
+    """The opened :class:`~maxmatch_cli.retrieval.index.milvus.search.MilvusCollection` of an index built with
     ``--engine milvus`` (its :attr:`sets` then fetch rows from it), else None."""
 
     @classmethod
@@ -102,7 +102,7 @@ class Index:
         """
         index = cls(path, *read_folder(path))
         if is_milvus(index.manifest):  # the vectors are in Milvus: connect and check the collection now
-            from maxmatch_cli.retrieval.index.milvus_engine import MilvusSets, open_collection
+            from maxmatch_cli.retrieval.index.milvus.search import MilvusSets, open_collection
 
             m = index.manifest
             index.milvus = open_collection(m["element_index"], int(m["n_items"]), int(m["K"]), int(m["D"]),

@@ -22,7 +22,7 @@ elements.faiss  optional (``--engine faiss``): a faiss IVF index over all N x K 
 
 An index built with ``--engine milvus`` has no sets.npy: its vectors (and a copy of the ids and captions) are in a
 Milvus collection that the manifest's ``element_index`` record names (``kind`` "milvus", ``uri``, ``db``,
-``collection``, ``build``, ``index_type``; :mod:`~maxmatch_cli.retrieval.index.milvus_engine`).
+``collection``, ``build``, ``index_type``; :mod:`~maxmatch_cli.retrieval.index.milvus`).
 
 The manifest is written last (:mod:`~maxmatch_cli.retrieval.index.build`): a folder with one is whole. Its
 ``format_version`` is :data:`FORMAT_VERSION`; an index of another version is refused, one of this version loads

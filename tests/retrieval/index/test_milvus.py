@@ -45,14 +45,14 @@ def milvus_dir(ckpt, tiny_h5, tmp_path_factory):
 
 
 def _client(index_dir):
-    from maxmatch_cli.retrieval.index.milvus_engine import connect
+    from maxmatch_cli.retrieval.index.milvus.connection import connect
 
     info = json.loads((index_dir / "manifest.json").read_text())["element_index"]
     return connect(info["uri"]), info["collection"]
 
 
 def _client_at(uri, name):
-    from maxmatch_cli.retrieval.index.milvus_engine import connect
+    from maxmatch_cli.retrieval.index.milvus.connection import connect
 
     return connect(str(uri)), name
 
@@ -107,7 +107,7 @@ def test_full_depth_equals_exact_engine(milvus_dir, index_dir, model):
 
 
 def test_candidates_are_the_nearest_elements(milvus_dir, index_dir, model):
-    from maxmatch_cli.retrieval.index.milvus_engine import milvus_candidates
+    from maxmatch_cli.retrieval.index.milvus.search import milvus_candidates
 
     index, exact = load_index(milvus_dir), load_index(index_dir)
     queries = model.encode_texts(QUERIES)
@@ -161,7 +161,8 @@ def test_milvus_options_need_the_milvus_engine(ckpt, tiny_h5, tmp_path):
 
 def test_collection_of_another_checkpoint_or_shape_is_refused(milvus_dir, trained, tiny_h5, tmp_path):
     from maxmatch_cli.retrieval.index import checkpoint_fingerprint
-    from maxmatch_cli.retrieval.index.milvus_engine import _schema, _pymilvus
+    from maxmatch_cli.retrieval.index.milvus.building import _schema
+    from maxmatch_cli.retrieval.index.milvus.connection import _pymilvus
 
     client, name = _client(milvus_dir)
     uri = json.loads((milvus_dir / "manifest.json").read_text())["element_index"]["uri"]
@@ -226,7 +227,8 @@ def test_half_built_or_changed_collection_is_refused(milvus_dir):
 def test_resume_deletes_unflushed_rows(tmp_path, monkeypatch):
     """milvus-lite replaces a row inserted again under the same key, a Milvus server keeps both: a ledger of the
     rows such a server would hold checks that a resumed build first deletes the rows past the last flush."""
-    from maxmatch_cli.retrieval.index import milvus_engine as me
+    from maxmatch_cli.retrieval.index.milvus import building as me  # build_collection reads connect here
+    from maxmatch_cli.retrieval.index.milvus.connection import _props
 
     sets = F.normalize(torch.randn(12, 3, 8, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
     real, ledger = me.connect(str(tmp_path / "r.db")), Counter()
@@ -259,11 +261,11 @@ def test_resume_deletes_unflushed_rows(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         me.build_collection(sets, list(range(12)), None, state, **kwargs)
     assert json.loads(state.read_text())["flushed"] == 4 and sum(ledger.values()) == 5 * 3  # set 4 unflushed
-    assert me._props(real, "c")["complete"] == "0"
+    assert _props(real, "c")["complete"] == "0"
     monkeypatch.setattr(me, "connect", lambda *a, **k: Recording(die_after=10**9))
     record = me.build_collection(sets, list(range(12)), None, state, **kwargs)
     assert ledger == Counter(range(36)) and not state.exists()  # every row exactly once
-    assert me._props(real, "c")["complete"] == "1" and record["n_elements"] == 36
+    assert _props(real, "c")["complete"] == "1" and record["n_elements"] == 36
 
 
 @pytest.mark.slow
@@ -291,7 +293,7 @@ def test_build_killed_with_sigkill_resumes_without_duplicates(ckpt, tiny_h5, tmp
     proc.wait()
     assert 4 <= flushed < 20, "the build ended before it could be killed mid-way"
     assert not out.exists()  # a half-built index is never published
-    from maxmatch_cli.retrieval.index.milvus_engine import collection_for
+    from maxmatch_cli.retrieval.index.milvus.connection import collection_for
 
     client, name = _client_at(uri, collection_for(out))
     assert client.describe_collection(name)["properties"]["maxmatch.complete"] == "0"
