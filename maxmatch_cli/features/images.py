@@ -18,6 +18,10 @@ CPU otherwise. An unreadable image stops the extraction with its path (the parti
 resumes), unless ``skip_unreadable`` is set: then it is left out, with its captions, and listed in the
 metadata (``skipped_images``). Interrupted runs resume: images already in the partial file are not recomputed.
 
+The store records where the images are: the folder as ``image_root`` (absolute) and each image's path relative
+to it as ``images/files`` (see :mod:`maxmatch_cli.features.store.schema`), so that thumbnails and query results
+can show the images themselves.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank takes every WORLD_SIZE-th image and writes its own shard
 ``<out>.shards/rank-<r>-of-<w>.h5``; rank 0 then waits for all shards and merges them into ``<out>`` (see
 :mod:`maxmatch_cli.features.merge`), in the caption file's image order, so the result does not depend on the
@@ -343,8 +347,10 @@ def extract_from_images(
 
     mine = list(range(rank, len(entries), world_size))
     target = out if world_size == 1 else shard_path(out, rank, world_size)
+    relpaths = [path.relative_to(images_dir).as_posix() for path in paths]  # as _find_image built them
     _extract_part(entries, paths, mine, target, config, weights, device, batch_size, num_workers, overwrite,
-                  progress, fp, final=world_size == 1, captions=str(captions), extra_metadata=loaded.metadata)
+                  progress, fp, final=world_size == 1, captions=str(captions), extra_metadata=loaded.metadata,
+                  image_files=(images_dir.resolve(), relpaths))
     if world_size == 1:
         return out
     if rank != 0:
@@ -422,7 +428,9 @@ def _resolve_device(name: str) -> torch.device:
 
 def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, weights, device_name, batch_size,
                   num_workers, overwrite, progress, fp, *, final: bool, captions: str,
-                  extra_metadata: dict | None = None) -> None:
+                  extra_metadata: dict | None = None, image_files: tuple[Path, list[str]] | None = None) -> None:
+    """Extract the images ``mine`` (positions in ``entries``) into ``target``; ``image_files`` = (the absolute
+    image folder, each entry's path relative to it) is recorded in the store."""
     from maxmatch_cli.features.karpathy import captions_and_splits
     from maxmatch_cli.progress import make_progress
 
@@ -444,7 +452,9 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
         chunk_rows=max(8, min(128, config.max_boxes // 2)), flush_every=max(64, 4 * batch_size),
         metadata={"extractor": source, "config": vars(config), "device": str(device), "captions": captions,
                   "weights": str(weights), **(extra_metadata or {})},
+        image_root=None if image_files is None else image_files[0],
     )
+    relpaths = None if image_files is None else image_files[1]
     with writer:
         done = set(writer.written_ids())
         todo = [k for k in mine if entries[k].key not in done]
@@ -473,7 +483,7 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
                                  "--skip-unreadable to leave such images out",
                         )
                 if good:
-                    _write_batch(writer, model, config, device, good, entries)
+                    _write_batch(writer, model, config, device, good, entries, relpaths)
                 bar.update(task, advance=len(batch))
         writer.set_metadata(skipped_images=skipped, skipped_files=skipped_paths[:1000],
                             seconds=round(time.perf_counter() - t0, 2))
@@ -485,13 +495,16 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
                 writer.add_split(name, idx)
 
 
-def _write_batch(writer: StoreWriter, model, config: ExtractConfig, device, good, entries) -> None:
+def _write_batch(writer: StoreWriter, model, config: ExtractConfig, device, good, entries,
+                 relpaths: list[str] | None = None) -> None:
     xs = [x for _, x, _ in good]
     ids = [entries[k].key for k, _, _ in good]
     sizes = [size for _, _, size in good]
+    files = None if relpaths is None else [relpaths[k] for k, _, _ in good]
     if config.kind == "grid":
-        writer.write_images(np.stack(grid_features(model, xs, device)), ids=ids, sizes=sizes)
+        writer.write_images(np.stack(grid_features(model, xs, device)), ids=ids, sizes=sizes, files=files)
     else:
         results = region_features(model, xs, device, num_boxes=config.num_boxes, min_boxes=config.min_boxes,
                                   max_boxes=config.max_boxes, score_threshold=config.score_threshold)
-        writer.write_images([f for f, _ in results], ids=ids, boxes=[b for _, b in results], sizes=sizes)
+        writer.write_images([f for f, _ in results], ids=ids, boxes=[b for _, b in results], sizes=sizes,
+                            files=files)

@@ -126,6 +126,9 @@ def merge_shards(
         entries = None
         order = [(k, i) for k, s in enumerate(stores) for i in range(s.n_images)]
 
+    # The image files stay known when every store names them under one folder (the shards of one extraction).
+    roots = {s.image_root if s.image_files is not None else None for s in stores}
+    image_root = roots.pop() if len(roots) == 1 else None
     metadata = dict(ref.metadata)
     metadata["merged_from"] = [p.name for p in paths]
     metadata["skipped_images"] = sorted({str(x) for s in stores for x in s.metadata.get("skipped_images", [])})
@@ -134,7 +137,7 @@ def merge_shards(
         regions_per_image=ref.regions_per_image, n_images=len(order),
         id_kind="str" if ref.image_ids.dtype == object else "int", with_boxes=ref.has_boxes,
         with_sizes=all(s.image_sizes is not None for s in stores), metadata=metadata, args_fingerprint=fp,
-        resume=True, overwrite=overwrite,
+        resume=True, overwrite=overwrite, image_root=image_root,
     ) as writer:
         for lo in range(writer.n_written, len(order), batch_images):
             part = order[lo : lo + batch_images]
@@ -143,6 +146,7 @@ def merge_shards(
                 ids=[_keys(stores[k])[i] for k, i in part],
                 boxes=[stores[k].image_boxes(i) for k, i in part] if ref.has_boxes else None,
                 sizes=[stores[k].image_sizes[i] for k, i in part] if writer.with_sizes else None,
+                files=[stores[k].image_files[i] for k, i in part] if image_root is not None else None,
             )
         if entries is not None:
             index = {key: n for n, key in enumerate(writer.written_ids())}

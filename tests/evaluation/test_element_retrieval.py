@@ -146,6 +146,80 @@ def test_image_files_of_an_image_file_store(tmp_path):
     assert image_files(store, [2, 1]) == [None, str(root / "set" / "01.png")]
 
 
+@pytest.fixture()
+def grid_store(tmp_path, reuse_random_models):
+    """A grid store extracted (random CNN weights) from a folder of three PNGs under set/: ids = paths."""
+    from maxmatch_cli.features.extract import extract_features
+
+    _pngs(tmp_path / "imgs" / "set", 3)
+    out = extract_features(tmp_path / "grid.h5", images=tmp_path / "imgs", kind="grid", weights="random",
+                           device="cpu", image_size=64, batch_size=2, num_workers=0, progress=False)
+    return out, (tmp_path / "imgs").resolve()
+
+
+def test_image_files_of_a_grid_store_without_and_with_a_moved_folder(grid_store, tmp_path):
+    path, root = grid_store
+    store = open_store(path)
+    assert store.image_root == str(root) and store.image_files.tolist() == ["set/00.png", "set/01.png", "set/02.png"]
+    assert image_files(store, [2, 0]) == [str(root / "set" / "02.png"), str(root / "set" / "00.png")]
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)  # the folder moved since the extraction: found again under --images
+    assert image_files(store, [0, 1]) == [None, None]
+    assert image_files(store, [0, 1], moved) == [str(moved / "set" / "00.png"), str(moved / "set" / "01.png")]
+    (moved / "set" / "01.png").unlink()
+    assert image_files(store, [1, 2], moved) == [None, str(moved / "set" / "02.png")]
+
+
+def test_an_images_index_of_a_grid_store_keeps_its_image_files(grid_store):
+    from maxmatch_cli.retrieval.index.metadata import PATHS_FILE, item_metadata
+
+    path, root = grid_store  # `maxmatch query` then shows these paths beside the ids
+    assert item_metadata(open_store(path), "images", np.array([2, 0])) == {
+        PATHS_FILE: [str(root / "set" / "02.png"), str(root / "set" / "00.png")]}
+
+
+@pytest.mark.filterwarnings("ignore:.*no valid recorded content hash")  # edited in place on purpose
+def test_a_grid_store_without_image_files_loads_as_before(grid_store, tmp_path):
+    path, root = grid_store
+    old = shutil.copy(path, tmp_path / "old.h5")
+    with h5py.File(old, "r+") as f:  # what extract-features wrote before it recorded the files
+        del f["images/files"], f.attrs["image_root"]
+    store = open_store(old)
+    assert store.image_files is None and store.image_root is None and "image_root" not in store.describe()
+    with pytest.raises(ValueError, match="does not record image files"):
+        store.image_path(0)
+    assert image_files(store, [0, 2]) == [None, None]
+    assert image_files(store, [0, 2], root) == [str(root / "set" / "00.png"), str(root / "set" / "02.png")]  # ids
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "set/../../x.png"])
+def test_image_paths_leaving_the_folder_are_refused(grid_store, tmp_path, bad):
+    from typer.testing import CliRunner
+
+    from maxmatch_cli.cli.app import app
+
+    path, _ = grid_store
+    copy = shutil.copy(path, tmp_path / "bad.h5")
+    with h5py.File(copy, "r+") as f:
+        f["images/files"][1] = bad
+    with pytest.raises(MaxMatchError, match=r"names 1 image file\(s\) outside its image folder") as err:
+        open_store(copy)
+    assert repr(bad) in str(err.value) and "--kind grid" in err.value.hint
+    result = CliRunner().invoke(app, ["features", "info", str(copy)])
+    assert result.exit_code != 0 and "outside its image folder" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("drop", ["images/files", "image_root"])
+def test_image_files_without_their_root_or_the_reverse_is_inconsistent(grid_store, tmp_path, drop):
+    path, _ = grid_store
+    copy = shutil.copy(path, tmp_path / "half.h5")
+    with h5py.File(copy, "r+") as f:
+        del (f.attrs if drop == "image_root" else f)[drop]
+    with pytest.raises(MaxMatchError, match="is inconsistent: it has .* but no"):
+        open_store(copy)
+
+
 def test_image_files_from_ids_under_a_folder(tiny_h5, tmp_path):
     store = open_store(tiny_h5)
     assert image_files(store, [0, 1]) == [None, None]  # synthetic data: no image files
@@ -194,6 +268,22 @@ def test_analyze_collapse_shows_examples_and_a_compared_checkpoint(ckpt, tmp_pat
     assert a["distinct"]["i2t"]["split"] == pytest.approx(report.retrieval["i2t"]["distinct"])
     assert 1.0 <= a["distinct"]["t2i"]["split"] <= report.K
     json.dumps(report.to_json())
+
+
+@pytest.mark.filterwarnings("ignore:.*no valid recorded content hash")  # edited in place on purpose
+def test_analyze_collapse_shows_the_image_files_a_store_records(ckpt, tiny_h5, tmp_path):
+    # The tiny store's images given files, as extract-features images --kind grid records them.
+    copy = shutil.copy(tiny_h5, tmp_path / "with_files.h5")
+    n = open_store(tiny_h5).n_images
+    _pngs(tmp_path / "imgs" / "set", n)
+    with h5py.File(copy, "r+") as f:
+        f["images/files"] = np.array([f"set/{i:02d}.png" for i in range(n)], dtype=h5py.string_dtype())
+        f.attrs["image_root"] = str(tmp_path / "imgs")
+    report = analyze_collapse(ckpt, data=str(copy), split="test", show_progress=False, examples=2)
+    (record,) = report.elements
+    rows = open_store(copy).split("test")[0]  # a query's "image" is its position in the split
+    shown = [(e["query"]["image"], e["query"]["image_file"]) for e in record["examples"]]
+    assert len(shown) == 4 and all(file == str(tmp_path / "imgs" / "set" / f"{rows[p]:02d}.png") for p, file in shown)
 
 
 def test_bad_examples_are_refused_before_any_encoding(ckpt, monkeypatch):

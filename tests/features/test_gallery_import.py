@@ -58,6 +58,7 @@ def test_gallery_without_captions(gallery, tmp_path, kind):
     images, caps = s.split("gallery")
     assert images.tolist() == [0, 1, 2] and caps.tolist() == []
     assert s.image_sizes.tolist() == [[48, 48], [48, 40], [48, 56]]
+    assert s.image_root == str(gallery.resolve()) and s.image_files.tolist() == ["a.png", "b.png", "sub/c.jpg"]
     if kind != "pixels":
         assert s.image_features(2).shape[0] == (4 if kind == "grid" else 3)
     else:

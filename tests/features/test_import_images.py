@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,24 @@ def test_grid_features_splits_and_captions(folder, tmp_path):
     np.testing.assert_allclose(s.image_features(1), expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("config", [GRID, REGION], ids=["grid", "region"])
+def test_stores_record_the_image_folder_and_relative_paths(folder, tmp_path, monkeypatch, config):
+    from maxmatch_cli.features.store import describe_store
+
+    root, captions = folder
+    # Image 4 lies at the top of the folder, not under its Karpathy filepath: found by its bare name.
+    (root / "val2014" / "COCO_val2014_000000000004.jpg").rename(root / "COCO_val2014_000000000004.jpg")
+    monkeypatch.chdir(tmp_path)  # a relative --images is recorded as the absolute folder
+    s = open_store(_extract("images", captions, tmp_path / "f.h5", config))
+    expected = [f"val2014/COCO_val2014_{k:012d}.jpg" for k in (1, 2, 3)] + ["COCO_val2014_000000000004.jpg",
+                                                                          "val2014/COCO_val2014_000000000005.jpg"]
+    assert s.image_root == str(root.resolve()) and s.image_files.tolist() == expected
+    assert [s.image_path(i) for i in range(5)] == [root.resolve() / name for name in expected]
+    assert s.image_path(3, "/elsewhere") == Path("/elsewhere/COCO_val2014_000000000004.jpg")
+    info = describe_store(s.path)
+    assert info["image_root"] == str(root.resolve()) and info["feature_shape"][0] == 5
+
+
 def test_region_features_fixed_and_adaptive(folder, tmp_path):
     root, captions = folder
     s = open_store(_extract(root, captions, tmp_path / "r.h5", REGION))
@@ -134,6 +153,7 @@ def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "_write_batch", real)
     _extract(root, captions, out, GRID)
     assert open_store(out).fingerprint() == open_store(whole).fingerprint()
+    assert open_store(out).image_files.tolist() == open_store(whole).image_files.tolist()
 
 
 def test_ranks_write_shards_and_merge_equals_single_process(folder, tmp_path):
@@ -146,6 +166,7 @@ def test_ranks_write_shards_and_merge_equals_single_process(folder, tmp_path):
     assert merged == out and not shard_folder(out).exists()
     a, b = open_store(single), open_store(merged)
     assert a.fingerprint() == b.fingerprint()
+    assert (b.image_root, b.image_files.tolist()) == (str(root.resolve()), a.image_files.tolist())
     assert b.metadata["merged_from"] == ["rank-000-of-002.h5", "rank-001-of-002.h5"]
 
 

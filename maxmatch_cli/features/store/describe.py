@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from maxmatch_cli.features.store.schema import PIXELS
+
 
 def summarize(store: Any) -> dict[str, Any]:
     """A summary of an open store: schema, source, sizes, splits, feature shape, disk size and fingerprint.
@@ -14,7 +16,7 @@ def summarize(store: Any) -> dict[str, Any]:
 
     Returns:
         A JSON-serialisable dict; an unfinished store adds ``images_written``, an image-file store gives its
-        ``image_root`` instead of feature shapes.
+        ``image_root`` instead of feature shapes, and features extracted from image files give it beside them.
     """
     info: dict[str, Any] = {
         "path": str(store.path),
@@ -29,10 +31,10 @@ def summarize(store: Any) -> dict[str, Any]:
         "n_captions": store.n_captions,
     }
     if store.image_files is not None:
-        # An image-file store: the image root and file count instead of feature shapes.
+        # Where the images are: an image-file store's only content, or the source of extracted features.
         info["image_root"] = store.image_root
         info["image_files"] = f"{store.n_images} paths relative to image_root"
-    else:
+    if store.feature_kind != PIXELS:
         info.update(_feature_summary(store))
     info.update({
         "has_image_sizes": store.image_sizes is not None,

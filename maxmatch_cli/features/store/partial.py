@@ -53,6 +53,7 @@ class StoreSpec:
             "regions_per_image": self.regions_per_image,
             "args_fingerprint": self.args_fingerprint,
             "n_images": -1 if self.n_images is None else int(self.n_images),
+            "image_root": self.image_root,
         }
 
 
@@ -102,7 +103,8 @@ def _write_header(a: h5py.AttributeManager, spec: StoreSpec, metadata: dict[str,
 
 
 def _create_image_datasets(images: h5py.Group, spec: StoreSpec) -> h5py.Dataset | None:
-    """``images/``: features (or files), boxes, offsets, ids and sizes, sized for ``n_images`` (or empty).
+    """``images/``: features (or files), boxes, offsets, ids, sizes and (features with an ``image_root``) files,
+    sized for ``n_images`` (or empty).
 
     Returns:
         The ``offsets`` dataset of the flat layout, still open; ``None`` for the other layouts.
@@ -132,6 +134,9 @@ def _create_image_datasets(images: h5py.Group, spec: StoreSpec) -> h5py.Dataset 
             images.create_dataset(
                 "boxes", shape=(0, 4), maxshape=(None, 4), chunks=(4096, 4), dtype=np.float32, track_times=False,
             )
+    if spec.layout != "files" and spec.image_root is not None:  # features extracted from these image files
+        images.create_dataset("files", shape=(n0,), maxshape=(None,), chunks=(4096,), dtype=STRING_DTYPE,
+                              track_times=False)
     id_dtype = np.int64 if spec.id_kind == "int" else STRING_DTYPE
     images.create_dataset("ids", shape=(n0,), maxshape=(None,), chunks=(4096,), dtype=id_dtype, track_times=False)
     if spec.with_sizes:
@@ -164,6 +169,7 @@ def open_partial(partial: Path, layout: str) -> tuple[h5py.File, dict[str, Any],
             "regions_per_image": int(a["regions_per_image"]) if "regions_per_image" in a else None,
             "args_fingerprint": str(a["args_fingerprint"]),
             "n_images": int(a["n_images_expected"]),
+            "image_root": str(a["image_root"]) if "image_root" in a else None,
         }
         n_written = int(a["n_written"])
         f["images/files" if layout == "files" else "images/features"]

@@ -133,7 +133,7 @@ class FeatureStore:
         self.created_with = header.created_with
         self.args_fingerprint = header.args_fingerprint
         self.metadata: dict[str, Any] = header.metadata
-        self.image_files: np.ndarray | None = None  # relative paths, image-file stores only
+        self.image_files: np.ndarray | None = None  # paths relative to image_root, where the file records them
         self.image_root: str | None = header.image_root
         if self.feature_kind == PIXELS:
             self.regions_per_image, self._offsets = None, None
@@ -152,17 +152,11 @@ class FeatureStore:
         self._load_splits(f)
 
     def _load_images(self, f: h5py.File, n: int) -> None:
-        """Image ids, sizes and (image-file stores) paths of the first ``n`` images."""
+        """Image ids, sizes and (image-file stores, and features extracted from image files) paths of the first
+        ``n`` images."""
         self.n_images = n
-        if self.feature_kind == PIXELS:
-            self.image_files = np.asarray(utf8_strings(f["images/files"], self.path, n), dtype=object)
-            outside = [name for name in self.image_files if escapes_folder(name)]
-            if outside:
-                raise MaxMatchError(
-                    f"{self.path} names {len(outside)} image file(s) outside its image folder (an absolute path or "
-                    f"a '..' part): {first_few([repr(name) for name in outside])}.",
-                    hint="an image-file store lists paths relative to its image_root; re-index the images with "
-                         "maxmatch extract-features --kind pixels")
+        if self.feature_kind == PIXELS or "files" in f["images"] or self.image_root is not None:
+            self._load_files(f, n)
         ids = f["images/ids"]
         string_ids = h5py.check_string_dtype(ids.dtype)
         self.image_ids = np.asarray(utf8_strings(ids, self.path, n), dtype=object) if string_ids else ids[:n].copy()
@@ -170,6 +164,25 @@ class FeatureStore:
             raise inconsistent(self.path, f"images/ids has {len(ids)} entries for {n} images")
         self.has_boxes = "boxes" in f["images"]
         self.image_sizes = f["images/sizes"][:n] if "sizes" in f["images"] else None
+
+    def _load_files(self, f: h5py.File, n: int) -> None:
+        """``images/files`` and ``image_root``: both or neither (see the schema); no path may leave the folder."""
+        if "files" not in f["images"] or self.image_root is None:
+            has = "image_root but no images/files" if self.image_root is not None else "images/files but no image_root"
+            raise inconsistent(self.path, f"it has {has} (the two come together)")
+        files = f["images/files"]
+        if self.complete and len(files) != n:
+            raise inconsistent(self.path, f"images/files has {len(files)} entries for {n} images")
+        self.image_files = np.asarray(utf8_strings(files, self.path, n), dtype=object)
+        outside = [name for name in self.image_files if escapes_folder(name)]
+        if outside:
+            remake = ("re-index the images with maxmatch extract-features --kind pixels" if self.feature_kind == PIXELS
+                      else f"re-extract the features with maxmatch extract-features --images DIR --kind "
+                           f"{self.feature_kind}")
+            raise MaxMatchError(
+                f"{self.path} names {len(outside)} image file(s) outside its image folder (an absolute path or "
+                f"a '..' part): {first_few([repr(name) for name in outside])}.",
+                hint=f"a feature file lists image paths relative to its image_root; {remake}")
 
     def _load_captions(self, f: h5py.File) -> None:
         self.caption_image = np.asarray(f["captions/image"][:], dtype=np.int64)
@@ -227,7 +240,7 @@ class FeatureStore:
         self.close()
 
     def __repr__(self) -> str:
-        if self.image_files is not None:
+        if self.feature_kind == PIXELS:
             return (f"FeatureStore({str(self.path)!r}, pixels, {self.n_images} image files under {self.image_root}, "
                     f"{self.n_captions} captions, splits={self.splits})")
         return (
@@ -283,7 +296,7 @@ class FeatureStore:
         Raises:
             MaxMatchError: naming the file and the first few such images by id.
         """
-        if self.image_files is not None or not self.n_images:
+        if self.feature_kind == PIXELS or not self.n_images:
             return
         if self._offsets is None and self.regions_per_image == 0:
             raise MaxMatchError(
@@ -301,7 +314,7 @@ class FeatureStore:
     @property
     def region_counts(self) -> np.ndarray:
         """(N,) int64: number of regions (or grid cells) of each image (0 in an image-file store)."""
-        if self.image_files is not None:
+        if self.feature_kind == PIXELS:
             return np.zeros(self.n_images, dtype=np.int64)
         if self._offsets is None:
             return np.full(self.n_images, self.regions_per_image, dtype=np.int64)
@@ -310,7 +323,7 @@ class FeatureStore:
     @property
     def max_regions(self) -> int:
         """The largest number of regions of any image (R for the fixed layout; 0 in an image-file store)."""
-        if self.image_files is not None:
+        if self.feature_kind == PIXELS:
             return 0
         if self._offsets is None:
             return int(self.regions_per_image)
@@ -319,7 +332,7 @@ class FeatureStore:
     def n_regions(self, i: int) -> int:
         """Number of regions of image ``i``."""
         self._check_index(i)
-        if self.image_files is not None:
+        if self.feature_kind == PIXELS:
             return 0
         if self._offsets is None:
             return int(self.regions_per_image)
@@ -338,7 +351,7 @@ class FeatureStore:
         """
         i = int(i)
         self._check_index(i)
-        if self.image_files is not None:
+        if self.feature_kind == PIXELS:
             raise MaxMatchError(
                 f"{self.path} indexes image files (feature_kind 'pixels'); it holds no features.",
                 hint="train on it with model.image_encoder=cnn, or extract features with --kind grid|region",
@@ -383,10 +396,16 @@ class FeatureStore:
         return out, counts
 
     def image_path(self, i: int, root: str | os.PathLike | None = None) -> Path:
-        """The file of image ``i`` in an image-file store: ``root`` (default: ``image_root``) / its relative path."""
+        """The file of image ``i``: ``root`` (default: ``image_root``) / its relative path.
+
+        For image-file stores and for features extracted from image files (``image_files`` is not ``None``).
+
+        Raises:
+            ValueError: the store does not record image files (synthetic, precomputed, BUTD TSV, or older).
+        """
         self._check_index(i)
         if self.image_files is None:
-            raise ValueError(f"{self.path} holds features, not image files")
+            raise ValueError(f"{self.path} does not record image files (its images are known by id only)")
         return Path(root or self.image_root or "") / self.image_files[int(i)]
 
     def image_boxes(self, i: int) -> np.ndarray | None:

@@ -47,6 +47,17 @@ Image-file stores (``feature_kind = "pixels"``)
     ``maxmatch extract-features --images DIR --captions JSON --kind pixels``. This is an addition to schema v1:
     stores of the other kinds are unchanged, and a reader that predates it refuses the file by its kind.
 
+Image files of extracted features (grid and region stores)
+    A grid or region store extracted from image files (``maxmatch extract-features --images DIR --kind
+    grid|region``) also records where they are, as an image-file store does: the root attribute ``image_root``
+    (str, the image folder as an absolute path at extraction time) and ``images/files`` (N,) UTF-8 paths
+    relative to it, beside ``features``. Both are present or both absent; stores from other sources (synthetic,
+    SCAN precomp, BUTD TSV) and those written before this addition have neither, and load as before (their
+    images are known by id only). Readers refuse a path that leaves the folder (absolute, or with a ``..``
+    part) as for image-file stores. Consumers use the files to show images (thumbnails in ``analyze-collapse``,
+    paths in ``query``); a folder moved since is given again by the consumer (e.g. ``--images DIR``). This is an
+    addition to schema v1: a reader that predates it ignores both.
+
 The checks below raise :class:`~maxmatch_cli.errors.MaxMatchError` with the file's path and the fix; the reader
 (:mod:`maxmatch_cli.features.store.reader`) calls them in the order a file is opened.
 """
@@ -250,7 +261,7 @@ def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
         schema_version=version, complete=complete, n_written=_int_attr(attrs, "n_written", path, 0), feature_kind=kind,
         source=source, feature_dim=feature_dim, layout=layout, created_with=created_with,
         args_fingerprint=fingerprint, metadata=metadata,
-        image_root=_str_attr(attrs, "image_root", path) if kind == PIXELS else None,
+        image_root=_str_attr(attrs, "image_root", path) if kind == PIXELS or "image_root" in attrs else None,
     )
 
 

@@ -78,7 +78,9 @@ class StoreWriter:
         flush_every: flush and record progress at least every this many images.
         chunk_rows: rows per HDF5 chunk in the flat layout (default 48; the typical region count per image
             makes most images one chunk read).
-        image_root: the image folder of an image-file store (stored as the ``image_root`` attribute).
+        image_root: the image folder (stored as the ``image_root`` attribute): of an image-file store, or of the
+            image files features are extracted from (then :meth:`write_images` needs ``files``, each image's
+            path relative to it, stored as ``images/files``).
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class StoreWriter:
         ids: Sequence[int] | Sequence[str] | np.ndarray | None = None,
         boxes: np.ndarray | Sequence[np.ndarray] | None = None,
         sizes: np.ndarray | Sequence[Sequence[int]] | None = None,
+        files: Sequence[str] | None = None,
     ) -> None:
         """Append a batch of images.
 
@@ -226,9 +229,12 @@ class StoreWriter:
             ids: ``B`` image ids (default: the running image index).
             boxes: like ``features`` with 4 columns (required if ``with_boxes``).
             sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
+            files: ``B`` image paths relative to ``image_root`` (required if the writer has one, else refused).
         """
         if self.layout == "files":
             raise ValueError("an image-file store holds no features: use write_files()")
+        if (files is None) != (self.image_root is None):
+            raise ValueError("pass files= exactly when the store has an image_root")
         fixed = self.layout == "fixed"
         items = feature_items(features)
         B = len(items)
@@ -242,10 +248,13 @@ class StoreWriter:
             raise ValueError("this store keeps boxes: pass boxes=")
         if self.with_sizes and sizes is None:
             raise ValueError("this store keeps image sizes: pass sizes=")
+        if files is not None and len(files) != B:
+            raise ValueError(f"{len(files)} files for {B} images")
         block = encode_block(features, items, ids_arr, start, fixed=fixed, feature_dim=self.feature_dim)
         end = start + B
         boxes_bytes = 16 * (B * int(self.regions_per_image) if fixed else len(block)) if self.with_boxes else 0
-        self._require_room(block.nbytes + boxes_bytes + B * self._per_image_extra())
+        files_bytes = sum(len(str(x).encode()) + 16 for x in files) if files is not None else 0
+        self._require_room(block.nbytes + boxes_bytes + files_bytes + B * self._per_image_extra())
         try:
             images = self._file["images"]
             self._ensure_capacity(end)
@@ -261,6 +270,8 @@ class StoreWriter:
             images["ids"][start:end] = ids_arr
             if self.with_sizes:
                 images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
+            if files is not None:
+                images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
         except OSError as exc:
             raise self._write_error(exc) from None
         self._hasher.add(block, self._file["images/features"].dtype)  # the content hash, as written
@@ -269,13 +280,14 @@ class StoreWriter:
         self._advance(end, B)
 
     def write_image(self, features: np.ndarray, *, id: int | str | None = None, boxes: np.ndarray | None = None,
-                    size: Sequence[int] | None = None) -> None:
+                    size: Sequence[int] | None = None, file: str | None = None) -> None:
         """Append one image (see :meth:`write_images`)."""
         self.write_images(
             [features],
             ids=None if id is None else [id],
             boxes=None if boxes is None else [boxes],
             sizes=None if size is None else [size],
+            files=None if file is None else [file],
         )
 
     def write_files(

@@ -2,9 +2,9 @@
 person: the image files of an images index and the image of each caption of a captions index.
 
 ==============  ===========================================================================================
-paths.json      images index, when the feature file lists its image files (an image-file store,
-                ``extract-features --kind pixels``): each image's file, ``image_root / relative path`` as the
-                feature file named it at build time
+paths.json      images index, when the feature file lists its image files (``extract-features images``:
+                ``--kind pixels``, and ``--kind grid|region`` since they record them): each image's file,
+                ``image_root / relative path`` as the feature file named it at build time
 owners.json     captions index: the id of each caption's image in the feature file, which marks an image's own
                 captions in a query by ``--image-id``
 ==============  ===========================================================================================
@@ -46,7 +46,7 @@ def item_metadata(store: Any, kind: str, rows: np.ndarray) -> dict[str, list[Any
         owners = np.asarray(store.image_ids)[np.asarray(store.caption_image)[rows]]
         return {OWNERS_FILE: [json_value(v) for v in owners]}
     files = getattr(store, "image_files", None)
-    if files is None:  # features without a file list (synthetic, precomputed, extracted): ids only
+    if files is None:  # no file list (synthetic, precomputed, BUTD TSV, extracted before files were kept): ids only
         return {}
     root = Path(store.image_root or "")
     return {PATHS_FILE: [str(root / str(files[int(r)])) for r in rows]}

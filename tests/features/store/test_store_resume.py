@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -131,3 +132,46 @@ def test_resume_after_hard_kill(tmp_path, fixed_data, resumable_run):
     whole = tmp_path / "whole.h5"
     resumable_run(whole, feats, None)
     assert open_store(path).fingerprint() == open_store(whole).fingerprint()
+
+
+def _files_run(path: Path, feats, stop: int | None = None, image_root: str | None = "/data/images"):
+    """A flat store of features extracted from image files (``image_root`` + ``images/files``), one image per
+    write, flushed every 2; interrupted before image ``stop``."""
+    with StoreWriter(path, feature_kind="region", source="t", feature_dim=D, id_kind="str", flush_every=2,
+                     resume=True, args_fingerprint="x", image_root=image_root) as w:
+        for i in range(w.n_written, len(feats)):
+            if i == stop:
+                raise KeyboardInterrupt
+            w.write_image(feats[i], id=f"im{i}", file=None if image_root is None else f"sub/im{i}.jpg")
+        w.set_captions([], [])
+
+
+def test_image_files_of_extracted_features_survive_a_resume(tmp_path, flat_data):
+    from maxmatch_cli.features.store.fingerprint import content_hash, dataset_digests
+
+    feats, _ = flat_data(7)
+    whole, resumed = tmp_path / "whole.h5", tmp_path / "resumed.h5"
+    _files_run(whole, feats)
+    with pytest.raises(KeyboardInterrupt):
+        _files_run(resumed, feats, stop=5)  # 4 images flushed, the 5th cut away on resume
+    _files_run(resumed, feats)
+    a, b = open_store(whole), open_store(resumed)
+    assert a.image_root == b.image_root == "/data/images"
+    assert a.image_files.tolist() == b.image_files.tolist() == [f"sub/im{i}.jpg" for i in range(7)]
+    assert a.image_path(6) == Path("/data/images/sub/im6.jpg")
+    with h5py.File(resumed, "r") as f:  # the writer's recorded hash covers the file list, as read back
+        assert str(f.attrs["content_sha256"]) == content_hash(dataset_digests(f))
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_resume_refuses_a_partial_without_image_files(tmp_path, flat_data):
+    feats, _ = flat_data(5)
+    path = tmp_path / "r.h5"
+    with pytest.raises(KeyboardInterrupt):
+        _files_run(path, feats, stop=3, image_root=None)  # as an older maxmatch started it: no files
+    with pytest.raises(MaxMatchError, match="image_root: None there, '/data/images' now"):
+        _files_run(path, feats)
+    with pytest.raises(ValueError, match="files= exactly when"):
+        with StoreWriter(tmp_path / "x.h5", feature_kind="grid", source="t", feature_dim=D, regions_per_image=2,
+                         image_root="/data") as w:
+            w.write_images(np.zeros((1, 2, D)))
