@@ -38,17 +38,19 @@ def analyze_collapse_cmd(
         "computed.")] = "4",
     compare: Annotated[Optional[Path], typer.Option(
         "--compare", metavar="CKPT", help="A second checkpoint (e.g. smooth-Chamfer beside MaxMatch) whose "
-        "per-element retrieval is shown beside, on the same images and captions.")] = None,
+        "per-element retrieval is shown beside, on the same images and captions; its set size K may differ.")] = None,
     images: Annotated[Optional[Path], typer.Option(
         "--images", metavar="DIR", help="Image folder for the thumbnails of a feature file made by extract-features "
-        "images: its ids are paths under DIR, or COCO ids of the Karpathy json it was made from (an image-file "
-        "store knows its folder; without files, ids and first captions are shown).")] = None,
+        "images. One that records its image files (--kind pixels, and grid|region extracted by this version) knows "
+        "its folder: DIR is needed only where it moved. For others, ids are paths under DIR or COCO ids of the "
+        "Karpathy json the file was made from (without files, ids and first captions are shown).")] = None,
 ) -> None:
     """Set-collapse analyses: circular variance, per-slot ablation (Table 4), pair heatmaps (Figure 4) and
     per-element retrieval with its diversity (§4.5); writes collapse.json, CSV files and the heatmaps as PNG/PDF.
     With --tsne N also the t-SNE of Figure 3: colour = element, dots = image, crosses = text.
     Figures 5-7: for a few queries, what each element of the query's set retrieves alone (elements_i2t.png,
-    elements_t2i.png and the offline page elements.html); --compare CKPT shows a second model beside.
+    elements_t2i.png and the offline page elements.html); --compare CKPT shows a second model beside, with its
+    own set size K (e.g. K = 8 or a one-vector VSE++ beside K = 4: each model's K elements, distinct out of its K).
 
     Example:
       [bold]maxmatch analyze-collapse demo/run/best.safetensors --split test \\
@@ -69,8 +71,9 @@ def analyze_collapse_cmd(
     for table in collapse_tables(report):
         console.print(table)
     for record in report.elements:
-        d = record["distinct"]
-        line(f"distinct top-1 items per query (1 = collapsed, {record['K']} = all different), {record['checkpoint']}: "
+        d, k = record["distinct"], record["K"]
+        scale = f"1 = collapsed, {k} = all different" if k > 1 else "one vector per item: always 1"
+        line(f"distinct top-1 items per query of K = {k} ({scale}), {record['checkpoint']}: "
              f"image->caption {fmt_mean(d['i2t']['shown'])} shown, {fmt_mean(d['i2t']['split'])} over the split; "
              f"caption->image {fmt_mean(d['t2i']['shown'])} shown, {fmt_mean(d['t2i']['split'])} over the split")
     for text in report.notes:

@@ -129,11 +129,12 @@ def pick_examples(spec: int | str, image_ids: Sequence[Any]) -> list[int]:
 def image_files(store, indices: Sequence[int], root: str | os.PathLike | None = None) -> list[str | None]:
     """The image file of each stored image, where the feature file knows it and it exists; else None.
 
-    An image-file store (``extract-features images --kind pixels``) lists its files under ``image_root`` (or
-    ``root``). Other stores keep only ids; with ``root`` given, an id names ``root / id`` when it is a relative
-    path (what ``extract-features images`` stores for a folder or a plain captions file), or ``root / filepath /
-    filename`` of its entry in the Karpathy json the store was extracted from (its metadata's ``captions``, when
-    that file is still there).
+    A store that lists its image files (``extract-features images``: ``--kind pixels``, and ``--kind grid|region``
+    since they record them) finds them under its ``image_root``, or under ``root`` when given (a folder moved
+    since). Other stores keep only ids (synthetic, precomputed, BUTD TSV, or extracted before files were
+    recorded); with ``root`` given, an id names ``root / id`` when it is a relative path (what ``extract-features
+    images`` stores for a folder or a plain captions file), or ``root / filepath / filename`` of its entry in the
+    Karpathy json the store was extracted from (its metadata's ``captions``, when that file is still there).
     """
     files = getattr(store, "image_files", None)
     relpaths = _karpathy_paths(store) if files is None and root is not None else {}

@@ -129,9 +129,10 @@ def _tsne_figure(report: CollapseReport, points: TsnePoints, stem: Path) -> list
 
 def element_csv(records: list[dict]) -> str:
     """Per-element retrieval as CSV, one row per (model, query, element): ``model,direction,query_image_id,
-    query_caption,k,item,item_image_id,score,correct,same_as``; item is a caption position (i2t) or an image
-    position (t2i) in the split, query_caption the caption position of a t2i query."""
-    lines = ["model,direction,query_image_id,query_caption,k,item,item_image_id,score,correct,same_as"]
+    query_caption,k,item,item_image_id,score,correct,same_as,model_K``; item is a caption position (i2t) or an
+    image position (t2i) in the split, query_caption the caption position of a t2i query, model_K the model's set
+    size (k runs 1..model_K; compared models may differ)."""
+    lines = ["model,direction,query_image_id,query_caption,k,item,item_image_id,score,correct,same_as,model_K"]
     for r in records:
         model = _csv_field(r["checkpoint"])
         for ex in r["examples"]:
@@ -141,7 +142,7 @@ def element_csv(records: list[dict]) -> str:
                 lines.append(",".join([model, ex["direction"], _csv_field(str(q["image_id"])),
                                        str(q.get("caption", "")), str(e["k"]), str(e["item"]),
                                        _csv_field(str(item_image)), f"{e['score']:.6f}", str(e["correct"]).lower(),
-                                       str(e["same_as"] or "")]))
+                                       str(e["same_as"] or ""), str(r["K"])]))
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +166,6 @@ def _element_files(report: CollapseReport, out_dir: Path) -> list[str]:
             names += plots.save_figure(element_figure(report.elements, direction, title),
                                        out_dir / f"elements_{direction}")
     page = element_page(report.elements, "What each set element retrieves",
-                        f"{where} · K = {report.K} · "
-                        + " vs ".join(r["checkpoint"] for r in report.elements))
+                        f"{where} · " + " vs ".join(f"{r['checkpoint']} (K = {r['K']})" for r in report.elements))
     names.append(write_text(out_dir / "elements.html", page).name)
     return names

@@ -1,6 +1,7 @@
 """The per-element retrieval figure (paper Figures 5–7) of ``maxmatch analyze-collapse``, one per direction.
 
-Each shown query takes K rows: the query on the left (thumbnail or caption), the query element's index k next
+Each shown query takes K rows (the largest K of the models shown; a model of smaller K leaves its rows below
+its own K empty): the query on the left (thumbnail or caption), the query element's index k next
 to it, then for each model the item element k retrieved: a thumbnail where the feature file knows the image
 file (else a box with the image id), or the caption's text; with its score s_k, a tick when it belongs to the
 query's own pair and ``= k'`` when an earlier element already retrieved it (collapse). Drawn from the plain
@@ -123,11 +124,19 @@ def _query_cell(ax, query: dict[str, Any], direction: str) -> None:
     ax.text(0.05, 0.04, label, ha="left", va="bottom", fontsize=7, weight="bold", transform=ax.transAxes)
 
 
+def _column_title(record: dict[str, Any], direction: str) -> str:
+    """A model's column head: its label, then its distinct top-1 means out of its own K."""
+    d = record["distinct"][direction]
+    return (f"{model_label(record)}\ndistinct top-1 per query: {fmt_mean(d['shown'])} shown, "
+            f"{fmt_mean(d['split'])} over the split, of K = {record['K']}")
+
+
 def element_figure(records: Sequence[dict[str, Any]], direction: str, title: str = ""):
     """Figure 5 (t2i: each caption element's top image) or Figure 6 (i2t: each image element's top caption).
 
     Args:
-        records: one model's per-element retrieval record per column (the analysed checkpoint first).
+        records: one model's per-element retrieval record per column (the analysed checkpoint first). Models
+            may differ in K: each column shows its own K elements, rows beyond a model's K stay empty.
         direction: ``"i2t"`` or ``"t2i"``.
         title: the figure's title.
 
@@ -159,9 +168,7 @@ def element_figure(records: Sequence[dict[str, Any]], direction: str, title: str
                     _image_cell(ax, element["image_id"], element.get("image_file"),
                                 _described(element), _colour(element))
                 if e == 0 and row == 0:
-                    d = records[m]["distinct"][direction]
-                    ax.set_title(f"{model_label(records[m])}\ndistinct top-1 per query: {d['shown']:.2f} shown, "
-                                 f"{d['split']:.2f} over the split", fontsize=7.5)
+                    ax.set_title(_column_title(records[m], direction), fontsize=7.5)
     what = "each image element's top caption" if direction == "i2t" else "each caption element's top image"
     fig.suptitle(title or f"What each set element retrieves: {what}", fontsize=9)
     return fig

@@ -112,14 +112,29 @@ def _example(columns: Sequence[dict[str, Any]], labels: Sequence[str], thumbs: _
 
 
 def _summary(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """Per model: its set size K and its mean distinct top-1 items (of K), both directions, shown and split."""
     rows = []
     for label, r in zip(labels, records):
         d = r["distinct"]
         values = (d[direction][where] for direction in ("i2t", "t2i") for where in ("shown", "split"))
-        rows.append(f'<tr><td>{escape(label)}</td>' + "".join(f"<td>{fmt_mean(v)}</td>" for v in values) + "</tr>")
-    return ('<table class="summary"><thead><tr><th rowspan="2">model</th><th colspan="2">image → caption</th>'
-            '<th colspan="2">caption → image</th></tr><tr><th>shown</th><th>split</th><th>shown</th><th>split</th>'
-            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        rows.append(f'<tr><td>{escape(label)}</td><td class="K">{r["K"]}</td>'
+                    + "".join(f"<td>{fmt_mean(v)}</td>" for v in values) + "</tr>")
+    return ('<table class="summary"><thead><tr><th rowspan="2">model</th><th rowspan="2">K</th>'
+            '<th colspan="2">image → caption</th><th colspan="2">caption → image</th></tr><tr><th>shown</th>'
+            f'<th>split</th><th>shown</th><th>split</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _intro(records: Sequence[dict[str, Any]]) -> str:
+    """What a row and the summary's numbers mean; K named once when every model has the same."""
+    sizes = sorted({r["K"] for r in records})
+    k = str(sizes[0]) if len(sizes) == 1 else "K"
+    mixed = ("" if len(sizes) == 1 else " Each model shows its own K elements (K is its set size, column K: "
+             + " vs ".join(str(r["K"]) for r in records) + "); rows beyond a model's K are left empty.")
+    one = (" A model with K = 1 (one vector per item) retrieves one item per query: its 1 is not collapse."
+           if 1 in sizes else "")
+    return (f'<p>Each row k: the item that query element k alone retrieves ({escape(records[0]["reading"])}). '
+            f'Mean number of distinct items among a query\'s {k} top-1 items (1 = collapsed, {k} = every element '
+            f'retrieves another item).{mixed}{one}</p>')
 
 
 def element_page(records: Sequence[dict[str, Any]], title: str, subtitle: str = "", thumb_size: int = 96) -> str:
@@ -136,11 +151,8 @@ def element_page(records: Sequence[dict[str, Any]], title: str, subtitle: str = 
     """
     labels = [model_label(r) for r in records]
     thumbs = _Thumbs(thumb_size)
-    k = records[0]["K"]
     parts = [f"<h1>{escape(title)}</h1>", f'<p class="meta">{escape(subtitle)}</p>' if subtitle else "",
-             f'<p>Each row k: the item that query element k alone retrieves ({escape(records[0]["reading"])}). '
-             f'Mean number of distinct items among a query\'s {k} top-1 items (1 = collapsed, {k} = every element '
-             'retrieves another item):</p>', _summary(records, labels),
+             _intro(records), _summary(records, labels),
              '<p class="meta legend">s = the element\'s score for the item; <span class="tick">✓</span> and a green bar: the '
              'item belongs to the query\'s own pair; <span class="same">same as k=j</span> and a red bar: element j '
              'already retrieved this item (collapse).</p>']

@@ -77,10 +77,11 @@ def test_thumbnails_are_the_image_files(records):
 def test_summary_holds_both_models_distinct_counts(records):
     page = element_page(records, "t")
     summary = page[page.index('<table class="summary">'): page.index("</table>")]
-    rows = re.findall(r"<tr><td>([^<]+)</td>((?:<td>[^<]+</td>){4})</tr>", summary)
-    values = {name: [float(v) for v in re.findall(r"<td>([^<]+)</td>", cells)] for name, cells in rows}
+    rows = re.findall(r'<tr><td>([^<]+)</td><td class="K">(\d+)</td>((?:<td>[^<]+</td>){4})</tr>', summary)
+    values = {name: [float(v) for v in re.findall(r"<td>([^<]+)</td>", cells)] for name, _, cells in rows}
     assert values["m/maxmatch.safetensors (maxmatch)"][:2] == [4.0, 4.0]
     assert values["c/chamfer.safetensors (chamfer)"][:2] == [1.0, 1.0]
+    assert [k for _, k, _ in rows] == ["4", "4"]
 
 
 def test_csv_has_a_row_per_model_query_and_element(records):
@@ -89,6 +90,7 @@ def test_csv_has_a_row_per_model_query_and_element(records):
     assert len(lines) == 1 + 2 * 4 * 4  # 2 models x (2 queries x 2 directions) x K = 4
     first = lines[1].split(",")
     assert first[:2] == ["m/maxmatch.safetensors", "i2t"] and first[4:6] == ["1", "0"] and first[8] == "true"
+    assert lines[0].endswith(",model_K") and {line.split(",")[-1] for line in lines[1:]} == {"4"}
 
 
 @pytest.mark.skipif(plots.pyplot() is None, reason="matplotlib is not installed")
@@ -103,6 +105,7 @@ def test_figure_has_a_row_per_element_and_a_column_per_model(records, direction,
     assert [t.split("\n")[0] for t in titles] == ["m/maxmatch.safetensors (maxmatch)",
                                                   "c/chamfer.safetensors (chamfer)"]
     assert [t.split("per query: ")[1].split(" ")[0] for t in titles] == shown
+    assert all(t.endswith("over the split, of K = 4") for t in titles)
     images = [im for ax in fig.axes for sub in (ax, *ax.child_axes) for im in sub.get_images()]
     # Files known: i2t, query image 0; t2i, image 0, the top item (first among ties) of all 4 caption elements of
     # both queries under both models.
@@ -119,6 +122,10 @@ def test_models_of_different_set_sizes_leave_blank_cells(records):
         example["elements"] = example["elements"][:2]
     page = element_page([records[0], small], "t")
     assert page.count('<td class="k">') == 4 * 4 and page.count('<td data-model="1"></td>') == 4 * 2
+    assert page.count("1 distinct of 2") == 4  # the collapsed model, cut to K = 2: one item per query
+    assert re.findall(r'<td class="K">(\d+)</td>', page) == ["4", "2"] and "column K: 4 vs 2" in page
+    csv_k = [line.split(",")[-1] for line in element_csv([records[0], small]).splitlines()[1:]]
+    assert csv_k == ["4"] * (4 * 4) + ["2"] * (4 * 2)
     if plots.pyplot() is not None:
         fig = element_figure([records[0], small], "i2t")
         main = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
