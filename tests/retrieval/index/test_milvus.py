@@ -1,6 +1,8 @@
 """The milvus engine on milvus-lite: the collection's rows, candidates re-ranked exactly (at full depth the exact
 engine's results), resuming a build killed with SIGKILL, and one clear error per bad URI, silent server, foreign
-or half-built collection. Nothing here talks to a Milvus server (none is available to the tests)."""
+or half-built collection. Nothing here talks to a server: test_milvus_server.py runs the engine against milvus-lite's
+gRPC server process (``--uri http://127.0.0.1:PORT``); a real Milvus standalone or cluster is run nowhere (none is
+obtainable here)."""
 
 import json
 import os

@@ -140,8 +140,8 @@ def build_collection(sets: np.ndarray, ids: list[Any], texts: list[str] | None, 
         client.alter_collection_properties(collection, properties={PROP + "complete": "1"})
     except pymilvus.exceptions.MilvusException as exc:
         raise MaxMatchError(f"Milvus at {uri} failed while building collection '{collection}' ({exc.message})",
-                            hint="fix the cause and run the same command again: it resumes after the sets "
-                                 "already flushed into the collection") from None
+                            hint="fix the cause (is the server up?) and run the same command again: it resumes "
+                                 "after the sets already flushed into the collection") from None
     state_file.unlink(missing_ok=True)
     import pymilvus as _pm
 

@@ -86,6 +86,10 @@ def connect(uri: str, token: str | None = None, db: str | None = None, timeout: 
     except pymilvus.exceptions.ConnectionConfigException as exc:
         raise MaxMatchError(f"cannot open {where}: {exc.message}", hint=URI_HINT) from None
     except pymilvus.exceptions.MilvusException as exc:
+        if db and re.search(r"database\b.*\bnot (found|exist)", str(exc.message), re.IGNORECASE):
+            raise MaxMatchError(f"{where} has no database '{db}' ({exc.message})",
+                                hint=f"create it (pymilvus: MilvusClient(uri='{uri}').create_database('{db}')), or "
+                                     "leave out --db for the database 'default'") from None
         raise MaxMatchError(f"{where} does not answer ({exc.message})",
                             hint="start it (README, 'Galleries in Milvus'), check the host and port, and --token / --db "
                                  f"(or ${TOKEN_ENV})") from None
