@@ -40,9 +40,12 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # imported where it runs: the module loads without torch for the package's fast paths
+    import torch
 
 from maxmatch_cli.errors import MaxMatchError, first_few
 

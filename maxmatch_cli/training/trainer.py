@@ -338,7 +338,7 @@ class Trainer:
             set_rng_state(self._resume_rng, self.device)
             self.step_rng, self._resume_rng = self._resume_rng, None
         for batch in batches:
-            parts = self._train_step(batch, hardest)
+            self._train_step(batch, hardest)
             last_step = s.global_step >= self.total_steps or s.step_in_epoch >= self.steps_per_epoch
             with sigint_deferred():  # reading the losses back and appending them to steps.jsonl
                 self.log.step(s.global_step, epoch, last_step)

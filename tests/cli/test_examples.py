@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer._click import Context, exceptions  # typer bundles its own click: its classes, not click's
+from typer._click import Command, Context, exceptions  # typer bundles its own click: its classes, not click's
 
 from maxmatch_cli.cli.app import app
 
@@ -18,7 +18,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 ROOT = typer.main.get_command(app)
 
 
-def _commands(group: click.Command, path: tuple[str, ...] = ()):
+def _commands(group: Command, path: tuple[str, ...] = ()):
     yield path, group
     if hasattr(group, "commands"):
         for name, sub in group.commands.items():

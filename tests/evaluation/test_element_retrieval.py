@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from maxmatch_cli.errors import MaxMatchError

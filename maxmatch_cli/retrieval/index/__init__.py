@@ -36,7 +36,7 @@ constants a test monkeypatches must be patched in the module that reads them (e.
 from maxmatch_cli.retrieval.index.build import PROGRESS_FILE, build_index
 from maxmatch_cli.retrieval.index.engines import ENGINES, SEARCH_ENGINES, search_sets
 from maxmatch_cli.retrieval.index.faiss_engine import (CANDIDATES_PER_ITEMS, DEFAULT_CANDIDATES, DEFAULT_NPROBE,
-                                                       ELEMENTS_FILE, FAISS_GPU_MAX_K, _rerank, build_element_index,
+                                                       ELEMENTS_FILE, FAISS_GPU_MAX_K, build_element_index,
                                                        default_candidates, default_nlist, faiss_candidates,
                                                        read_element_index, search_depth)
 from maxmatch_cli.retrieval.index.folder import Index
