@@ -47,25 +47,9 @@ def extract_features(
     Returns:
         The output path (already complete when an identical earlier run finished: nothing is redone).
     """
-    sources = {"--synthetic": synthetic, "--from-precomp": from_precomp, "--from-butd-tsv": from_butd_tsv,
-               "--images": images}
-    given = [name for name, value in sources.items() if value]
-    if len(given) != 1:
-        raise MaxMatchError(
-            "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
-            hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
-                 "JSON | --images DIR [--captions FILE] [--kind grid|region|pixels]",
-        )
-    if from_butd_tsv and not captions:
-        raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "
-                            "dataset_flickr30k.json).", hint="pass --captions PATH")
-    image_split = None
-    if images and splits:
-        if len(splits) > 1:
-            raise MaxMatchError(f"--images stores one split, but --split was given {len(splits)} times.",
-                                hint="pass --split NAME once (default: gallery without --captions, train with a "
-                                     "plain captions file)")
-        image_split = splits[0]
+    _check_one_source(synthetic=synthetic, from_precomp=from_precomp, from_butd_tsv=from_butd_tsv, images=images,
+                      captions=captions)
+    image_split = _one_image_split(splits) if images and splits else None
     if synthetic:
         from maxmatch_cli.features.synthetic import generate_synthetic
 
@@ -83,16 +67,9 @@ def extract_features(
     if kind not in ("grid", "region", "pixels"):
         raise MaxMatchError(f"unknown --kind '{kind}'.", hint="use --kind grid, region or pixels")
     if kind == "pixels":
-        from maxmatch_cli.features.pixels import index_images
-
-        unused = [flag for flag, value in (("--backbone", backbone), ("--weights", weights),
-                                           ("--image-size", image_size)) if value]
-        if unused:
-            raise MaxMatchError(f"--kind pixels extracts no features, so {', '.join(unused)} does not apply.",
-                                hint="the CNN, its weights and the input size come from the training recipe "
-                                     "(model.cnn_backbone, model.cnn_weights, data.image_size)")
-        return index_images(images, captions, out, skip_unreadable=skip_unreadable,  # type: ignore[arg-type]
-                            overwrite=overwrite, progress=progress, split=image_split)
+        return _index_pixels(images, captions, out, backbone=backbone, weights=weights,  # type: ignore[arg-type]
+                             image_size=image_size, skip_unreadable=skip_unreadable, overwrite=overwrite,
+                             progress=progress, split=image_split)
     from maxmatch_cli.features.images import ExtractConfig, extract_from_images
 
     config = ExtractConfig(
@@ -105,3 +82,44 @@ def extract_features(
     return extract_from_images(images, captions, out, config=config, weights=weights, device=device,  # type: ignore[arg-type]
                                split=image_split, batch_size=batch_size, num_workers=num_workers, overwrite=overwrite,
                                progress=progress)
+
+
+def _check_one_source(*, synthetic, from_precomp, from_butd_tsv, images, captions) -> None:
+    """Exactly one source must be given; BUTD TSV files need a caption file."""
+    sources = {"--synthetic": synthetic, "--from-precomp": from_precomp, "--from-butd-tsv": from_butd_tsv,
+               "--images": images}
+    given = [name for name, value in sources.items() if value]
+    if len(given) != 1:
+        raise MaxMatchError(
+            "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
+            hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
+                 "JSON | --images DIR [--captions FILE] [--kind grid|region|pixels]",
+        )
+    if from_butd_tsv and not captions:
+        raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "
+                            "dataset_flickr30k.json).", hint="pass --captions PATH")
+
+
+def _one_image_split(splits: list[str]) -> str:
+    """The split an image folder is stored as: ``--images`` takes one ``--split``."""
+    if len(splits) > 1:
+        raise MaxMatchError(f"--images stores one split, but --split was given {len(splits)} times.",
+                            hint="pass --split NAME once (default: gallery without --captions, train with a "
+                                 "plain captions file)")
+    return splits[0]
+
+
+def _index_pixels(images: str | os.PathLike, captions, out, *, backbone: str | None, weights: str | None,
+                  image_size: int | None, skip_unreadable: bool, overwrite: bool, progress: bool,
+                  split: str | None) -> Path:
+    """``--kind pixels``: index the image files for end-to-end training; extractor options do not apply."""
+    from maxmatch_cli.features.pixels import index_images
+
+    unused = [flag for flag, value in (("--backbone", backbone), ("--weights", weights),
+                                       ("--image-size", image_size)) if value]
+    if unused:
+        raise MaxMatchError(f"--kind pixels extracts no features, so {', '.join(unused)} does not apply.",
+                            hint="the CNN, its weights and the input size come from the training recipe "
+                                 "(model.cnn_backbone, model.cnn_weights, data.image_size)")
+    return index_images(images, captions, out, skip_unreadable=skip_unreadable, overwrite=overwrite,
+                        progress=progress, split=split)

@@ -83,6 +83,38 @@ def merge_shards(
     if not paths:
         raise MaxMatchError("nothing to merge: no store given.", hint="pass the shard files")
     stores = [open_store(p) for p in paths]
+    _check_compatible(stores)
+    fp = args_fingerprint or _merge_fingerprint(paths, captions, captions_per_image)
+    out = Path(out)
+    if not overwrite and store_state(out, fp) == "complete":
+        return out
+    where = _locate_images(stores)
+    entries, order = _merge_order(stores, where, captions, captions_per_image)
+    ref = stores[0]
+    # The image files stay known when every store names them under one folder (the shards of one extraction).
+    roots = {s.image_root if s.image_files is not None else None for s in stores}
+    image_root = roots.pop() if len(roots) == 1 else None
+    with StoreWriter(
+        out, feature_kind=ref.feature_kind, source=ref.source, feature_dim=ref.feature_dim,
+        regions_per_image=ref.regions_per_image, n_images=len(order),
+        id_kind="str" if ref.image_ids.dtype == object else "int", with_boxes=ref.has_boxes,
+        with_sizes=all(s.image_sizes is not None for s in stores), metadata=_merged_metadata(stores, paths),
+        args_fingerprint=fp, resume=True, overwrite=overwrite, image_root=image_root,
+    ) as writer:
+        _copy_images(writer, stores, order, batch_images, with_files=image_root is not None)
+        if entries is not None:
+            _captions_of_entries(writer, entries)
+        else:
+            _concatenate_captions(writer, stores)
+    for s in stores:
+        s.close()
+    if remove_shards:
+        _remove_shards(paths, out)
+    return out
+
+
+def _check_compatible(stores: list[FeatureStore]) -> None:
+    """Every store must hold the same kind of features as the first."""
     ref = stores[0]
     for s in stores[1:]:
         if (s.feature_kind, s.source, s.feature_dim, s.layout, s.regions_per_image, s.has_boxes) != (
@@ -93,11 +125,10 @@ def merge_shards(
                 f"{ref.path} ({ref.feature_kind}, {ref.source}, {ref.layout}, D={ref.feature_dim}).",
                 hint="merge only shards of one extraction",
             )
-    fp = args_fingerprint or _merge_fingerprint(paths, captions, captions_per_image)
-    out = Path(out)
-    if not overwrite and store_state(out, fp) == "complete":
-        return out
 
+
+def _locate_images(stores: list[FeatureStore]) -> dict[int | str, tuple[int, int]]:
+    """Each image key's (store, row); a key in two stores is an error."""
     where: dict[int | str, tuple[int, int]] = {}
     for k, s in enumerate(stores):
         for i, key in enumerate(_keys(s)):
@@ -108,63 +139,73 @@ def merge_shards(
                     hint="the shards overlap: they come from different runs or world sizes; re-extract",
                 )
             where[key] = (k, i)
+    return where
 
-    if captions is not None:
-        from maxmatch_cli.features.karpathy import captions_and_splits, load_karpathy
 
-        entries = load_karpathy(captions, captions_per_image)
-        skipped = {str(x) for s in stores for x in s.metadata.get("skipped_images", [])}
-        lost = [e.key for e in entries if e.key not in where and str(e.key) not in skipped]
-        if lost:
-            raise MaxMatchError(
-                f"{len(lost)} image(s) of {captions} are in none of the {len(stores)} shards "
-                f"(e.g. {', '.join(map(str, lost[:5]))}).",
-                hint="a rank did not finish or the shards come from another run; re-run the extraction",
-            )
-        order = [where[e.key] for e in entries if e.key in where]
-    else:
-        entries = None
-        order = [(k, i) for k, s in enumerate(stores) for i in range(s.n_images)]
+def _merge_order(stores: list[FeatureStore], where: dict[int | str, tuple[int, int]], captions,
+                 captions_per_image: int) -> tuple[list | None, list[tuple[int, int]]]:
+    """The caption file's entries (``None`` without one) and the (store, row) of each merged image, in order.
 
-    # The image files stay known when every store names them under one folder (the shards of one extraction).
-    roots = {s.image_root if s.image_files is not None else None for s in stores}
-    image_root = roots.pop() if len(roots) == 1 else None
-    metadata = dict(ref.metadata)
+    Raises:
+        MaxMatchError: an image of the caption file that no store holds and none skipped as unreadable.
+    """
+    if captions is None:
+        return None, [(k, i) for k, s in enumerate(stores) for i in range(s.n_images)]
+    from maxmatch_cli.features.karpathy import load_karpathy
+
+    entries = load_karpathy(captions, captions_per_image)
+    skipped = {str(x) for s in stores for x in s.metadata.get("skipped_images", [])}
+    lost = [e.key for e in entries if e.key not in where and str(e.key) not in skipped]
+    if lost:
+        raise MaxMatchError(
+            f"{len(lost)} image(s) of {captions} are in none of the {len(stores)} shards "
+            f"(e.g. {', '.join(map(str, lost[:5]))}).",
+            hint="a rank did not finish or the shards come from another run; re-run the extraction",
+        )
+    return entries, [where[e.key] for e in entries if e.key in where]
+
+
+def _merged_metadata(stores: list[FeatureStore], paths: list[Path]) -> dict:
+    """The first store's metadata, naming the merged files and every image skipped in any of them."""
+    metadata = dict(stores[0].metadata)
     metadata["merged_from"] = [p.name for p in paths]
     metadata["skipped_images"] = sorted({str(x) for s in stores for x in s.metadata.get("skipped_images", [])})
-    with StoreWriter(
-        out, feature_kind=ref.feature_kind, source=ref.source, feature_dim=ref.feature_dim,
-        regions_per_image=ref.regions_per_image, n_images=len(order),
-        id_kind="str" if ref.image_ids.dtype == object else "int", with_boxes=ref.has_boxes,
-        with_sizes=all(s.image_sizes is not None for s in stores), metadata=metadata, args_fingerprint=fp,
-        resume=True, overwrite=overwrite, image_root=image_root,
-    ) as writer:
-        for lo in range(writer.n_written, len(order), batch_images):
-            part = order[lo : lo + batch_images]
-            writer.write_images(
-                [stores[k].image_features(i) for k, i in part],
-                ids=[_keys(stores[k])[i] for k, i in part],
-                boxes=[stores[k].image_boxes(i) for k, i in part] if ref.has_boxes else None,
-                sizes=[stores[k].image_sizes[i] for k, i in part] if writer.with_sizes else None,
-                files=[stores[k].image_files[i] for k, i in part] if image_root is not None else None,
-            )
-        if entries is not None:
-            index = {key: n for n, key in enumerate(writer.written_ids())}
-            texts, owners, splits = captions_and_splits(entries, index)
-            writer.set_captions(texts, owners)
-            for name, idx in splits.items():
-                writer.add_split(name, idx)
-        else:
-            _concatenate_captions(writer, stores)
-    for s in stores:
-        s.close()
-    if remove_shards:
-        for p in paths:
-            if p.parent == shard_folder(out):
-                p.unlink(missing_ok=True)
-        if shard_folder(out).is_dir() and not any(shard_folder(out).iterdir()):
-            shutil.rmtree(shard_folder(out))
-    return out
+    return metadata
+
+
+def _copy_images(writer: StoreWriter, stores: list[FeatureStore], order: list[tuple[int, int]], batch_images: int,
+                 *, with_files: bool) -> None:
+    """Append the images ``order`` lists, ``batch_images`` at a time, from where ``writer`` resumes."""
+    with_boxes = stores[0].has_boxes
+    for lo in range(writer.n_written, len(order), batch_images):
+        part = order[lo : lo + batch_images]
+        writer.write_images(
+            [stores[k].image_features(i) for k, i in part],
+            ids=[_keys(stores[k])[i] for k, i in part],
+            boxes=[stores[k].image_boxes(i) for k, i in part] if with_boxes else None,
+            sizes=[stores[k].image_sizes[i] for k, i in part] if writer.with_sizes else None,
+            files=[stores[k].image_files[i] for k, i in part] if with_files else None,
+        )
+
+
+def _captions_of_entries(writer: StoreWriter, entries: list) -> None:
+    """The caption file's captions and splits, in the merged image order."""
+    from maxmatch_cli.features.karpathy import captions_and_splits
+
+    index = {key: n for n, key in enumerate(writer.written_ids())}
+    texts, owners, splits = captions_and_splits(entries, index)
+    writer.set_captions(texts, owners)
+    for name, idx in splits.items():
+        writer.add_split(name, idx)
+
+
+def _remove_shards(paths: list[Path], out: Path) -> None:
+    """Delete the merged files that lie in ``out``'s shard folder, and the folder once it is empty."""
+    for p in paths:
+        if p.parent == shard_folder(out):
+            p.unlink(missing_ok=True)
+    if shard_folder(out).is_dir() and not any(shard_folder(out).iterdir()):
+        shutil.rmtree(shard_folder(out))
 
 
 def _keys(store: FeatureStore) -> list[int | str]:

@@ -218,6 +218,33 @@ def import_precomp(
         The output path. A finished import with the same arguments is not repeated; an interrupted one resumes.
     """
     folder = Path(folder)
+    wanted = _wanted_splits(folder, dataset, splits)
+    loaded = [_load_split(folder, name, captions_per_image) for name in wanted]
+    _check_one_feature_size(loaded)
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for s in loaded
+             for p in (s.features.path, folder / f"{s.name}_caps.txt")}
+    fp = args_fingerprint(kind="precomp", folder=str(folder.resolve()), dataset=dataset, splits=wanted,
+                          captions_per_image=captions_per_image, files=files)
+    out = Path(out)
+    if not overwrite and store_state(out, fp) == "complete":
+        return out
+    plan, plan_ids, split_images = _plan_images(loaded)
+    id_kind = "str" if any(isinstance(x, str) for x in plan_ids) else "int"
+    _, R, D = loaded[0].features.shape
+    with StoreWriter(
+        out, feature_kind="region", source=f"scan-precomp:{dataset}", feature_dim=D, regions_per_image=R,
+        n_images=len(plan), id_kind=id_kind, args_fingerprint=fp, resume=True, overwrite=overwrite,
+        metadata={"importer": "precomp", "dataset": dataset, "folder": str(folder.resolve()), "splits": wanted,
+                  "duplicated_rows": [s.name for s in loaded if len(s.image_rows) != len(s.features)]},
+        flush_every=max(batch_images * 8, 256),
+    ) as writer:
+        _copy_features(writer, loaded, plan, plan_ids, batch_images, progress)
+        _write_captions_and_splits(writer, loaded, split_images)
+    return out
+
+
+def _wanted_splits(folder: Path, dataset: str, splits: list[str] | None) -> list[str]:
+    """The splits to import: those asked for, else every split of ``dataset`` whose array is in ``folder``."""
     if dataset not in DATASET_SPLITS:
         raise MaxMatchError(f"unknown dataset '{dataset}'.", hint=f"use one of: {', '.join(DATASET_SPLITS)}")
     if not folder.is_dir():
@@ -230,7 +257,11 @@ def import_precomp(
             f"{', '.join(f'{s}_ims.npy' for s in DATASET_SPLITS[dataset])} exists.",
             hint="pass the folder that holds the .npy files (e.g. data/coco_precomp)",
         )
-    loaded = [_load_split(folder, name, captions_per_image) for name in wanted]
+    return wanted
+
+
+def _check_one_feature_size(loaded: list[_Split]) -> None:
+    """All splits must share one (regions, dim) row shape."""
     first = loaded[0].features
     for s in loaded[1:]:
         if s.features.shape[1:] != first.shape[1:]:
@@ -240,16 +271,16 @@ def import_precomp(
                 hint="mixing features from different extractors in one cache is not supported",
             )
 
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for s in loaded
-             for p in (s.features.path, folder / f"{s.name}_caps.txt")}
-    fp = args_fingerprint(kind="precomp", folder=str(folder.resolve()), dataset=dataset, splits=wanted,
-                          captions_per_image=captions_per_image, files=files)
-    out = Path(out)
-    if not overwrite and store_state(out, fp) == "complete":
-        return out
 
-    # The plan: unique images in order of first appearance; an id seen in an earlier split is stored once.
-    plan: list[tuple[int, int]] = []  # (split position, row in that split's .npy)
+def _plan_images(loaded: list[_Split]) -> tuple[list[tuple[int, int]], list[Any], list[np.ndarray]]:
+    """The images to store: unique images in order of first appearance (an id seen in an earlier split is stored
+    once).
+
+    Returns:
+        ``plan`` (split position, row in that split's .npy) per stored image, their ids (the position when a split
+        has no ids file), and per split the stored index of each of its images.
+    """
+    plan: list[tuple[int, int]] = []
     plan_ids: list[Any] = []
     index_of_id: dict[Any, int] = {}
     split_images: list[np.ndarray] = []
@@ -267,28 +298,21 @@ def import_precomp(
             plan.append((k, int(row)))
             plan_ids.append(key if use_ids else len(plan) - 1)
         split_images.append(indices)
-    id_kind = "str" if any(isinstance(x, str) for x in plan_ids) else "int"
+    return plan, plan_ids, split_images
 
-    _, R, D = first.shape
-    with StoreWriter(
-        out, feature_kind="region", source=f"scan-precomp:{dataset}", feature_dim=D, regions_per_image=R,
-        n_images=len(plan), id_kind=id_kind, args_fingerprint=fp, resume=True, overwrite=overwrite,
-        metadata={"importer": "precomp", "dataset": dataset, "folder": str(folder.resolve()), "splits": wanted,
-                  "duplicated_rows": [s.name for s in loaded if len(s.image_rows) != len(s.features)]},
-        flush_every=max(batch_images * 8, 256),
-    ) as writer:
-        _copy_features(writer, loaded, plan, plan_ids, batch_images, progress)
-        texts: list[str] = []
-        owners: list[np.ndarray] = []
-        split_captions: list[np.ndarray] = []
-        for s, images in zip(loaded, split_images):
-            split_captions.append(np.arange(len(texts), len(texts) + len(s.captions), dtype=np.int64))
-            texts.extend(s.captions)
-            owners.append(np.repeat(images, s.per_image))
-        writer.set_captions(texts, np.concatenate(owners))
-        for s, images, caps in zip(loaded, split_images, split_captions):
-            writer.add_split(s.name, images, caps)
-    return out
+
+def _write_captions_and_splits(writer: StoreWriter, loaded: list[_Split], split_images: list[np.ndarray]) -> None:
+    """Every split's captions, in split order, owned by the stored images; each split with its own captions."""
+    texts: list[str] = []
+    owners: list[np.ndarray] = []
+    split_captions: list[np.ndarray] = []
+    for s, images in zip(loaded, split_images):
+        split_captions.append(np.arange(len(texts), len(texts) + len(s.captions), dtype=np.int64))
+        texts.extend(s.captions)
+        owners.append(np.repeat(images, s.per_image))
+    writer.set_captions(texts, np.concatenate(owners))
+    for s, images, caps in zip(loaded, split_images, split_captions):
+        writer.add_split(s.name, images, caps)
 
 
 def _copy_features(writer: StoreWriter, loaded: list[_Split], plan: list[tuple[int, int]], plan_ids: list[Any],
