@@ -23,15 +23,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from maxmatch_cli.reporting.compare.formats import (check_display, display_frame, to_csv, to_latex, to_markdown,
-                                                    write_comparison)
+from maxmatch_cli.reporting.compare.formats import (COCO_RSUM_HEAD, check_display, display_frame, to_csv, to_latex,
+                                                    to_markdown, write_comparison)
 from maxmatch_cli.reporting.compare.grouping import compare
 from maxmatch_cli.reporting.compare.loading import load_results
-from maxmatch_cli.reporting.compare.records import GROUP_BY, LAYOUTS, METRICS, Comparison, RunResult
+from maxmatch_cli.reporting.compare.records import (COCO_EXTRAS, EVAL_DIR, EXTRAS, GROUP_BY, LAYOUTS, METRICS,
+                                                    NOT_CONFIG, PATH_KEYS, REGULARISERS, SIMILARITY_NAMES,
+                                                    Comparison, RunResult)
 from maxmatch_cli.reporting.compare.terminal import rich_table
 
-__all__ = ["Comparison", "GROUP_BY", "LAYOUTS", "METRICS", "RunResult", "check_display", "compare", "compare_runs",
-           "display_frame", "load_results", "rich_table", "to_csv", "to_latex", "to_markdown", "write_comparison"]
+__all__ = ["COCO_EXTRAS", "COCO_RSUM_HEAD", "Comparison", "EVAL_DIR", "EXTRAS", "GROUP_BY", "LAYOUTS", "METRICS",
+           "NOT_CONFIG", "PATH_KEYS", "REGULARISERS", "RunResult", "SIMILARITY_NAMES", "check_display", "compare",
+           "compare_runs", "display_frame", "load_results", "rich_table", "to_csv", "to_latex", "to_markdown",
+           "write_comparison"]
 
 
 # compare_runs lives here, not in grouping.py, so that it calls this package's load_results: replacing
