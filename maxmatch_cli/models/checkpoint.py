@@ -150,7 +150,27 @@ def _refuse_feature_file(path: Path) -> None:
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
     """Read and validate a checkpoint written by :func:`save_checkpoint` (no unpickling)."""
-    path = Path(path)
+    path = _checkpoint_file(Path(path))
+    meta, tensors = _read_safetensors(path)
+    _check_format(path, meta)
+    recipe = _recipe_of(path, meta)
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    optim_state = _optim_state_of(path, meta, tensors)
+    vocab = _vocab_of(path, meta)
+    return Checkpoint(path=path, recipe=recipe, model_state=model_state, vocab_json=vocab,
+                      provenance=_json_meta(meta, "provenance", path, dict),
+                      train_state=_checked_train_state(_json_meta(meta, "train_state", path, dict), path),
+                      optim_state=optim_state, rng_state=rng)
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """The checkpoint file ``path`` names: itself, or a run folder's best (else last) checkpoint.
+
+    Raises:
+        MaxMatchError: no such file, a folder without a checkpoint (saying so if its run is still going), or a
+            feature file passed in place of a checkpoint.
+    """
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
             if (path / name).is_file():
@@ -167,6 +187,11 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if not path.is_file():
         raise MaxMatchError(f"checkpoint {path} does not exist", hint="pass a file written by `maxmatch train`")
     _refuse_feature_file(path)
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's header metadata and its tensors; an unreadable file is one clear error."""
     try:
         from safetensors import safe_open
 
@@ -176,6 +201,11 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise MaxMatchError(f"{path} is not a readable maxmatch checkpoint ({exc})",
                             hint="it may be truncated or another format; re-run training or pass another file") from None
+    return meta, tensors
+
+
+def _check_format(path: Path, meta: dict[str, str]) -> None:
+    """Refuse a safetensors file that is no maxmatch checkpoint, or one of a newer format than this maxmatch's."""
     if meta.get("format") != FORMAT:
         raise MaxMatchError(f"{path} is a safetensors file but not a maxmatch checkpoint",
                             hint="pass a file written by `maxmatch train`")
@@ -185,35 +215,42 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if int(version) > FORMAT_VERSION:
         raise MaxMatchError(f"{path} was written by a newer maxmatch (format {meta['format_version']})",
                             hint="upgrade maxmatch")
+
+
+def _recipe_of(path: Path, meta: dict[str, str]) -> Recipe:
+    """The recipe saved in the checkpoint, validated as a recipe file would be."""
     if "recipe" not in meta:
         raise _garbled(path, "recipe", None, "the recipe JSON")
     raw = _json_meta(meta, "recipe", path, dict)
     name = str(raw.pop("name", "custom"))
     try:
-        recipe = recipe_from_dict({"recipe": {"description": raw.pop("description", "")}, **raw}, name=name,
-                                  source=f"the recipe of checkpoint {path}")
+        return recipe_from_dict({"recipe": {"description": raw.pop("description", "")}, **raw}, name=name,
+                                source=f"the recipe of checkpoint {path}")
     except MaxMatchError as exc:
         if str(path) in exc.message:
             raise
         raise MaxMatchError(f"checkpoint {path} holds a recipe this maxmatch cannot use: {exc.message}",
                             hint="the file is damaged or from another maxmatch version; use another checkpoint of "
                                  "the run, or re-train") from None
-    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _optim_state_of(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The optimiser state (its ``optim.*`` tensors and ``optim`` header layout); empty when none was saved."""
     optim_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     try:
-        optim_state = _unflatten_optim(optim_tensors, _json_meta(meta, "optim", path, dict)) if "optim" in meta else {}
+        return _unflatten_optim(optim_tensors, _json_meta(meta, "optim", path, dict)) if "optim" in meta else {}
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise _garbled(path, "optim", meta["optim"], f"the optimiser state ({type(exc).__name__}: {exc})") from None
+
+
+def _vocab_of(path: Path, meta: dict[str, str]) -> str | None:
+    """The vocabulary JSON saved with the checkpoint (a list of words), or None."""
     vocab = meta.get("vocab") or None
     if vocab is not None:
         words = _json_meta(meta, "vocab", path, list)
         if not all(isinstance(w, str) for w in words):
             raise _garbled(path, "vocab", vocab, "a JSON list of words")
-    return Checkpoint(path=path, recipe=recipe, model_state=model_state, vocab_json=vocab,
-                      provenance=_json_meta(meta, "provenance", path, dict),
-                      train_state=_checked_train_state(_json_meta(meta, "train_state", path, dict), path),
-                      optim_state=optim_state, rng_state=rng)
+    return vocab
 
 
 def load_model_state(model: torch.nn.Module, ckpt: Checkpoint) -> None:

@@ -7,9 +7,11 @@ splits. The package is cut along what a caller does with such a file:
 * :mod:`~.schema`: the format (documented there), its constants and the checks a file must pass on opening.
 * :mod:`~.reader`: :func:`open_store` validates a file and returns a :class:`FeatureStore`, which opens its
   HDF5 handle lazily in each process, so it can be handed to DataLoader workers.
-* :mod:`~.writer`: :class:`StoreWriter` appends images, captions and splits, atomically and resumably; the
-  ``<path>.partial`` file it fills is handled in :mod:`~.partial`, a batch's checks and float16 encoding in
-  :mod:`~.batch` and :mod:`~.float16`, captions and splits in :mod:`~.splits`.
+* :mod:`~.writer`: :class:`StoreWriter` appends images, captions and splits, atomically and resumably; its
+  arguments are checked and its ``.partial`` created or resumed in :mod:`~.opening`, the ``<path>.partial`` file
+  it fills is handled in :mod:`~.partial`, a batch is appended in :mod:`~.appending` (its checks and float16
+  encoding in :mod:`~.batch` and :mod:`~.float16`), the room a write needs on the disk is reckoned in
+  :mod:`~.room`, captions and splits are written in :mod:`~.splits`.
 * :mod:`~.state`: :func:`store_state` (a finished store, a partial one or nothing at a path) and
   :func:`describe_store`; :mod:`~.describe` builds the summary, :mod:`~.fingerprint` the identities of the
   arguments (:func:`args_fingerprint`) and of the contents (``FeatureStore.fingerprint``).

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,18 +21,12 @@ import numpy as np
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.fileio import DiskFullError, free_space, is_disk_full
 from maxmatch_cli.locks import acquire, lock_beside
-from maxmatch_cli.features.store.batch import append_rows, check_shapes, encode_block, feature_items, ids_array
-from maxmatch_cli.features.store.fingerprint import ContentHasher, stamp_file
-from maxmatch_cli.features.store.partial import (
-    StoreSpec,
-    check_same_arguments,
-    create_partial,
-    drop_unflushed,
-    open_partial,
-    publish_partial,
-    resize_images,
-)
-from maxmatch_cli.features.store.schema import FEATURE_KINDS, FLAT_CHUNK_ROWS, PIXELS, partial_path
+from maxmatch_cli.features.store.appending import append_features, append_files
+from maxmatch_cli.features.store.fingerprint import stamp_file
+from maxmatch_cli.features.store.opening import check_output, layout_of, start_or_resume
+from maxmatch_cli.features.store.partial import StoreSpec, publish_partial, resize_images
+from maxmatch_cli.features.store.room import close_quietly, headroom, rest_bytes, room_hint, write_failure
+from maxmatch_cli.features.store.schema import FLAT_CHUNK_ROWS, partial_path
 from maxmatch_cli.features.store.splits import check_references, write_captions, write_split
 
 
@@ -104,23 +96,10 @@ class StoreWriter:
         chunk_rows: int = FLAT_CHUNK_ROWS,
         image_root: str | os.PathLike | None = None,
     ):
-        if feature_kind not in FEATURE_KINDS:
-            raise ValueError(f"feature_kind must be one of {FEATURE_KINDS}, got {feature_kind!r}")
-        if id_kind not in ("int", "str"):
-            raise ValueError(f"id_kind must be 'int' or 'str', got {id_kind!r}")
-        if compression not in (None, "lzf"):
-            raise ValueError("compression must be None or 'lzf' (gzip makes every read ~25x slower)")
-        if regions_per_image is not None and int(regions_per_image) < 1:
-            raise MaxMatchError(f"{path}: images with {regions_per_image} regions each cannot be stored.",
-                                hint="every image needs at least one region: check the source features' shape")
+        self.layout = layout_of(path, feature_kind=feature_kind, id_kind=id_kind, compression=compression,
+                                regions_per_image=regions_per_image, image_root=image_root, with_boxes=with_boxes)
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        if feature_kind == PIXELS:
-            if image_root is None or regions_per_image is not None or with_boxes:
-                raise ValueError("an image-file store takes image_root, and no regions_per_image or boxes")
-            self.layout = "files"
-        else:
-            self.layout = "fixed" if regions_per_image is not None else "flat"
         self.image_root = None if image_root is None else str(image_root)
         self.feature_kind = feature_kind
         self.source = source
@@ -135,31 +114,9 @@ class StoreWriter:
         self.compression = compression
         self.flush_every = max(1, int(flush_every))
         self.chunk_rows = max(1, int(chunk_rows))
-        self.resumed = False
-        self._resume = resume  # a failed run's .partial is continued by the same command (else started over)
-        self._out_of_room = False
-        self._since_flush = 0
-        self._pending_bytes = 0  # written since the last flush: HDF5 may not have put them on disk yet
-        self._broken = False  # HDF5 failed mid-write (a full disk): the .partial cannot be trusted
-        self._finished = False
-        self._spec = StoreSpec(
-            feature_kind=self.feature_kind, source=self.source, feature_dim=self.feature_dim, layout=self.layout,
-            regions_per_image=self.regions_per_image, n_images=self.n_images, id_kind=self.id_kind,
-            with_boxes=self.with_boxes, with_sizes=self.with_sizes, args_fingerprint=self.args_fingerprint,
-            compression=self.compression, chunk_rows=self.chunk_rows, image_root=self.image_root,
-        )
-        self._check_output(overwrite)  # also makes the folder, where the lock lies
-        self._lock = acquire(lock_beside(self.path), f"feature file {self.path}")  # one writer per feature file
-        try:
-            self._check_output(overwrite)  # again under the lock: a writer that finished meanwhile
-            if resume and self.partial.exists():
-                self._file = self._reopen_partial()
-            else:
-                self._file = self._create()
-            self._check_room_at_start()
-        except BaseException:
-            self._lock.release()
-            raise
+        self._start_counters(resume)
+        self._spec = self._make_spec()
+        self._open(overwrite)
 
     @classmethod
     def open_or_resume(cls, path: str | os.PathLike, **kwargs: Any) -> StoreWriter:
@@ -169,46 +126,37 @@ class StoreWriter:
 
     # -- set-up --------------------------------------------------------------------------------------------
 
-    def _check_output(self, overwrite: bool) -> None:
-        """Refuse an existing store (unless ``overwrite``) or a folder at the path; create the parent folder."""
-        if self.path.exists() and not overwrite:
-            raise MaxMatchError(
-                f"{self.path} already exists.",
-                hint="choose another --out path, delete the file, or pass --overwrite to replace it",
-            )
-        if self.path.is_dir():
-            raise MaxMatchError(f"{self.path} is a directory.", hint="--out must name a file, e.g. features.h5")
-        parent = self.path.parent
-        if not parent.exists():
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise MaxMatchError(
-                    f"cannot create the folder {parent} for {self.path.name}: {exc.strerror}.",
-                    hint="choose a writable --out path",
-                ) from None
+    def _start_counters(self, resume: bool) -> None:
+        """The state of a writer that has written nothing yet (:meth:`_open` sets where a resumed one continues)."""
+        self.resumed = False
+        self._resume = resume  # a failed run's .partial is continued by the same command (else started over)
+        self._out_of_room = False
+        self._since_flush = 0
+        self._pending_bytes = 0  # written since the last flush: HDF5 may not have put them on disk yet
+        self._broken = False  # HDF5 failed mid-write (a full disk): the .partial cannot be trusted
+        self._finished = False
 
-    def _create(self) -> h5py.File:
-        f = create_partial(self.partial, self._spec, self.metadata)
-        self.n_written = 0
-        self._rows = 0
-        self._hasher = ContentHasher()
-        return f
+    def _make_spec(self) -> StoreSpec:
+        """What the store is written as: the arguments a resumed ``.partial`` must share, and its datasets' shapes."""
+        return StoreSpec(
+            feature_kind=self.feature_kind, source=self.source, feature_dim=self.feature_dim, layout=self.layout,
+            regions_per_image=self.regions_per_image, n_images=self.n_images, id_kind=self.id_kind,
+            with_boxes=self.with_boxes, with_sizes=self.with_sizes, args_fingerprint=self.args_fingerprint,
+            compression=self.compression, chunk_rows=self.chunk_rows, image_root=self.image_root,
+        )
 
-    def _reopen_partial(self) -> h5py.File:
+    def _open(self, overwrite: bool) -> None:
+        """Take the feature file's lock, then create or reopen its ``.partial`` and check the room on the disk."""
+        check_output(self.path, overwrite)  # also makes the folder, where the lock lies
+        self._lock = acquire(lock_beside(self.path), f"feature file {self.path}")  # one writer per feature file
         try:
-            f, stored, n_written = open_partial(self.partial, self.layout)
-        except (OSError, KeyError) as exc:
-            # A kill during a write can leave the HDF5 metadata unreadable; nothing in it can be trusted.
-            # stacklevel 3: the warning points at the code that made the writer.
-            warnings.warn(f"{self.partial} could not be resumed ({exc}); starting over", stacklevel=3)
-            return self._create()
-        check_same_arguments(f, self.partial, stored, self._spec.defining())
-        self.n_written = n_written
-        self._rows = drop_unflushed(f, self._spec, n_written)
-        self._hasher = ContentHasher.of_prefix(f, n_written if self.layout == "fixed" else self._rows)
-        self.resumed = True
-        return f
+            check_output(self.path, overwrite)  # again under the lock: a writer that finished meanwhile
+            opened = start_or_resume(self.partial, self._spec, self.metadata, self._resume)
+            self._file, self.n_written, self._rows, self._hasher, self.resumed = opened
+            self._check_room_at_start()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- writing -------------------------------------------------------------------------------------------
 
@@ -231,53 +179,7 @@ class StoreWriter:
             sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
             files: ``B`` image paths relative to ``image_root`` (required if the writer has one, else refused).
         """
-        if self.layout == "files":
-            raise ValueError("an image-file store holds no features: use write_files()")
-        if (files is None) != (self.image_root is None):
-            raise ValueError("pass files= exactly when the store has an image_root")
-        fixed = self.layout == "fixed"
-        items = feature_items(features)
-        B = len(items)
-        if B == 0:
-            return
-        start = self.n_written
-        check_shapes(items, start, regions_per_image=self.regions_per_image if fixed else None,
-                     feature_dim=self.feature_dim, file_name=self.path.name)
-        ids_arr = ids_array(ids, start, B, self.id_kind)
-        if self.with_boxes and boxes is None:
-            raise ValueError("this store keeps boxes: pass boxes=")
-        if self.with_sizes and sizes is None:
-            raise ValueError("this store keeps image sizes: pass sizes=")
-        if files is not None and len(files) != B:
-            raise ValueError(f"{len(files)} files for {B} images")
-        block = encode_block(features, items, ids_arr, start, fixed=fixed, feature_dim=self.feature_dim)
-        end = start + B
-        boxes_bytes = 16 * (B * int(self.regions_per_image) if fixed else len(block)) if self.with_boxes else 0
-        files_bytes = sum(len(str(x).encode()) + 16 for x in files) if files is not None else 0
-        self._require_room(block.nbytes + boxes_bytes + files_bytes + B * self._per_image_extra())
-        try:
-            images = self._file["images"]
-            self._ensure_capacity(end)
-            if fixed:
-                images["features"][start:end] = block
-                if self.with_boxes:
-                    images["boxes"][start:end] = np.stack([np.asarray(b, dtype=np.float32) for b in boxes])
-            else:
-                # Open until the batch is written, as it always was: HDF5 places metadata by what is open,
-                # and files must stay byte for byte what earlier versions wrote.
-                feats = images["features"]
-                self._rows = append_rows(images, feats, self._rows, start, block, items, boxes, self.with_boxes)
-            images["ids"][start:end] = ids_arr
-            if self.with_sizes:
-                images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
-            if files is not None:
-                images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
-        except OSError as exc:
-            raise self._write_error(exc) from None
-        self._hasher.add(block, self._file["images/features"].dtype)  # the content hash, as written
-        if self.layout == "fixed":
-            self._rows = end * int(self.regions_per_image)
-        self._advance(end, B)
+        append_features(self, features, ids, boxes, sizes, files)
 
     def write_image(self, features: np.ndarray, *, id: int | str | None = None, boxes: np.ndarray | None = None,
                     size: Sequence[int] | None = None, file: str | None = None) -> None:
@@ -304,30 +206,7 @@ class StoreWriter:
             ids: ``B`` image ids.
             sizes: ``(B, 2)`` width, height (required if ``with_sizes``).
         """
-        if self.layout != "files":
-            raise ValueError("write_files() is for image-file stores (feature_kind='pixels')")
-        B = len(files)
-        if len(ids) != B or (sizes is not None and len(sizes) != B):
-            raise ValueError("files, ids and sizes must have the same length")
-        if self.with_sizes and sizes is None:
-            raise ValueError("this store keeps image sizes: pass sizes=")
-        if B == 0:
-            return
-        start, end = self.n_written, self.n_written + B
-        images = self._file["images"]
-        self._require_room(sum(len(str(x).encode()) for x in files) + B * (16 + self._per_image_extra()))
-        try:
-            self._ensure_capacity(end)
-            images["files"][start:end] = np.array([str(x) for x in files], dtype=object)
-            if self.id_kind == "str":
-                images["ids"][start:end] = np.array([str(x) for x in ids], dtype=object)
-            else:
-                images["ids"][start:end] = np.asarray(ids, dtype=np.int64)
-            if self.with_sizes:
-                images["sizes"][start:end] = np.asarray(sizes, dtype=np.int32).reshape(B, 2)
-        except OSError as exc:
-            raise self._write_error(exc) from None
-        self._advance(end, B)
+        append_files(self, files, ids, sizes)
 
     def _advance(self, end: int, B: int) -> None:
         """Count ``B`` more images written (``end`` in all) and flush when ``flush_every`` have come."""
@@ -348,59 +227,36 @@ class StoreWriter:
             )
         resize_images(self._file, self.layout, n)
 
-    # -- room on the disk ----------------------------------------------------------------------------------
-    # HDF5 must never meet a full disk: a write it cannot finish leaves the file inconsistent (and h5py may crash
-    # on closing it). So the writer stops while there is still room to flush and close cleanly, and the same
-    # command resumes from the last flush once there is space.
-
-    def _per_image_extra(self) -> int:
-        """Bytes per image besides features and boxes: the id, the size, the offset."""
-        return (8 if self.id_kind == "int" else 16) + 8 * self.with_sizes + 8 * (self.layout == "flat")
-
-    def _rest_bytes(self) -> int | None:
-        """About the bytes the images still to write take (fixed layout, known count, uncompressed; else None)."""
-        if self.layout != "fixed" or self.n_images is None or self.compression is not None:
-            return None
-        R = int(self.regions_per_image)
-        per_image = R * self.feature_dim * 2 + 16 * R * self.with_boxes + self._per_image_extra()
-        return max(0, self.n_images - self.n_written) * per_image
-
-    def _headroom(self) -> int:
-        """Room kept free for a flush and the close: HDF5's metadata, and one whole chunk of each dataset (a
-        chunk is allocated whole on its first write)."""
-        chunks = 0
-        for ds in self._file["images"].values():
-            if ds.chunks:
-                chunks += int(np.prod(ds.chunks)) * max(ds.dtype.itemsize, 16 if ds.dtype.kind == "O" else 0)
-        return 64 * 1024 + chunks
+    # -- room on the disk (see :mod:`~maxmatch_cli.features.store.room`) -----------------------------------
 
     def _free(self) -> int | None:
+        # free_space is looked up in this module: tests fake a full disk by replacing writer.free_space.
         return free_space(self.partial)
+
+    def _rest_bytes(self) -> int | None:
+        return rest_bytes(self._spec, self.n_written)
+
+    def _room_hint(self) -> str:
+        return room_hint(self._resume, self.n_written, self.partial)
 
     def _check_room_at_start(self) -> None:
         """Refuse a store whose remaining images cannot fit on the disk, before writing any (the .partial of a
         resumed run is kept as it is; a new, empty one is removed)."""
         rest, free = self._rest_bytes(), self._free()
-        if rest is None or free is None or free >= rest + self._headroom():
+        if rest is None or free is None or free >= rest + headroom(self._file):
             return
-        needed = rest + self._headroom()
+        needed = rest + headroom(self._file)
         hint = self._room_hint()
-        _close_quietly(self._file)
+        close_quietly(self._file)
         if not (self._resume and self.n_written):
             self.partial.unlink(missing_ok=True)
         raise DiskFullError(self.path, needed, hint=hint, free=free)
-
-    def _room_hint(self) -> str:
-        again = "free some space (or choose an --out on a larger disk), then run the same command again"
-        if self._resume and self.n_written:
-            return f"{again}: it resumes after the {self.n_written:,} images in {self.partial.name}"
-        return again
 
     def _require_room(self, nbytes: int) -> None:
         """Before writing about ``nbytes`` more: refuse when the disk would then lack the room to flush and close.
         What was written so far is flushed first, so the same command resumes after it."""
         free = self._free()
-        needed = self._pending_bytes + nbytes + self._headroom()
+        needed = self._pending_bytes + nbytes + headroom(self._file)
         if free is not None and free < needed:
             needed += max(0, (self._rest_bytes() or 0) - nbytes)  # all that is still to come, where it is known
             self.flush()
@@ -409,17 +265,12 @@ class StoreWriter:
         self._pending_bytes += nbytes
 
     def _write_error(self, exc: BaseException) -> MaxMatchError:
-        if is_disk_full(exc):
+        disk_full = is_disk_full(exc)
+        if disk_full:
             # HDF5 ran out of space in the middle of a write: what it has on disk is no longer consistent, and a
             # resume could read garbage. :meth:`abort` removes the .partial.
             self._broken = True
-            return DiskFullError(self.path, self._rest_bytes(), hint=(
-                f"the disk filled up while HDF5 was writing {self.partial.name}, so it cannot be resumed and is "
-                f"removed; free some space, then run the same command again"))
-        return MaxMatchError(
-            f"writing {self.partial} failed: {exc}.",
-            hint="check the disk, then re-run the same command to resume",
-        )
+        return write_failure(exc, self.path, self.partial, self._rest_bytes() if disk_full else None, disk_full)
 
     def flush(self) -> None:
         """Flush data to disk and record ``n_written`` (the point a resumed run continues from)."""
@@ -528,7 +379,7 @@ class StoreWriter:
             except MaxMatchError:
                 pass
         if self._broken:  # HDF5 failed mid-write: the file cannot be trusted, so nothing resumes from it
-            _close_quietly(self._file)
+            close_quietly(self._file)
             self.partial.unlink(missing_ok=True)
         else:
             self._file.close()
@@ -565,14 +416,3 @@ class StoreWriter:
         if error is not None:
             raise error from None
 
-
-def _close_quietly(f: h5py.File) -> None:
-    """Close a file whose writes failed: HDF5 retries them and reports each failure again, saying nothing new."""
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda *_: None  # h5py reports failures in its objects' destructors there
-    try:
-        f.close()
-    except Exception:  # noqa: BLE001 - the write failure was reported already
-        pass
-    finally:
-        sys.unraisablehook = hook
