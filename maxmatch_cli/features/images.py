@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -65,7 +67,7 @@ from maxmatch_cli.features.image_models import (
     resolve_weights,
 )
 from maxmatch_cli.features.karpathy import KarpathyImage
-from maxmatch_cli.features.store import StoreWriter, args_fingerprint, store_state
+from maxmatch_cli.features.store import StoreWriter, args_fingerprint, partial_path, store_state
 
 __all__ = [
     "GRID_BACKBONES",
@@ -249,6 +251,7 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
     model, feature_dim, regions = _build_extractor(config, weights, device)
     metadata = {"extractor": f"torchvision:{config.backbone}", "config": vars(config), "device": str(device),
                 "captions": captions, "weights": str(weights), **(extra_metadata or {})}
+    image_files = _as_partial_began(target, image_files, overwrite)
     writer = _open_writer(target, entries, config, feature_dim, regions, metadata, batch_size=batch_size, fp=fp,
                           overwrite=overwrite, image_root=None if image_files is None else image_files[0])
     relpaths = None if image_files is None else image_files[1]
@@ -263,6 +266,26 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
                             seconds=round(time.perf_counter() - t0, 2))
         if final:
             _write_captions(writer, entries)
+
+
+def _as_partial_began(target: Path, image_files: tuple[Path, list[str]] | None,
+                      overwrite: bool) -> tuple[Path, list[str]] | None:
+    """``image_files``, or None where ``target``'s ``.partial`` was begun by a maxmatch that recorded no image
+    paths: such a file resumes as it began (its images written so far have no paths), with a warning."""
+    partial = partial_path(target)
+    if image_files is None or overwrite or not partial.is_file():
+        return image_files
+    try:
+        with h5py.File(partial, "r") as f:
+            began_without = "image_root" not in f.attrs and "files" not in f.get("images", {})
+    except (OSError, KeyError):
+        return image_files  # not a readable HDF5 file: the writer says what is wrong with it
+    if not began_without:
+        return image_files
+    warnings.warn(f"{partial} was begun by an older maxmatch, which did not record image paths: resuming it "
+                  f"without them (analyze-collapse then needs --images DIR for thumbnails; delete {partial.name} "
+                  f"and run again to record them)", stacklevel=2)
+    return None
 
 
 def _build_extractor(config: ExtractConfig, weights, device: torch.device) -> tuple[torch.nn.Module, int, int | None]:

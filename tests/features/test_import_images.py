@@ -207,3 +207,41 @@ def test_merge_without_captions_concatenates(tmp_path):
     c, _ = _small_store(tmp_path / "c.h5", 300, 2, D=4)
     with pytest.raises(MaxMatchError, match="cannot be merged"):
         merge_shards([a, c], tmp_path / "ac.h5", remove_shards=False)
+
+
+def test_a_partial_begun_without_image_paths_resumes_as_it_began(folder, tmp_path, monkeypatch):
+    """A .partial from a maxmatch that recorded no image paths resumes (with a warning) instead of being refused
+    as "started with different arguments": the same command finishes it, with the same features, and no paths."""
+    import h5py
+
+    root, captions = folder
+    whole = _extract(root, captions, tmp_path / "whole.h5", GRID)
+    real_write, real_began = images_mod._write_batch, images_mod._as_partial_began
+    calls = {"n": 0}
+
+    def interrupted(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(images_mod, "_write_batch", interrupted)
+    monkeypatch.setattr(images_mod, "_as_partial_began", lambda target, files, overwrite: None)  # the old writer
+    out = tmp_path / "old.h5"
+    with pytest.raises(KeyboardInterrupt):
+        _extract(root, captions, out, GRID)
+    with h5py.File(partial_path(out), "r") as f:
+        assert "image_root" not in f.attrs and "files" not in f["images"]
+    monkeypatch.setattr(images_mod, "_write_batch", real_write)
+    monkeypatch.setattr(images_mod, "_as_partial_began", real_began)
+    with pytest.warns(UserWarning, match="begun by an older maxmatch"):
+        _extract(root, captions, out, GRID)
+    resumed, reference = open_store(out), open_store(whole)
+    assert resumed.image_files is None and resumed.image_root is None
+    with h5py.File(out, "r") as a, h5py.File(whole, "r") as b:
+        assert np.array_equal(a["images/features"][:], b["images/features"][:])
+        assert a["images/ids"][:].tolist() == b["images/ids"][:].tolist()
+    # A partial begun with paths resumes with them, without a warning (test_resume_equals_uninterrupted), and
+    # --overwrite starts over with paths.
+    _extract(root, captions, out, GRID, overwrite=True)
+    assert open_store(out).image_files.tolist() == reference.image_files.tolist()
