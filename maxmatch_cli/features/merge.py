@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
+import warnings
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from maxmatch_cli.errors import MaxMatchError
+from maxmatch_cli.errors import MaxMatchError, first_few
 from maxmatch_cli.features.store import FeatureStore, StoreWriter, args_fingerprint, open_store, store_state
 
 
@@ -91,9 +92,7 @@ def merge_shards(
     where = _locate_images(stores)
     entries, order = _merge_order(stores, where, captions, captions_per_image)
     ref = stores[0]
-    # The image files stay known when every store names them under one folder (the shards of one extraction).
-    roots = {s.image_root if s.image_files is not None else None for s in stores}
-    image_root = roots.pop() if len(roots) == 1 else None
+    image_root, files = _merged_files(stores, paths)
     with StoreWriter(
         out, feature_kind=ref.feature_kind, source=ref.source, feature_dim=ref.feature_dim,
         regions_per_image=ref.regions_per_image, n_images=len(order),
@@ -101,7 +100,7 @@ def merge_shards(
         with_sizes=all(s.image_sizes is not None for s in stores), metadata=_merged_metadata(stores, paths),
         args_fingerprint=fp, resume=True, overwrite=overwrite, image_root=image_root,
     ) as writer:
-        _copy_images(writer, stores, order, batch_images, with_files=image_root is not None)
+        _copy_images(writer, stores, order, batch_images, files)
         if entries is not None:
             _captions_of_entries(writer, entries)
         else:
@@ -173,8 +172,32 @@ def _merged_metadata(stores: list[FeatureStore], paths: list[Path]) -> dict:
     return metadata
 
 
+def _merged_files(stores: list[FeatureStore], paths: list[Path]) -> tuple[str | None, list[list[str]] | None]:
+    """The merged file's image folder and each store's image paths relative to it, or (None, None).
+
+    Shards of one extraction share their folder; stores of different folders (train2014 and val2014, say) keep
+    their files under the folders' common parent. Where some store records no image paths, none are kept (a
+    warning says so).
+    """
+    with_files = [s.image_files is not None for s in stores]
+    if not any(with_files):
+        return None, None
+    if not all(with_files):
+        without = [p.name for p, has in zip(paths, with_files) if not has]
+        warnings.warn(f"{first_few(without)} record no image paths, so the merged file records none (thumbnails and "
+                      f"query then need the images' folder given again)", stacklevel=3)
+        return None, None
+    roots = [os.path.abspath(s.image_root) for s in stores]
+    root = os.path.commonpath(roots)
+    files = []
+    for s, r in zip(stores, roots):
+        prefix = PurePosixPath(Path(os.path.relpath(r, root)).as_posix())
+        files.append([str(prefix / f) if str(prefix) != "." else str(f) for f in s.image_files])
+    return root, files
+
+
 def _copy_images(writer: StoreWriter, stores: list[FeatureStore], order: list[tuple[int, int]], batch_images: int,
-                 *, with_files: bool) -> None:
+                 files: list[list[str]] | None) -> None:
     """Append the images ``order`` lists, ``batch_images`` at a time, from where ``writer`` resumes."""
     with_boxes = stores[0].has_boxes
     for lo in range(writer.n_written, len(order), batch_images):
@@ -184,7 +207,7 @@ def _copy_images(writer: StoreWriter, stores: list[FeatureStore], order: list[tu
             ids=[_keys(stores[k])[i] for k, i in part],
             boxes=[stores[k].image_boxes(i) for k, i in part] if with_boxes else None,
             sizes=[stores[k].image_sizes[i] for k, i in part] if writer.with_sizes else None,
-            files=[stores[k].image_files[i] for k, i in part] if with_files else None,
+            files=[files[k][i] for k, i in part] if files is not None else None,
         )
 
 

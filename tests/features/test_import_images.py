@@ -245,3 +245,42 @@ def test_a_partial_begun_without_image_paths_resumes_as_it_began(folder, tmp_pat
     # --overwrite starts over with paths.
     _extract(root, captions, out, GRID, overwrite=True)
     assert open_store(out).image_files.tolist() == reference.image_files.tolist()
+
+
+def _gallery(folder: Path, names: list[str]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(names))
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_merge_of_two_image_folders_keeps_every_image_path(tmp_path):
+    """Stores extracted from two folders (train2014 and val2014, say) merge under the folders' common parent, each
+    image's path rebased onto it, so every merged image still names its file; a store without paths drops them
+    all, with a warning."""
+    train = _gallery(tmp_path / "coco" / "train2014", ["t1.jpg", "t2.jpg"])
+    val = _gallery(tmp_path / "coco" / "val2014", ["v1.jpg"])
+    a = _extract(train, None, tmp_path / "train.h5", GRID)
+    b = _extract(val, None, tmp_path / "val.h5", GRID)
+    merged = open_store(merge_shards([a, b], tmp_path / "all.h5", remove_shards=False))
+    assert Path(merged.image_root) == (tmp_path / "coco").resolve()
+    assert sorted(merged.image_files.tolist()) == ["train2014/t1.jpg", "train2014/t2.jpg", "val2014/v1.jpg"]
+    for i in range(merged.n_images):
+        path = merged.image_path(i)
+        assert path.is_file() and path.name == Path(str(merged.image_ids[i])).name
+
+    old = tmp_path / "old.h5"  # as a maxmatch before image paths wrote it
+    import shutil
+
+    import h5py
+
+    shutil.copy(b, old)
+    with h5py.File(old, "r+") as f:
+        del f["images/files"]
+        del f.attrs["image_root"]
+    with pytest.warns(UserWarning, match="record no image paths"):
+        mixed = open_store(merge_shards([a, old], tmp_path / "mixed.h5", remove_shards=False))
+    assert mixed.image_files is None and mixed.n_images == 3

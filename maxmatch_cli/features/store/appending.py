@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from maxmatch_cli.errors import MaxMatchError, first_few
+from maxmatch_cli.fileio import escapes_folder
 from maxmatch_cli.features.store.batch import append_rows, check_shapes, encode_block, feature_items, ids_array
 from maxmatch_cli.features.store.room import files_bytes, per_image_extra
 
@@ -30,6 +32,8 @@ def append_features(w: Any, features: Any, ids: Any, boxes: Any, sizes: Any,
     if not items:
         return
     ids_arr, block = _checked_block(w, features, items, ids, boxes, sizes, files)
+    if files is not None:
+        check_inside(w, files)
     B, fixed = len(items), w.layout == "fixed"
     start = w.n_written
     end = start + B
@@ -88,6 +92,7 @@ def append_files(w: Any, files: Sequence[str], ids: Any, sizes: Any) -> None:
         raise ValueError("this store keeps image sizes: pass sizes=")
     if B == 0:
         return
+    check_inside(w, files)
     start, end = w.n_written, w.n_written + B
     images = w._file["images"]
     w._require_room(sum(len(str(x).encode()) for x in files) + B * (16 + per_image_extra(w._spec)))
@@ -103,3 +108,18 @@ def append_files(w: Any, files: Sequence[str], ids: Any, sizes: Any) -> None:
     except OSError as exc:
         raise w._write_error(exc) from None
     w._advance(end, B)
+
+
+def check_inside(w: Any, files: Sequence[str]) -> None:
+    """Refuse image paths that the reader would refuse: every name must stay inside the image folder.
+
+    Raises:
+        MaxMatchError: naming the store and the first few such names (``..`` parts, absolute, or a backslash
+            path that reads as one of those).
+    """
+    outside = [str(x) for x in files if escapes_folder(str(x))]
+    if outside:
+        raise MaxMatchError(
+            f"{w.path}: {len(outside)} image path(s) would leave the image folder {w.image_root} (an absolute path "
+            f"or a '..' part, also as a backslash path): {first_few([repr(x) for x in outside])}.",
+            hint="rename these files (or move them out of the folder) and run the command again")

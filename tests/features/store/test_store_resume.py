@@ -175,3 +175,20 @@ def test_resume_refuses_a_partial_without_image_files(tmp_path, flat_data):
         with StoreWriter(tmp_path / "x.h5", feature_kind="grid", source="t", feature_dim=D, regions_per_image=2,
                          image_root="/data") as w:
             w.write_images(np.zeros((1, 2, D)))
+
+
+@pytest.mark.parametrize("name", ["a\\..\\b.png", "../b.png", "/abs/b.png", "sub/../../b.png"])
+def test_writer_refuses_image_paths_the_reader_would_refuse(tmp_path, flat_data, name):
+    """A name that reads as leaving the folder (a legal Linux file name such as 'a\\..\\b.png' included) is
+    refused when written, naming it, instead of a file every later open refuses."""
+    feats, _ = flat_data(2)
+    with pytest.raises(MaxMatchError, match="would leave the image folder") as err:
+        with StoreWriter(tmp_path / "g.h5", feature_kind="grid", source="t", feature_dim=D, id_kind="str",
+                         image_root="/data/images") as w:
+            w.write_image(feats[0], id="ok", file="ok.jpg")
+            w.write_image(feats[1], id="bad", file=name)
+    assert repr(name) in str(err.value)
+    with pytest.raises(MaxMatchError, match="would leave the image folder"):
+        with StoreWriter(tmp_path / "p.h5", feature_kind="pixels", source="t", feature_dim=3, id_kind="str",
+                         image_root="/data/images") as w:
+            w.write_files([name], ids=["bad"])
