@@ -38,6 +38,17 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def _die_with_parent():
+    """In the server process: SIGKILL it when the test process dies, even by kill -9 (Linux prctl), so that no
+    server outlives a killed test run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: teardown still kills the server
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +68,8 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir), "--host",
                  "127.0.0.1", "--port", str(self.port), "--max-workers", "4"],
-                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                preexec_fn=_die_with_parent)
         self._wait_ready()
         return self
 
