@@ -16,6 +16,8 @@ from maxmatch_cli.cli.options import (CheckpointArgument, DataOption, DeviceOpti
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from maxmatch_cli.retrieval.index import QueryAnswer
+
 PANEL = "Retrieval"
 
 app = command_group()
@@ -147,55 +149,54 @@ def query_cmd(
       [bold]maxmatch query photos/captions --image photo.jpg[/]
     """
     require_inputs(image=image, checkpoint=checkpoint, data=data)
-    from maxmatch_cli.retrieval.index import load_index, query_index
+    from maxmatch_cli.retrieval.index import answer_queries
 
-    idx = load_index(index, milvus_token=token)
-    results, used = query_index(idx, text, k=top_k, checkpoint=checkpoint, device=device, engine=engine,
-                                candidates=candidates, nprobe=nprobe, images=image, image_ids=image_id, data=data)
-    side, queries = (("text", text) if text is not None else
-                     ("image", [str(p) for p in image]) if image is not None else ("image_id", image_id))
-    depth = {}
-    if used == "milvus":
-        from maxmatch_cli.retrieval.index.milvus.search import milvus_depth
-
-        fetched, params = milvus_depth(idx.milvus, candidates, nprobe)
-        depth = {"candidates": fetched, **params, "milvus_index": idx.milvus.index_type}
-    if used == "faiss":  # what each shard's search applied (one value, or the distinct values of the shards)
-        from maxmatch_cli.devices import resolve_device
-        from maxmatch_cli.retrieval.index import search_depth
-
-        dev = resolve_device(device)
-        per_part = [search_depth(part.element_index(dev), part.manifest["K"], candidates, nprobe)
-                    for part in getattr(idx, "shards", [idx])]
-        depth = {name: values[0] if len(values) == 1 else values
-                 for name, values in (("candidates", sorted({c for c, _ in per_part})),
-                                      ("nprobe", sorted({p for _, p in per_part})))}
+    answer = answer_queries(index, text, image, image_id, k=top_k, checkpoint=checkpoint, data=data, device=device,
+                            engine=engine, candidates=candidates, nprobe=nprobe, milvus_token=token)
     if as_json:
-        record = {"index": str(idx.path), "engine": used, **depth, "similarity": idx.similarity,
-                  "checkpoint": str(checkpoint or idx.checkpoint),
-                  "queries": [_query_record(idx, side, q, hits) for q, hits in zip(queries, results)]}
-        typer.echo(json.dumps(record, indent=2, ensure_ascii=False))
-        return
-    how = "exhaustive exact search"
-    if used == "faiss":
+        typer.echo(json.dumps(_answer_record(answer), indent=2, ensure_ascii=False))
+    else:
+        _print_answer(answer)
+
+
+def _print_answer(answer: QueryAnswer) -> None:
+    """The index line, then per query its result table, its own-captions line (a query by image id) and a note
+    where the candidates ran out before k results."""
+    idx, used = answer.index, answer.engine
+    shards = f" in {len(idx.shards)} shards" if hasattr(idx, "shards") else ""
+    line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · "
+         f"{_search_how(used, answer.depth)}")
+    wanted = min(answer.k, len(idx))
+    for query, hits in zip(answer.queries, answer.hits):
+        console.print(_result_table(idx, answer.side, query, hits))
+        if answer.side == "image_id":
+            _own_captions_line(idx, query, hits)
+        if len(hits) < wanted:
+            line(f"note: {len(hits)} of {wanted:,} results: the {used} candidates ran out; raise "
+                 f"--candidates or --nprobe" + (", or use --engine exact" if used == "faiss" else ""))
+
+
+def _search_how(engine: str, depth: dict) -> str:
+    """How the engine searched, in words, with the candidate depth it applied."""
+    if engine == "faiss":
         def shown(value) -> str:
             return "/".join(f"{v:,}" for v in value) if isinstance(value, list) else f"{value:,}"
 
-        how = (f"faiss candidates ({shown(depth['candidates'])} per query element, nprobe "
-               f"{shown(depth['nprobe'])}), exact re-ranking")
-    if used == "milvus":
-        how = (f"Milvus candidates ({depth['candidates']:,} per query element, {depth['milvus_index']}"
-               + "".join(f", {name} {depth[name]}" for name in ("nprobe", "ef") if name in depth)
-               + "), exact re-ranking")
-    shards = f" in {len(idx.shards)} shards" if hasattr(idx, "shards") else ""
-    line(f"index {idx.path} · {len(idx):,} {idx.kind}{shards} · similarity {idx.similarity} · {how}")
-    for query, hits in zip(queries, results):
-        console.print(_result_table(idx, side, query, hits))
-        if side == "image_id":
-            _own_captions_line(idx, query, hits)
-        if len(hits) < min(top_k, len(idx)):
-            line(f"note: {len(hits)} of {min(top_k, len(idx)):,} results: the {used} candidates ran out; raise "
-                  f"--candidates or --nprobe" + (", or use --engine exact" if used == "faiss" else ""))
+        return (f"faiss candidates ({shown(depth['candidates'])} per query element, nprobe "
+                f"{shown(depth['nprobe'])}), exact re-ranking")
+    if engine == "milvus":
+        return (f"Milvus candidates ({depth['candidates']:,} per query element, {depth['milvus_index']}"
+                + "".join(f", {name} {depth[name]}" for name in ("nprobe", "ef") if name in depth)
+                + "), exact re-ranking")
+    return "exhaustive exact search"
+
+
+def _answer_record(answer: QueryAnswer) -> dict:
+    """``--json``: the index, how it was searched, and each query with its hits."""
+    idx = answer.index
+    return {"index": str(idx.path), "engine": answer.engine, **answer.depth, "similarity": idx.similarity,
+            "checkpoint": str(answer.checkpoint),
+            "queries": [_query_record(idx, answer.side, q, hits) for q, hits in zip(answer.queries, answer.hits)]}
 
 
 CELL_WIDTH = 48

@@ -19,7 +19,8 @@ metadata          what results show besides ids: image files (paths.json) and ea
 folder            :class:`Index`: one index folder opened, searched with an engine
 shards            :class:`ShardedIndex` and :func:`fan_out`; shard names and rows
 build             :func:`build_index`: streamed, resumable (``.NAME.partial``) builds published whole
-query             :func:`load_index` (one index or a folder of shards) and :func:`query_index`
+query             :func:`load_index` (one index or a folder of shards), :func:`query_index`, and
+                  :func:`answer_queries` (both, and how the engine searched: ``maxmatch query``)
 ================  ===========================================================================================
 
 Adding a search engine takes one file and one table entry: a module with a class satisfying
@@ -42,12 +43,13 @@ from maxmatch_cli.retrieval.index.faiss_engine import (CANDIDATES_PER_ITEMS, DEF
 from maxmatch_cli.retrieval.index.folder import Index
 from maxmatch_cli.retrieval.index.format import ENGINE, FORMAT, FORMAT_VERSION, KINDS, checkpoint_fingerprint
 from maxmatch_cli.retrieval.index.interface import SearchEngine
-from maxmatch_cli.retrieval.index.query import QUERY_KINDS, Hit, load_index, query_index
+from maxmatch_cli.retrieval.index.query import (QUERY_KINDS, Hit, QueryAnswer, answer_queries, load_index,
+                                                query_index)
 from maxmatch_cli.retrieval.index.shards import ShardedIndex, fan_out, parse_shard, shard_name, shard_rows
 
 __all__ = ["CANDIDATES_PER_ITEMS", "DEFAULT_CANDIDATES", "DEFAULT_NPROBE", "ELEMENTS_FILE", "ENGINE", "ENGINES",
            "FAISS_GPU_MAX_K", "FORMAT", "FORMAT_VERSION", "Hit", "Index", "KINDS", "PROGRESS_FILE", "QUERY_KINDS",
-           "SEARCH_ENGINES", "SearchEngine", "ShardedIndex", "build_element_index", "build_index",
-           "checkpoint_fingerprint", "default_candidates", "default_nlist", "faiss_candidates", "fan_out",
-           "load_index", "parse_shard", "query_index", "read_element_index", "search_depth", "search_sets",
+           "QueryAnswer", "SEARCH_ENGINES", "SearchEngine", "ShardedIndex", "answer_queries", "build_element_index",
+           "build_index", "checkpoint_fingerprint", "default_candidates", "default_nlist", "faiss_candidates",
+           "fan_out", "load_index", "parse_shard", "query_index", "read_element_index", "search_depth", "search_sets",
            "shard_name", "shard_rows"]

@@ -104,20 +104,85 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     Raises:
         MaxMatchError: bad inputs, an existing ``out`` without ``overwrite``, or a folder that cannot be written.
     """
-    from maxmatch_cli.retrieval.api import load
-    from maxmatch_cli.features.store import open_store
-
-    if kind not in KINDS:
-        raise MaxMatchError(f"unknown index kind '{kind}'", hint="use --kind images or --kind captions")
-    spec = build_engine(engine)
-    milvus = _milvus_options(engine, uri, token, db, collection, index_type, Path(out), shard, overwrite)
-    spec.check_build(nlist, **milvus) if milvus else spec.check_build(nlist)
-    if batch_size is not None and batch_size < 1:
-        raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
+    spec, milvus = _check_options(kind, engine, nlist, batch_size, Path(out), shard, overwrite, uri=uri, token=token,
+                                  db=db, collection=collection, index_type=index_type)
     from maxmatch_cli.devices import resolve_device
 
     device = resolve_device(device) if isinstance(device, str) else device  # a bad name before the model loads
     out, shard = _target(Path(out), shard, overwrite)
+    gallery = _open_gallery(checkpoint, device, data, split, kind, shard)
+    batch_size = batch_size or gallery.model.recipe.eval.batch_size
+    n, k, d = gallery.shape
+    check_nlist(nlist, n * k)  # before any encoding
+
+    from maxmatch_cli.features.images import extraction_of
+
+    extraction = extraction_of(gallery.store)  # how image files can be encoded for queries (None: not from files)
+    fingerprints = checkpoint_fingerprint(gallery.model.checkpoint), gallery.store.fingerprint()
+    build_id = _build_id(gallery, fingerprints)
+    if milvus:  # before any encoding: the server answers, and its collection is free or this build's
+        milvus["identity"] = {"build": build_id, "fingerprint": fingerprints[0], "K": k, "D": d,
+                              "out": str(out.resolve())}
+        spec.prepare(milvus, milvus["identity"])
+    tmp, done = _open_partial(out, build_id)
+    try:
+        _encode_into(tmp, build_id, done, gallery.model, gallery.store, kind, gallery.rows, gallery.texts,
+                     batch_size, show_progress)
+        metadata_files = _write_item_files(tmp, spec, gallery)
+        element_index = spec.build(tmp, nlist, batch_size=batch_size, show_progress=show_progress, **milvus) \
+            if milvus else spec.build(tmp, nlist)
+        local_sets = getattr(spec, "local_sets", True)
+        manifest = _manifest(tmp, gallery, element_index, local_sets, metadata_files, fingerprints, extraction)
+        _complete(tmp, out, manifest, local_sets)
+    except OSError as exc:  # disk full, permissions: the rows so far stay, and a re-run resumes after them
+        raise _build_failed(exc, out, tmp, kind) from None
+    # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
+    return Index.open(out, milvus.get("token"))
+
+
+@dataclass
+class _Gallery:
+    """What a build encodes: the checkpoint's model, the feature file, and the rows of its split's items."""
+
+    model: Any
+    store: Any
+    split: str
+    kind: str
+    rows: np.ndarray
+    shard_record: dict[str, Any] | None
+    """The manifest's record of the shard (None for an unsharded index)."""
+    ids: list[Any]
+    """The items' ids: image ids, or caption rows of the store."""
+    texts: list[str] | None
+    """The captions (a captions index), else None."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(items, K, D)`` of sets.npy."""
+        return len(self.rows), self.model.num_embeds, self.model.embed_dim
+
+
+def _check_options(kind: str, engine: str, nlist: int | None, batch_size: int | None, out: Path, shard: Any,
+                   overwrite: bool, **milvus_options: Any) -> tuple[Any, dict[str, Any]]:
+    """The engine's spec and its milvus build options ({} for other engines), once the options are checked
+    (before the model loads). ``milvus_options``: ``uri``, ``token``, ``db``, ``collection``, ``index_type``."""
+    if kind not in KINDS:
+        raise MaxMatchError(f"unknown index kind '{kind}'", hint="use --kind images or --kind captions")
+    spec = build_engine(engine)
+    milvus = _milvus_options(engine, **milvus_options, out=out, shard=shard, overwrite=overwrite)
+    spec.check_build(nlist, **milvus) if milvus else spec.check_build(nlist)
+    if batch_size is not None and batch_size < 1:
+        raise MaxMatchError(f"batch size must be positive, got {batch_size}", hint="e.g. --batch-size 256")
+    return spec, milvus
+
+
+def _open_gallery(checkpoint: str | os.PathLike, device: Any, data: str | os.PathLike | None, split: str | None,
+                  kind: str, shard: tuple[int, int] | None) -> _Gallery:
+    """Load the checkpoint, open its feature file (or ``data``) and pick the split's rows to encode (the shard's),
+    their ids and texts; an images index's features are checked to be the ones the checkpoint reads."""
+    from maxmatch_cli.features.store import open_store
+    from maxmatch_cli.retrieval.api import load
+
     model = load(checkpoint, device)
     recipe = model.recipe
     store = open_store(data or recipe.data.path)
@@ -132,65 +197,63 @@ def build_index(checkpoint: str | os.PathLike, out: str | os.PathLike, data: str
     else:
         ids = [int(v) for v in rows]
         texts = store.captions_text(rows)
-    batch_size = batch_size or recipe.eval.batch_size
-    n, k, d = len(rows), model.num_embeds, model.embed_dim
-    check_nlist(nlist, n * k)  # before any encoding
-
-    from maxmatch_cli.features.images import extraction_of
-
-    extraction = extraction_of(store)  # how image files can be encoded for queries (None: not from image files)
-    ckpt_fp, data_fp = checkpoint_fingerprint(model.checkpoint), store.fingerprint()
-    build_id = hashlib.sha256(json.dumps([FORMAT_VERSION, ckpt_fp, data_fp, split, kind, shard_record, n, k, d],
-                                         sort_keys=True).encode()).hexdigest()
-    if milvus:  # before any encoding: the server answers, and its collection is free or this build's
-        milvus["identity"] = {"build": build_id, "fingerprint": ckpt_fp, "K": k, "D": d, "out": str(out.resolve())}
-        spec.prepare(milvus, milvus["identity"])
-    tmp, done = _open_partial(out, build_id)
-    try:
-        _encode_into(tmp, build_id, done, model, store, kind, rows, texts, batch_size, show_progress)
-        for name in (name for each in SEARCH_ENGINES.values() for name in each.files):
-            if name not in getattr(spec, "resumable_files", ()):
-                (tmp / name).unlink(missing_ok=True)  # from an earlier attempt with another --engine
-        write_json(tmp / IDS_FILE, ids)
-        metadata = item_metadata(store, kind, rows)  # image files or caption owners, for showing results
-        for name, values in metadata.items():
-            write_json(tmp / name, values)
-        if texts is not None:
-            write_json(tmp / TEXTS_FILE, texts)
-        element_index = spec.build(tmp, nlist, batch_size=batch_size, show_progress=show_progress, **milvus) \
-            if milvus else spec.build(tmp, nlist)
-        local_sets = getattr(spec, "local_sets", True)
-        manifest = _manifest(tmp, model, store, kind, split, (n, k, d), element_index, local_sets, sorted(metadata),
-                             (ckpt_fp, data_fp), extraction, shard_record)
-        (tmp / PROGRESS_FILE).unlink()
-        if not local_sets:
-            (tmp / SETS_FILE).unlink()  # the vectors are in the engine's store (Milvus)
-        write_json(tmp / MANIFEST_FILE, manifest)  # last: a folder with a manifest is whole
-        _chmod_published(tmp)
-        _publish_folder(tmp, out)
-    except OSError as exc:  # disk full, permissions: the rows so far stay, and a re-run resumes after them
-        if is_disk_full(exc):
-            raise DiskFullError(getattr(exc, "filename", None) or tmp, None, hint=(
-                f"free some space, then run the same command again: it resumes after the {_rows_in(tmp):,} {kind} "
-                f"already encoded (kept in {tmp})")) from None
-        raise MaxMatchError(f"building index {out} failed: {exc.strerror or exc}",
-                            hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
-                                 f"{kind} already encoded (kept in {tmp})") from None
-    # Any other interruption (Ctrl-C, a crash) also leaves the partial folder for the same command to resume.
-    return Index.open(out, milvus.get("token"))
+    return _Gallery(model, store, split, kind, rows, shard_record, ids, texts)
 
 
-def _manifest(tmp: Path, model: Any, store: Any, kind: str, split: str, shape: tuple[int, int, int],
-              element_index: Any, local_sets: bool, metadata_files: list[str], fingerprints: tuple[str, str],
-              extraction: Any, shard_record: Any) -> dict[str, Any]:
+def _build_id(gallery: _Gallery, fingerprints: tuple[str, str]) -> str:
+    """The build's identity: a partial folder (or a Milvus collection) of the same id is this build's to resume."""
+    ckpt_fp, data_fp = fingerprints
+    return hashlib.sha256(json.dumps([FORMAT_VERSION, ckpt_fp, data_fp, gallery.split, gallery.kind,
+                                      gallery.shard_record, *gallery.shape], sort_keys=True).encode()).hexdigest()
+
+
+def _write_item_files(tmp: Path, spec: Any, gallery: _Gallery) -> list[str]:
+    """Write the items' ids, metadata (image files or caption owners, for showing results) and texts into the
+    partial folder, with another engine's files of an earlier attempt removed; the metadata files' names, sorted."""
+    for name in (name for each in SEARCH_ENGINES.values() for name in each.files):
+        if name not in getattr(spec, "resumable_files", ()):
+            (tmp / name).unlink(missing_ok=True)  # from an earlier attempt with another --engine
+    write_json(tmp / IDS_FILE, gallery.ids)
+    metadata = item_metadata(gallery.store, gallery.kind, gallery.rows)
+    for name, values in metadata.items():
+        write_json(tmp / name, values)
+    if gallery.texts is not None:
+        write_json(tmp / TEXTS_FILE, gallery.texts)
+    return sorted(metadata)
+
+
+def _complete(tmp: Path, out: Path, manifest: dict[str, Any], local_sets: bool) -> None:
+    """Finish the partial folder (progress record gone, the manifest written last) and publish it as ``out``."""
+    (tmp / PROGRESS_FILE).unlink()
+    if not local_sets:
+        (tmp / SETS_FILE).unlink()  # the vectors are in the engine's store (Milvus)
+    write_json(tmp / MANIFEST_FILE, manifest)  # last: a folder with a manifest is whole
+    _chmod_published(tmp)
+    _publish_folder(tmp, out)
+
+
+def _build_failed(exc: OSError, out: Path, tmp: Path, kind: str) -> MaxMatchError:
+    """The error for a build that failed writing (disk full, permissions), saying that a re-run resumes."""
+    if is_disk_full(exc):
+        return DiskFullError(getattr(exc, "filename", None) or tmp, None, hint=(
+            f"free some space, then run the same command again: it resumes after the {_rows_in(tmp):,} {kind} "
+            f"already encoded (kept in {tmp})"))
+    return MaxMatchError(f"building index {out} failed: {exc.strerror or exc}",
+                         hint=f"fix the cause and re-run the same command: it resumes after the {_rows_in(tmp):,} "
+                              f"{kind} already encoded (kept in {tmp})")
+
+
+def _manifest(tmp: Path, gallery: _Gallery, element_index: Any, local_sets: bool, metadata_files: list[str],
+              fingerprints: tuple[str, str], extraction: Any) -> dict[str, Any]:
     """The index folder's manifest: what was encoded, by which checkpoint from which data, and how to search it."""
     from maxmatch_cli import __version__
 
-    n, k, d = shape
+    model = gallery.model
+    n, k, d = gallery.shape
     ckpt_fp, data_fp = fingerprints
     stat = model.checkpoint.stat()
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "n_items": n, "K": k, "D": d,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": gallery.kind, "n_items": n, "K": k, "D": d,
         "dtype": "float16", "normalized": True, "similarity": model.similarity,
         "similarity_options": model.similarity_options(model.similarity), "engine": ENGINE,
         "element_index": element_index,
@@ -198,8 +261,8 @@ def _manifest(tmp: Path, model: Any, store: Any, kind: str, split: str, shape: t
         METADATA_KEY: metadata_files,
         "checkpoint": {"path": str(model.checkpoint.resolve()), "fingerprint": ckpt_fp,
                        "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
-        "data": str(Path(store.path).resolve()), "data_fingerprint": data_fp, "split": split,
-        "image_extraction": extraction, **({"shard": shard_record} if shard_record else {}),
+        "data": str(Path(gallery.store.path).resolve()), "data_fingerprint": data_fp, "split": gallery.split,
+        "image_extraction": extraction, **({"shard": gallery.shard_record} if gallery.shard_record else {}),
         "maxmatch_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

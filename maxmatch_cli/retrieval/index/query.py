@@ -165,6 +165,77 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
     return results, engine
 
 
+@dataclass
+class QueryAnswer:
+    """What ``maxmatch query`` shows: the queries, their hits, and how the index was searched.
+
+    Attributes:
+        index: the opened index (one folder or a folder of shards).
+        side: the kind of query: ``text``, ``image`` (image files) or ``image_id``.
+        queries: the queries as given (image files as strings).
+        hits: for each query its hits, best first.
+        k: results asked per query.
+        engine: the engine that answered.
+        depth: what the engine's candidate search applied (``candidates``, ``nprobe``, ``ef``, ``milvus_index``);
+            empty for the exact engine.
+        checkpoint: the checkpoint the queries were encoded with.
+    """
+
+    index: Index | ShardedIndex
+    side: str
+    queries: list[Any]
+    hits: list[list[Hit]]
+    k: int
+    engine: str
+    depth: dict[str, Any]
+    checkpoint: Path
+
+
+def answer_queries(path: str | os.PathLike, texts: Sequence[str] | None = None,
+                   images: Sequence[str | os.PathLike] | None = None, image_ids: Sequence[Any] | None = None, *,
+                   k: int = 10, checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+                   device: str = "auto", engine: str = "auto", candidates: int | None = None,
+                   nprobe: int | None = None, milvus_token: str | None = None) -> QueryAnswer:
+    """Open the index folder ``path`` (:func:`load_index`), run :func:`query_index` on it, and report how it was
+    searched: the body of ``maxmatch query``.
+
+    Raises:
+        MaxMatchError: as :func:`load_index` and :func:`query_index`.
+    """
+    index = load_index(path, milvus_token=milvus_token)
+    hits, used = query_index(index, texts, k=k, checkpoint=checkpoint, device=device, engine=engine,
+                             candidates=candidates, nprobe=nprobe, images=images, image_ids=image_ids, data=data)
+    side, given = (("text", texts) if texts is not None else ("image", images) if images is not None else
+                   ("image_id", image_ids))
+    queries = [given] if isinstance(given, (str, Path, int)) else list(given)
+    queries = [str(q) for q in queries] if side == "image" else queries
+    return QueryAnswer(index, side, queries, hits, k, used, search_depth_used(index, used, candidates, nprobe, device),
+                       Path(checkpoint or index.checkpoint))
+
+
+def search_depth_used(index: Index | ShardedIndex, engine: str, candidates: int | None, nprobe: int | None,
+                      device: str) -> dict[str, Any]:
+    """What ``engine``'s candidate search applied on ``index`` for these options: faiss's ``candidates`` and
+    ``nprobe`` (one value, or the distinct values of the shards, sorted), Milvus's ``candidates``, its search
+    params and ``milvus_index``; ``{}`` for the exact engine."""
+    if engine == "milvus":
+        from maxmatch_cli.retrieval.index.milvus.search import milvus_depth
+
+        fetched, params = milvus_depth(index.milvus, candidates, nprobe)
+        return {"candidates": fetched, **params, "milvus_index": index.milvus.index_type}
+    if engine == "faiss":
+        from maxmatch_cli.devices import resolve_device
+        from maxmatch_cli.retrieval.index.faiss_engine import search_depth
+
+        dev = resolve_device(device)
+        per_part = [search_depth(part.element_index(dev), part.manifest["K"], candidates, nprobe)
+                    for part in getattr(index, "shards", [index])]
+        return {name: values[0] if len(values) == 1 else values
+                for name, values in (("candidates", sorted({c for c, _ in per_part})),
+                                     ("nprobe", sorted({p for _, p in per_part})))}
+    return {}
+
+
 def _described(hit: Hit, index: Any, query_image_id: Any = None) -> Hit:
     """``hit`` with what a person is shown besides its id: its image file, or its caption's image and, for a query
     by ``query_image_id``, whether the caption is that image's own."""

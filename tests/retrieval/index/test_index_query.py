@@ -184,3 +184,19 @@ def test_image_query_errors(captions_index, index_dir, tiny_h5, tmp_path):
     result = invoke("query", captions_index)
     assert result.exit_code == 2 and "no query" in result.output
     assert "Traceback" not in result.output
+
+
+def test_answer_queries_is_query_index_and_the_depth_it_searched(index_dir, faiss_index_dir):
+    """The library body of `maxmatch query`: the hits of query_index, the queries as given, and the depth that
+    faiss's search_depth computes for the index (nothing for exact)."""
+    from maxmatch_cli.retrieval.index import answer_queries, query_index, search_depth
+
+    answer = answer_queries(index_dir, "a dog", k=3, device="cpu")
+    hits, used = query_index(load_index(index_dir), ["a dog"], k=3, device="cpu")
+    assert (answer.side, answer.queries, answer.engine, answer.depth) == ("text", ["a dog"], "exact", {})
+    assert [[(h.row, h.score) for h in q] for q in answer.hits] == [[(h.row, h.score) for h in q] for q in hits]
+    assert answer.checkpoint == load_index(index_dir).checkpoint
+    answer = answer_queries(faiss_index_dir, ["a dog"], k=3, device="cpu", engine="faiss", candidates=5, nprobe=2)
+    idx = load_index(faiss_index_dir)
+    fetched, probed = search_depth(idx.element_index("cpu"), idx.manifest["K"], 5, 2)
+    assert answer.engine == "faiss" and answer.depth == {"candidates": fetched, "nprobe": probed}
