@@ -56,6 +56,11 @@ def list_gallery(images_dir: str | os.PathLike, split: str = GALLERY_SPLIT) -> l
     if not rels:
         raise MaxMatchError(f"no image files under {root}.",
                             hint=f"image files end in {', '.join(IMAGE_EXTENSIONS)}")
+    outside = [rel for rel in rels if escapes_folder(rel)]  # legal names such as 'a\\..\\b.jpg' read as paths
+    if outside:
+        raise MaxMatchError(f"{len(outside)} image file name(s) under {root} read as paths that leave the folder "
+                            f"(a '..' part, also written with backslashes): {first_few([repr(r) for r in outside])}.",
+                            hint="rename these files (or move them out of the folder) and run the command again")
     return [KarpathyImage(rel, rel, split, ()) for rel in rels]
 
 

@@ -251,7 +251,7 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
     model, feature_dim, regions = _build_extractor(config, weights, device)
     metadata = {"extractor": f"torchvision:{config.backbone}", "config": vars(config), "device": str(device),
                 "captions": captions, "weights": str(weights), **(extra_metadata or {})}
-    image_files = _as_partial_began(target, image_files, overwrite)
+    image_files = _as_partial_began(target, image_files, fp)
     writer = _open_writer(target, entries, config, feature_dim, regions, metadata, batch_size=batch_size, fp=fp,
                           overwrite=overwrite, image_root=None if image_files is None else image_files[0])
     relpaths = None if image_files is None else image_files[1]
@@ -269,22 +269,27 @@ def _extract_part(entries, paths, mine, target: Path, config: ExtractConfig, wei
 
 
 def _as_partial_began(target: Path, image_files: tuple[Path, list[str]] | None,
-                      overwrite: bool) -> tuple[Path, list[str]] | None:
-    """``image_files``, or None where ``target``'s ``.partial`` was begun by a maxmatch that recorded no image
-    paths: such a file resumes as it began (its images written so far have no paths), with a warning."""
+                      fp: str) -> tuple[Path, list[str]] | None:
+    """``image_files``, or None where ``target``'s ``.partial`` is this extraction (same arguments fingerprint)
+    begun by a maxmatch that recorded no image paths: it resumes as it began, with a warning. Anything else (no
+    partial, one with paths, another extraction's, not a store) goes to the writer, which resumes, refuses or
+    starts over as usual."""
     partial = partial_path(target)
-    if image_files is None or overwrite or not partial.is_file():
+    if image_files is None or not partial.is_file():
         return image_files
     try:
         with h5py.File(partial, "r") as f:
-            began_without = "image_root" not in f.attrs and "files" not in f.get("images", {})
-    except (OSError, KeyError):
-        return image_files  # not a readable HDF5 file: the writer says what is wrong with it
+            images = f.get("images")
+            began_without = (isinstance(images, h5py.Group) and "n_written" in f.attrs
+                             and f.attrs.get("args_fingerprint") == fp
+                             and "image_root" not in f.attrs and "files" not in images)
+    except (OSError, KeyError, ValueError, TypeError):
+        return image_files  # not a readable store: the writer says what is wrong with it
     if not began_without:
         return image_files
     warnings.warn(f"{partial} was begun by an older maxmatch, which did not record image paths: resuming it "
                   f"without them (analyze-collapse then needs --images DIR for thumbnails; delete {partial.name} "
-                  f"and run again to record them)", stacklevel=2)
+                  f"and run again to record them)", stacklevel=4)
     return None
 
 

@@ -83,14 +83,28 @@ def merge_shards(
     paths = [Path(p) for p in shards]
     if not paths:
         raise MaxMatchError("nothing to merge: no store given.", hint="pass the shard files")
-    stores = [open_store(p) for p in paths]
-    _check_compatible(stores)
-    fp = args_fingerprint or _merge_fingerprint(paths, captions, captions_per_image)
-    out = Path(out)
-    if not overwrite and store_state(out, fp) == "complete":
-        return out
-    where = _locate_images(stores)
-    entries, order = _merge_order(stores, where, captions, captions_per_image)
+    stores: list[FeatureStore] = []
+    try:  # every opened store is closed, also when a check refuses the merge
+        for p in paths:
+            stores.append(open_store(p))
+        _check_compatible(stores)
+        fp = args_fingerprint or _merge_fingerprint(paths, captions, captions_per_image)
+        out = Path(out)
+        if not overwrite and store_state(out, fp) == "complete":
+            return out
+        _write_merged(stores, paths, out, fp, captions, captions_per_image, batch_images, overwrite)
+    finally:
+        for s in stores:
+            s.close()
+    if remove_shards:
+        _remove_shards(paths, out)
+    return out
+
+
+def _write_merged(stores: list[FeatureStore], paths: list[Path], out: Path, fp: str, captions, captions_per_image: int,
+                  batch_images: int, overwrite: bool) -> None:
+    """Write ``out`` from the open ``stores``: their images in the merged order, then the captions and splits."""
+    entries, order = _merge_order(stores, _locate_images(stores), captions, captions_per_image)
     ref = stores[0]
     image_root, files = _merged_files(stores, paths)
     with StoreWriter(
@@ -105,11 +119,6 @@ def merge_shards(
             _captions_of_entries(writer, entries)
         else:
             _concatenate_captions(writer, stores)
-    for s in stores:
-        s.close()
-    if remove_shards:
-        _remove_shards(paths, out)
-    return out
 
 
 def _check_compatible(stores: list[FeatureStore]) -> None:
@@ -187,7 +196,13 @@ def _merged_files(stores: list[FeatureStore], paths: list[Path]) -> tuple[str | 
         warnings.warn(f"{first_few(without)} record no image paths, so the merged file records none (thumbnails and "
                       f"query then need the images' folder given again)", stacklevel=3)
         return None, None
-    roots = [os.path.abspath(s.image_root) for s in stores]
+    roots = [str(s.image_root) for s in stores]
+    if len(set(roots)) == 1:  # the shards of one extraction: their folder as they recorded it
+        return roots[0], [[str(f) for f in s.image_files] for s in stores]
+    if not all(os.path.isabs(r) for r in roots):  # made elsewhere (another OS): no common folder to trust here
+        warnings.warn(f"the stores' image folders {first_few(roots)} are not all absolute paths on this machine, so "
+                      f"the merged file records no image paths", stacklevel=3)
+        return None, None
     root = os.path.commonpath(roots)
     files = []
     for s, r in zip(stores, roots):

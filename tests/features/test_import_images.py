@@ -226,7 +226,7 @@ def test_a_partial_begun_without_image_paths_resumes_as_it_began(folder, tmp_pat
         return real_write(*args, **kw)
 
     monkeypatch.setattr(images_mod, "_write_batch", interrupted)
-    monkeypatch.setattr(images_mod, "_as_partial_began", lambda target, files, overwrite: None)  # the old writer
+    monkeypatch.setattr(images_mod, "_as_partial_began", lambda target, files, fp: None)  # the old writer
     out = tmp_path / "old.h5"
     with pytest.raises(KeyboardInterrupt):
         _extract(root, captions, out, GRID)
@@ -284,3 +284,60 @@ def test_merge_of_two_image_folders_keeps_every_image_path(tmp_path):
     with pytest.warns(UserWarning, match="record no image paths"):
         mixed = open_store(merge_shards([a, old], tmp_path / "mixed.h5", remove_shards=False))
     assert mixed.image_files is None and mixed.n_images == 3
+
+
+def test_a_partial_that_is_not_an_old_extraction_keeps_the_image_paths(folder, tmp_path):
+    """Only this extraction's own .partial begun without paths resumes without them: an empty or foreign HDF5
+    file at the .partial path is started over by the writer, and the finished file records every path."""
+    import h5py
+
+    root, captions = folder
+    out = tmp_path / "e.h5"
+    with h5py.File(partial_path(out), "w"):
+        pass  # killed right after the file was created, or not ours at all
+    with pytest.warns(UserWarning, match="could not be resumed") as record:
+        _extract(root, captions, out, GRID)
+    assert not any("older maxmatch" in str(w.message) for w in record)
+    store = open_store(out)
+    assert store.image_files is not None and len(store.image_files) == len(SPLITS)
+
+
+def test_a_gallery_file_name_that_reads_as_leaving_the_folder_is_refused_up_front(tmp_path, monkeypatch):
+    """'zz\\..\\x.jpg' is a legal Linux file name that every reader takes for a path out of the folder: the listing
+    refuses it, naming it, before any model is built."""
+    gallery = _gallery(tmp_path / "g", ["a.jpg", "b.jpg"])
+    (gallery / "zz\\..\\x.jpg").write_bytes((gallery / "a.jpg").read_bytes())
+    monkeypatch.setattr(images_mod, "build_grid_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(MaxMatchError, match=r"1 image file name\(s\) under .* leave the folder") as err:
+        _extract(gallery, None, tmp_path / "g.h5", GRID)
+    assert "zz\\\\..\\\\x.jpg" in str(err.value)
+    assert not partial_path(tmp_path / "g.h5").exists()
+
+
+def test_merge_keeps_a_shared_root_as_recorded_and_drops_roots_it_cannot_place(tmp_path):
+    """Stores sharing one recorded folder keep it verbatim (relative ones too); different folders that are not
+    absolute here (written on another OS, say) leave no common folder: no paths, with a warning."""
+    import h5py
+
+    train = _gallery(tmp_path / "coco" / "train2014", ["t1.jpg"])
+    val = _gallery(tmp_path / "coco" / "val2014", ["v1.jpg"])
+    a = _extract(train, None, tmp_path / "a.h5", GRID)
+    b = _extract(val, None, tmp_path / "b.h5", GRID)
+
+    def set_root(path, root, prefix):
+        with h5py.File(path, "r+") as f:
+            f.attrs["image_root"] = root
+            f["images/files"][:] = [f"{prefix}{x.decode() if isinstance(x, bytes) else x}"
+                                    for x in f["images/files"][:]]
+
+    set_root(a, "rel/coco", "train2014/")
+    set_root(b, "rel/coco", "val2014/")
+    shared = open_store(merge_shards([a, b], tmp_path / "shared.h5", remove_shards=False))
+    assert shared.image_root == "rel/coco"
+    assert sorted(shared.image_files.tolist()) == ["train2014/t1.jpg", "val2014/v1.jpg"]
+
+    set_root(a, "C:\\coco\\train2014", "")
+    set_root(b, "C:\\coco\\val2014", "")
+    with pytest.warns(UserWarning, match="not all absolute paths on this machine"):
+        placed = open_store(merge_shards([a, b], tmp_path / "elsewhere.h5", remove_shards=False))
+    assert placed.image_files is None and placed.n_images == 2

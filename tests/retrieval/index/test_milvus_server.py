@@ -38,15 +38,27 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def _die_with_parent():
-    """In the server process: SIGKILL it when the test process dies, even by kill -9 (Linux prctl), so that no
-    server outlives a killed test run."""
+def _prctl():
+    """libc's prctl, looked up here in the test process (a dlopen between fork and exec could deadlock)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass  # not Linux: teardown still kills the server
+        return None  # not Linux: teardown still kills the server
+
+
+_PRCTL = _prctl()
+_TEST_PID = os.getpid()
+
+
+def _die_with_parent():
+    """In the server process: SIGKILL it when the test process dies, even by kill -9 (PR_SET_PDEATHSIG), so that
+    no server outlives a killed test run; if the test process died before that was set, leave at once."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != _TEST_PID:
+            os._exit(1)
 
 
 def _free_port():
