@@ -131,7 +131,7 @@ def check_store_path(path: Path, allow_incomplete: bool) -> None:
             )
         raise MaxMatchError(
             f"feature file {path} does not exist.",
-            hint="create one with `maxmatch extract-features --synthetic demo --out PATH` or check the path",
+            hint="create one with `maxmatch extract-features synthetic demo --out PATH` or check the path",
         )
     if path.is_dir():
         raise MaxMatchError(f"{path} is a directory, not a feature file.", hint="pass the .h5 file itself")

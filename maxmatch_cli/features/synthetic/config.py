@@ -63,7 +63,7 @@ def synthetic_config(preset: str = "demo", **overrides: Any) -> SyntheticConfig:
     if preset not in PRESETS:
         raise MaxMatchError(
             f"unknown synthetic preset '{preset}'; available: {', '.join(PRESETS)}.",
-            hint="use --synthetic demo (the demo data) or --synthetic tiny (for tests)",
+            hint="use `extract-features synthetic demo` (the demo data) or `synthetic tiny` (for tests)",
         )
     fields = set(SyntheticConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - fields)

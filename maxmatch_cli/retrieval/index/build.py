@@ -338,7 +338,7 @@ def _encode_into(tmp: Path, build_id: str, done: int, model: Any, store: Any, ki
     n, k, d = len(rows), model.num_embeds, model.embed_dim
     sets = _open_sets(tmp, done, (n, k, d), kind)
     with make_progress(transient=True) as progress:
-        task = progress.add_task(f"encoding {kind}", total=n, completed=done, unit=kind[:3],
+        task = progress.add_task(f"encoding {kind}", total=n, completed=done, unit="img" if kind == "images" else "cap",
                                  status=f"resumed at {done:,}" if done else "", visible=show_progress)
         for start in range(done, n, batch_size):
             chunk = rows[start: start + batch_size]
