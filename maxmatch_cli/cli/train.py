@@ -42,6 +42,7 @@ def train_cmd(
     from maxmatch_cli.reporting.tables import recall_table
     from maxmatch_cli.training.rundir import RUN_FILES, prepare_run_dir, run_lock
     from maxmatch_cli.training.interrupts import sigterm_interrupts
+    from maxmatch_cli.training.tracking import tracker_folders
     from maxmatch_cli.training.trainer import train
 
     resolved = load_recipe(recipe, parse_overrides(overrides))
@@ -64,5 +65,6 @@ def train_cmd(
                   soft_wrap=True)
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the run's files
         wrote(*(Path(result.out_dir) / name for name in RUN_FILES if (Path(result.out_dir) / name).is_file()))
+        wrote(*tracker_folders(resolved.train.report_to, result.out_dir))  # OUT/tensorboard, OUT/wandb
     if result.interrupted:
         raise typer.Exit(result.exit_status or 130)

@@ -65,9 +65,20 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    """'did you mean ...?' naming the nearest valid key, with ``prefix`` (e.g. ``optim.``) so it pastes whole."""
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(valid))}"
+    if near:
+        return f"did you mean '{prefix}{near[0]}'?"
+    return f"valid keys: {', '.join(prefix + v for v in sorted(valid))}"
+
+
+def _suggest_section(section: str, key: str) -> str:
+    """For an override's unknown section: the nearest section with ``key`` after it when that section has it."""
+    near = difflib.get_close_matches(section, list(SECTIONS), n=1, cutoff=0.5)
+    if near and key in _field_types(SECTIONS[near[0]]):
+        return f"did you mean '{near[0]}.{key}'?"
+    return _suggest(section, list(SECTIONS))
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -172,14 +183,14 @@ def apply_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         section, key = parts
         if section not in SECTIONS:
             raise MaxMatchError(f"unknown recipe section '{section}' in override '{dotted}'",
-                                hint=_suggest(section, list(SECTIONS)))
+                                hint=_suggest_section(section, key))
         if not isinstance(out.get(section, {}), dict):
             raise MaxMatchError(f"recipe section [{section}] must be a table, got {out[section]!r}",
                                 hint=f"write [{section}] on its own line in the recipe and its keys below it")
         types_ = _field_types(SECTIONS[section])
         if key not in types_:
             raise MaxMatchError(f"unknown recipe key {section}.{key} in override '{dotted}'",
-                                hint=_suggest(key, list(types_)))
+                                hint=_suggest(key, list(types_), prefix=f"{section}."))
         out.setdefault(section, {})[key] = _coerce(value, types_[key], dotted)
     return out
 

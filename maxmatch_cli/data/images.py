@@ -67,8 +67,8 @@ def decode_image_file(path: Path) -> torch.Tensor:
     Raises:
         MaxMatchError: naming the file, when it is missing or cannot be decoded.
     """
-    hint = "replace the file, fix data.image_root, or re-index the images without it (extract-features --kind " \
-           "pixels --skip-unreadable)"
+    hint = "replace the file, fix data.image_root, or re-index the images without it (extract-features images DIR " \
+           "--kind pixels --skip-unreadable)"
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -141,14 +141,14 @@ def check_image_input(store, image_encoder: str) -> None:
         raise MaxMatchError(
             f"model.image_encoder='cnn' trains on raw images, but {store.path} holds precomputed "
             f"{store.feature_kind} features",
-            hint="index the images with `maxmatch extract-features --images DIR --captions JSON --kind pixels "
+            hint="index the images with `maxmatch extract-features images DIR --captions JSON --kind pixels "
                  "--out FILE.h5` and train on that file, or use model.image_encoder=region|grid on these features")
     if image_encoder != "cnn" and pixels:
         raise MaxMatchError(
             f"{store.path} indexes image files (no features), but model.image_encoder='{image_encoder}' reads "
             "precomputed features",
             hint="set model.image_encoder=cnn to fine-tune a CNN on the images, or extract features with "
-                 "`maxmatch extract-features --images DIR --captions JSON --kind grid|region`")
+                 "`maxmatch extract-features images DIR --captions JSON --kind grid|region`")
 
 
 def build_image_source(store, recipe, train: bool) -> ImageSource:
@@ -166,5 +166,5 @@ def build_image_source(store, recipe, train: bool) -> ImageSource:
         where = "data.image_root" if recipe.data.image_root else f"the image_root of {store.path}"
         raise MaxMatchError(f"image folder {root} ({where}) does not exist",
                             hint="set data.image_root to where the images are (--set data.image_root=DIR), or "
-                                 "re-index them there with extract-features --kind pixels")
+                                 "re-index them there with extract-features images DIR --kind pixels")
     return RawImages(store.image_files, root, recipe.data.image_size, train)

@@ -128,7 +128,8 @@ def import_butd_tsv(
     """
     files = [Path(p) for p in tsv_files]
     if not files:
-        raise MaxMatchError("no TSV file given.", hint="pass one or more --from-butd-tsv FILE")
+        raise MaxMatchError("no TSV file given.",
+                            hint="pass one or more: maxmatch extract-features tsv FILE... --captions JSON")
     for p in files:
         if not p.is_file():
             raise MaxMatchError(f"TSV file {p} does not exist.", hint="check the path (shell globs: quote nothing)")

@@ -1,4 +1,4 @@
-"""What ``extract-features --images DIR`` encodes: a Karpathy json, a plain captions file, or no captions at all.
+"""What ``extract-features images DIR`` encodes: a Karpathy json, a plain captions file, or no captions at all.
 
 * **No captions file** (a gallery): every image file under ``DIR`` (recursively, sorted, extensions in
   :data:`IMAGE_EXTENSIONS`) becomes an image of one split (``--split``, default ``gallery``) with no captions.
@@ -97,11 +97,11 @@ def _relpath(image: str, root: Path, where: str) -> str:
             p = p.resolve().relative_to(root.resolve())
         except ValueError:
             raise MaxMatchError(f"{where}: image {image} is not under the image folder {root}.",
-                                hint="name images by their path relative to --images DIR") from None
+                                hint="name images by their path relative to the image folder") from None
     rel = PurePosixPath(p.as_posix())
     if escapes_folder(str(rel)):
         raise MaxMatchError(f"{where}: image {image} points outside the image folder.",
-                            hint="name images by their path relative to --images DIR")
+                            hint="name images by their path relative to the image folder")
     return str(rel)
 
 
@@ -185,7 +185,7 @@ def load_plain_captions(path: str | os.PathLike, images_dir: str | os.PathLike, 
     if missing and not skip_missing:
         listed = first_few([f"{rel} ({first_seen[rel]})" for rel in missing])
         raise MaxMatchError(f"{len(missing)} image(s) named in {path} are not in {root}: {listed}.",
-                            hint="image names are paths relative to --images DIR; pass --skip-unreadable to "
+                            hint="image names are paths relative to the image folder; pass --skip-unreadable to "
                                  "leave missing images out")
     return [KarpathyImage(rel, rel, split, tuple(caps)) for rel, caps in grouped.items()]
 

@@ -92,8 +92,8 @@ def _check_one_source(*, synthetic, from_precomp, from_butd_tsv, images, caption
     if len(given) != 1:
         raise MaxMatchError(
             "give exactly one source" + (f" (got {', '.join(given)})" if given else "") + ".",
-            hint="--synthetic demo | --from-precomp DIR --dataset coco|f30k | --from-butd-tsv FILE... --captions "
-                 "JSON | --images DIR [--captions FILE] [--kind grid|region|pixels]",
+            hint="maxmatch extract-features synthetic demo | precomp DIR --dataset coco|f30k | tsv FILE... "
+                 "--captions JSON | images DIR [--captions FILE] [--kind grid|region|pixels], each with --out FILE",
         )
     if from_butd_tsv and not captions:
         raise MaxMatchError(f"{given[0]} needs --captions (a Karpathy split json: dataset_coco.json or "

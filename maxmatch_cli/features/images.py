@@ -136,7 +136,8 @@ def extract_from_images(
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     images_dir, out = Path(images_dir), Path(out)
     if not images_dir.is_dir():
-        raise MaxMatchError(f"image folder {images_dir} does not exist.", hint="pass --images DIR")
+        raise MaxMatchError(f"image folder {images_dir} does not exist.",
+                            hint="pass an existing folder: maxmatch extract-features images DIR ...")
     loaded = load_entries(images_dir, captions, captions_per_image=config.captions_per_image, split=split,
                           skip_missing=config.skip_unreadable)
     entries = loaded.images
@@ -185,7 +186,7 @@ def _fingerprint(images_dir: Path, captions, loaded, weights, config: ExtractCon
 
 
 def extraction_of(store) -> dict[str, Any] | None:
-    """How a feature file's images were turned into features, when `extract-features --images` wrote it:
+    """How a feature file's images were turned into features, when `extract-features images` wrote it:
     ``{"config": ExtractConfig fields, "weights": ...}``; ``None`` for synthetic, precomputed or BUTD files."""
     meta = getattr(store, "metadata", None) or {}
     config, extractor = meta.get("config"), str(meta.get("extractor", ""))
@@ -197,7 +198,7 @@ def extraction_of(store) -> dict[str, Any] | None:
 
 def features_of_files(paths: list[str | os.PathLike], extraction: dict[str, Any],
                       device: str = "auto") -> list[np.ndarray]:
-    """Local features of image files, computed exactly as `extract-features --images` computed a feature file's.
+    """Local features of image files, computed exactly as `extract-features images` computed a feature file's.
 
     Args:
         paths: image files.

@@ -52,7 +52,7 @@ def _relpath(entry: dict, where: str) -> str:
     relpath = str(PurePosixPath(filepath) / filename) if filepath else filename
     if escapes_folder(relpath) or escapes_folder(filename):
         raise MaxMatchError(f"{where}: image {relpath!r} points outside the image folder (an absolute path or a "
-                            "'..' part).", hint="'filepath' and 'filename' name images relative to --images DIR")
+                            "'..' part).", hint="'filepath' and 'filename' name images relative to the image folder")
     return relpath
 
 

@@ -80,7 +80,8 @@ def index_images(
 
     images_dir, out = Path(images_dir), Path(out)
     if not images_dir.is_dir():
-        raise MaxMatchError(f"image folder {images_dir} does not exist.", hint="pass --images DIR")
+        raise MaxMatchError(f"image folder {images_dir} does not exist.",
+                            hint="pass an existing folder: maxmatch extract-features images DIR ...")
     root = images_dir.resolve()
     loaded = load_entries(images_dir, captions, captions_per_image=captions_per_image, split=split,
                           skip_missing=skip_unreadable)

@@ -135,7 +135,7 @@ class Model:
             indices: store indices of the images to encode (only with a store; default: all its images).
             batch_size: images per forward pass (default: the recipe's ``eval.batch_size``).
             extractor: for image files and a checkpoint trained on extracted features: the feature file (an open
-                FeatureStore or its path) written by ``extract-features --images`` whose extractor settings and
+                FeatureStore or its path) written by ``extract-features images`` whose extractor settings and
                 weights compute the files' features exactly as that file's were computed. Not needed for an
                 end-to-end CNN checkpoint (``model.image_encoder='cnn'``), which reads pixels itself.
 
@@ -182,7 +182,7 @@ class Model:
         if extractor is None:
             raise MaxMatchError(f"checkpoint {self.checkpoint} reads extracted image features, so image files need "
                                 "the extractor its features came from",
-                                hint="pass extractor= a feature file written by `extract-features --images` "
+                                hint="pass extractor= a feature file written by `extract-features images` "
                                      "(its settings and weights are reused)")
         store = open_store(extractor) if isinstance(extractor, (str, Path)) else extractor
         extraction = extraction_of(store) if hasattr(store, "metadata") else extractor
@@ -191,7 +191,7 @@ class Model:
             raise MaxMatchError(f"the features of {getattr(store, 'path', extractor)} were not extracted from image "
                                 f"files by maxmatch ({source}), so new image files cannot be encoded like them",
                                 hint="query with images of that feature file by id instead, or build the index "
-                                     "from a feature file written by `extract-features --images`")
+                                     "from a feature file written by `extract-features images`")
         return self.encode_images(features_of_files(paths, extraction, str(self.device)), batch_size=batch_size)
 
     def _encode_store(self, store, indices, batch_size: int) -> torch.Tensor:
@@ -212,7 +212,8 @@ class Model:
         if self.recipe.model.image_encoder == "cnn":
             raise MaxMatchError(f"checkpoint {self.checkpoint} encodes raw images (model.image_encoder='cnn'), "
                                 "not arrays of local features",
-                                hint="pass a FeatureStore of image files (extract-features --kind pixels) with indices")
+                                hint="pass a FeatureStore of image files (extract-features images DIR --kind pixels) "
+                                     "with indices")
         if isinstance(features, (np.ndarray, torch.Tensor)):
             array = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
             if array.ndim == 2:

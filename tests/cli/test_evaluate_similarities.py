@@ -38,6 +38,13 @@ def test_evaluate_reports_both_inferences_in_one_table(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{report['by_similarity']['maxmatch']['metrics']['rsum']:.1f}" in result.output
     assert f"{report['by_similarity']['topk']['metrics']['rsum']:.1f}" not in result.output
+    # `compare both.json` shows a row per similarity: the recipe's own (maxmatch) as before, topk as a rescoring.
+    result = invoke("compare", out)
+    assert result.exit_code == 0, result.output
+    rows = {ln.split("│")[1].strip(): ln for ln in result.output.splitlines() if ln.count("│") > 5 and "demo" in ln}
+    assert sorted(rows) == ["demo", "demo (scored with topk)"]
+    for label, name in (("demo", "maxmatch"), ("demo (scored with topk)", "topk")):
+        assert f"{report['by_similarity'][name]['metrics']['rsum']:.1f}" in rows[label]
 
 
 def test_unknown_names_in_the_list_are_one_error_before_any_encoding(trained, monkeypatch):

@@ -46,7 +46,19 @@ def test_unknown_key_suggests_nearest():
     assert "optim.learning_rat" in str(err.value)
     with pytest.raises(MaxMatchError) as err:
         load_recipe("demo", {"loss.gd_wieght": "0.1"})
-    assert "gd_weight" in err.value.hint
+    assert err.value.hint == "did you mean 'loss.gd_weight'?"  # the whole dotted key, ready to paste
+    with pytest.raises(MaxMatchError) as err:
+        load_recipe("demo", {"optim.lrr": "1"})
+    assert err.value.hint == "did you mean 'optim.lr'?"
+
+
+def test_unknown_section_suggests_the_dotted_key():
+    with pytest.raises(MaxMatchError, match="unknown recipe section 'optm'") as err:
+        load_recipe("demo", {"optm.lr": "1"})
+    assert err.value.hint == "did you mean 'optim.lr'?"
+    with pytest.raises(MaxMatchError) as err:  # the nearest section has no such key: the section alone
+        load_recipe("demo", {"optm.bogus": "1"})
+    assert err.value.hint == "did you mean 'optim'?"
 
 
 def test_unknown_section_and_malformed_override():

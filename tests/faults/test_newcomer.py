@@ -108,7 +108,7 @@ BAD_OPTIONS = [
     (["query", "{index}", "--image-id", "1"], "holds images"),
     # train
     (["train", "--recipe", "bogus", "--out", "{tmp}/run"], "bogus"),
-    (["train", "--recipe", "demo", "--set", "optim.lrr=1", "--out", "{tmp}/run"], "optim.lr"),
+    (["train", "--recipe", "demo", "--set", "optim.lrr=1", "--out", "{tmp}/run"], "did you mean 'optim.lr'?"),
     (["train", "--recipe", "demo", "--set", "loss.similarity=bogus", "--out", "{tmp}/run"], "loss.similarity"),
     # extract-features
     (["extract-features", "synthetic", "bogus", "--out", "{tmp}/f.h5"], "bogus"),

@@ -172,6 +172,39 @@ def test_a_recipes_own_inference_is_not_a_rescoring(tmp_path):
     assert list(f["label"]) == ["demo", "demo (scored with maxmatch)"]
 
 
+def two_similarities(path, topk, exact, checkpoint="best.safetensors"):
+    """An evaluation JSON as `evaluate --similarity topk,maxmatch --json` writes it: "metrics" of the first."""
+    eval_json(path, topk, similarity="topk", checkpoint=checkpoint)
+    record = json.loads(path.read_text())
+    record["by_similarity"] = {"topk": {"metrics": topk, "folds": []}, "maxmatch": {"metrics": exact, "folds": []}}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_an_evaluation_of_two_similarities_gives_a_row_each(tmp_path):
+    run = make_run(tmp_path / "r", 0, overrides={"eval.similarity": "topk"})
+    two_similarities(run / "test.json", metrics(42, 20), metrics(40, 21))
+    f = cmp.compare_runs([run]).frame
+    # the recipe's own inference labelled as before, the other one as a rescoring
+    assert list(f["label"]) == ["demo", "demo (scored with maxmatch)"]
+    assert list(f["rsum_mean"]) == [metrics(42, 20)["rsum"], metrics(40, 21)["rsum"]]
+    assert list(f["t2i_r1_mean"]) == [20, 21]
+    loose = two_similarities(tmp_path / "loose.json", metrics(42, 20), metrics(40, 21), checkpoint="gone")
+    f = cmp.compare_runs([loose]).frame  # no recipe: no row is the own one, both say how they were scored
+    assert list(f["label"]) == [f"{loose} (scored with topk)", f"{loose} (scored with maxmatch)"]
+    assert list(f["i2t_r1_mean"]) == [42, 40]
+
+
+def test_cli_compare_shows_every_similarity_of_an_evaluation(tmp_path):
+    run = make_run(tmp_path / "r", 0, overrides={"eval.similarity": "topk"})
+    two_similarities(run / "test.json", metrics(42, 20), metrics(40, 21))
+    result = invoke(run, "--decimals", "1")
+    assert result.exit_code == 0, result.output
+    assert "demo (scored with maxmatch)" in result.output
+    rows = [ln for ln in result.output.splitlines() if "demo" in ln and "│" in ln]
+    assert len(rows) == 2 and "40.0" in rows[1] and "42.0" in rows[0]
+
+
 def test_one_vector_runs_are_labelled_cosine_in_table3(tmp_path):
     """With K = 1 every set similarity scores the cosine: Table 3's column says so, not the similarity's name."""
     one = {"model.num_embeds": "1", "model.set_head": "pooled", "loss.similarity": "mil", "loss.gd_weight": "0",

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from maxmatch_cli.cli.app import app
 from maxmatch_cli.errors import MaxMatchError
 from maxmatch_cli.config.recipes import TrainConfig
-from maxmatch_cli.training.tracking import Trackers, backends
+from maxmatch_cli.training.tracking import Trackers, backends, tracker_folders
 
 # The fixtures tiny_h5 and tiny_overrides (the tiny model's --set list) live in conftest.py.
 
@@ -32,6 +32,8 @@ def test_tensorboard_scalars_equal_the_jsonl_records(tiny_h5, tiny_overrides, tm
                     "--set", "train.max_steps=4", "--set", "train.log_every=3",
                     "--set", "train.report_to=jsonl,tensorboard", *tiny_overrides, "--out", out)
     assert result.exit_code == 0, result.output
+    wrote = [ln.split("wrote ", 1)[1] for ln in result.output.splitlines() if ln.startswith("wrote ")]
+    assert wrote[-1] == str(out / "tensorboard") and str(out / "metrics.jsonl") in wrote  # every file announced
     steps = _jsonl(out / "steps.jsonl")
     metrics = _jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -214,3 +216,14 @@ def test_wandb_receives_the_jsonl_values_offline(tiny_h5, tiny_overrides, tmp_pa
     metrics = _jsonl(out / "metrics.jsonl")
     for r in (r for r in metrics if "val/rsum" in r):
         assert logged[r["step"]]["val/rsum"] == pytest.approx(r["val/rsum"], rel=1e-9)
+
+
+def test_tracker_folders_are_those_of_report_to_that_were_written(tmp_path):
+    """`train` prints a `wrote` line for each (OUT/tensorboard, OUT/wandb): only the asked-for ones that exist."""
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "tensorboard").mkdir()
+    assert tracker_folders("jsonl,wandb", tmp_path) == [tmp_path / "wandb"]
+    assert tracker_folders("tensorboard,wandb", tmp_path) == [tmp_path / "tensorboard", tmp_path / "wandb"]
+    assert tracker_folders("jsonl", tmp_path) == []  # a folder left from another run is not this run's
+    (tmp_path / "wandb").rmdir()
+    assert tracker_folders("wandb", tmp_path) == []

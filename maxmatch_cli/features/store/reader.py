@@ -176,8 +176,9 @@ class FeatureStore:
         self.image_files = np.asarray(utf8_strings(files, self.path, n), dtype=object)
         outside = [name for name in self.image_files if escapes_folder(name)]
         if outside:
-            remake = ("re-index the images with maxmatch extract-features --kind pixels" if self.feature_kind == PIXELS
-                      else f"re-extract the features with maxmatch extract-features --images DIR --kind "
+            remake = ("re-index the images with maxmatch extract-features images DIR --kind pixels"
+                      if self.feature_kind == PIXELS
+                      else f"re-extract the features with maxmatch extract-features images DIR --kind "
                            f"{self.feature_kind}")
             raise MaxMatchError(
                 f"{self.path} names {len(outside)} image file(s) outside its image folder (an absolute path or "

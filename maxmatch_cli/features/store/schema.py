@@ -44,11 +44,11 @@ Image-file stores (``feature_kind = "pixels"``)
     ``files`` (N,) UTF-8 paths relative to ``image_root`` instead of ``features``, plus ``ids`` and ``sizes``
     as above; ``captions/`` and ``splits/`` are as above. Training decodes ``image_root/files[i]`` on the fly
     (``data.image_root`` in a recipe overrides the root, e.g. for a copy on local scratch). Made by
-    ``maxmatch extract-features --images DIR --captions JSON --kind pixels``. This is an addition to schema v1:
+    ``maxmatch extract-features images DIR --captions JSON --kind pixels``. This is an addition to schema v1:
     stores of the other kinds are unchanged, and a reader that predates it refuses the file by its kind.
 
 Image files of extracted features (grid and region stores)
-    A grid or region store extracted from image files (``maxmatch extract-features --images DIR --kind
+    A grid or region store extracted from image files (``maxmatch extract-features images DIR --kind
     grid|region``) also records where they are, as an image-file store does: the root attribute ``image_root``
     (str, the image folder as an absolute path at extraction time) and ``images/files`` (N,) UTF-8 paths
     relative to it, beside ``features``. Both are present or both absent; stores from other sources (synthetic,
@@ -224,8 +224,8 @@ def read_header(f: h5py.File, path: Path, allow_incomplete: bool) -> Header:
     if "schema_version" not in attrs:
         raise MaxMatchError(
             f"{path} is an HDF5 file but not a maxmatch feature store (no schema_version attribute).",
-            hint="convert your features with maxmatch extract-features (--from-precomp, --from-butd-tsv, "
-            "--images)",
+            hint="convert your features with maxmatch extract-features (precomp, tsv or images; see "
+            "maxmatch extract-features --help)",
         )
     version = _int_attr(attrs, "schema_version", path)
     if version != SCHEMA_VERSION:

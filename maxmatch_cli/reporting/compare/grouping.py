@@ -55,7 +55,7 @@ def _labels(groups: list[list[RunResult]], group_by: str) -> list[str]:
     for r, label in zip(firsts, settings):
         if paths and settings.count(label) > 1:  # only a file tells these rows apart
             label = " ".join([label, *overrides(r, paths)])
-        if r.rescored:
+        if r.rescored or (r.of_several and r.recipe is None):  # without a recipe no row is the own inference
             label += f" (scored with {r.eval_similarity})"
         if group_by == "run" and r.seed is not None:
             label += f" seed {r.seed}"

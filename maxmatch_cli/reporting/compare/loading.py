@@ -48,9 +48,11 @@ def _is_evaluation(raw: Any) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("metrics"), dict) and "rsum" in raw["metrics"]
 
 
-def _from_evaluation(path: Path, raw: dict[str, Any], given: Path, run: tuple[str, dict | None] | None) -> RunResult:
-    """One evaluation JSON; its recipe from ``run`` (the folder it lies in) or the checkpoint it names."""
-    metrics = _metrics(raw["metrics"], str(path))
+def _from_evaluation(path: Path, raw: dict[str, Any], given: Path,
+                     run: tuple[str, dict | None] | None) -> list[RunResult]:
+    """One evaluation JSON, one result per similarity it scored with (``evaluate --similarity a,b`` writes the
+    first's in "metrics", each one's in "by_similarity"); its recipe from ``run`` (the folder it lies in) or the
+    checkpoint it names."""
     if run is None:
         ckpt = raw.get("checkpoint")
         candidates = [Path(ckpt), path.parent / Path(ckpt).name] if isinstance(ckpt, str) and ckpt else []
@@ -62,11 +64,20 @@ def _from_evaluation(path: Path, raw: dict[str, Any], given: Path, run: tuple[st
             run = _run_recipe(path.parent)
     name, recipe = run if run else (str(given), None)
     similarity = raw.get("similarity") if isinstance(raw.get("similarity"), str) else None
-    coco = {k: _number(raw["metrics"][k], k, str(path)) for keys in COCO_EXTRAS.values() for k in keys
-            if k in raw["metrics"]}
-    return RunResult(path=given, file=path, metrics=metrics, kind="evaluate", split=str(raw.get("split", "")),
-                     protocol=str(raw.get("protocol", "")), name=name, recipe=recipe,
-                     seed=recipe.get("train.seed") if recipe else None, eval_similarity=similarity, extras=coco)
+    scored = {similarity: raw}
+    if isinstance(raw.get("by_similarity"), dict) and len(raw["by_similarity"]) > 1:
+        scored = {str(k): v if isinstance(v, dict) else {} for k, v in raw["by_similarity"].items()}
+    out = []
+    for i, (sim, scores) in enumerate(scored.items()):
+        where = str(path) if len(scored) == 1 else f"{path} (by_similarity.{sim})"
+        metrics = _metrics(scores.get("metrics"), where)
+        coco = {k: _number(scores["metrics"][k], k, where) for keys in COCO_EXTRAS.values() for k in keys
+                if k in scores["metrics"]}
+        out.append(RunResult(path=given, file=path, metrics=metrics, kind="evaluate",
+                             split=str(raw.get("split", "")), protocol=str(raw.get("protocol", "")), name=name,
+                             recipe=recipe, seed=recipe.get("train.seed") if recipe else None, eval_similarity=sim,
+                             extras=coco, index=i, of_several=len(scored) > 1))
+    return out
 
 
 def _last_validation(path: Path) -> dict[str, Any] | None:
@@ -88,7 +99,7 @@ def _stale(path: Path, raw: dict[str, Any], folder: Path) -> bool:
     return path.stat().st_mtime_ns < ckpt.stat().st_mtime_ns
 
 
-def _from_run_folder(folder: Path, split: str | None) -> RunResult:
+def _from_run_folder(folder: Path, split: str | None) -> list[RunResult]:
     """A run folder's evaluation JSON (of ``split``, else of the recipe's eval.split), else its last validation."""
     markers = ("recipe.toml", "metrics.jsonl", "best.safetensors", "last.safetensors")
     if not any((folder / m).is_file() for m in markers):
@@ -125,9 +136,9 @@ def _from_run_folder(folder: Path, split: str | None) -> RunResult:
         raise MaxMatchError(f"run folder {folder} has no results {what}",
                             hint=f"evaluate it: maxmatch evaluate {folder / 'best.safetensors'} "
                                  f"--split {split or 'test'} (kept in {folder / EVAL_DIR})")
-    return RunResult(path=folder, file=history, metrics=_metrics(record, f"{history} (last validation)", "val/"),
-                     kind="val", split=val_split, protocol="", name=name, recipe=recipe,
-                     seed=recipe.get("train.seed") if recipe else None)
+    return [RunResult(path=folder, file=history, metrics=_metrics(record, f"{history} (last validation)", "val/"),
+                      kind="val", split=val_split, protocol="", name=name, recipe=recipe,
+                      seed=recipe.get("train.seed") if recipe else None)]
 
 
 def _from_demo_results(path: Path, raw: dict[str, Any], split: str | None) -> list[RunResult]:
@@ -167,7 +178,7 @@ def load_results(inputs: Sequence[str | Path], split: str | None = None) -> list
     results: list[RunResult] = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = [_from_run_folder(given, split)]
+            found = _from_run_folder(given, split)
         elif not given.exists():
             raise MaxMatchError(f"{given} does not exist", hint=_HINT_INPUTS)
         else:
@@ -179,7 +190,7 @@ def load_results(inputs: Sequence[str | Path], split: str | None = None) -> list
             if isinstance(raw, dict) and "runs" in raw and "metrics" not in raw:
                 found = _from_demo_results(given, raw, split)
             elif _is_evaluation(raw):
-                found = [_from_evaluation(given, raw, given, None)]
+                found = _from_evaluation(given, raw, given, None)
                 if split and found[0].split != split:
                     raise MaxMatchError(f"{given} holds results of split '{found[0].split}', not '{split}'",
                                         hint=f"leave it out or use --split {found[0].split}")

@@ -66,7 +66,9 @@ class RunResult:
     """Similarity the evaluation scored with (evaluation JSONs)."""
     extras: dict[str, float] = field(default_factory=dict)
     index: int = 0
-    """Position within ``file`` (demo_results.json holds several runs)."""
+    """Position within ``file`` (demo_results.json holds several runs, an evaluation JSON several similarities)."""
+    of_several: bool = False
+    """One of the similarities of an evaluation JSON that holds several (``evaluate --similarity a,b``)."""
 
     @property
     def rescored(self) -> bool:

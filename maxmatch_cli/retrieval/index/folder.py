@@ -197,7 +197,7 @@ class Index:
 
     @property
     def image_extraction(self) -> dict[str, Any] | None:
-        """How the gallery's image features were extracted (``extract-features --images``), else None."""
+        """How the gallery's image features were extracted (``extract-features images``), else None."""
         return self.manifest.get("image_extraction")
 
     def describe(self, row: int) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def query_index(index: Index | ShardedIndex | str | os.PathLike, texts: Sequence
         block_size: gallery sets scored per block.
         engine, candidates, nprobe: as for :meth:`~maxmatch_cli.retrieval.index.folder.Index.search`.
         images: image files; their features are extracted as the index's feature file's were (it must have been
-            written by ``extract-features --images``, or the checkpoint must read pixels itself).
+            written by ``extract-features images``, or the checkpoint must read pixels itself).
         image_ids: ids of images of a feature file (``data``, default the one the index was built from), encoded
             from their stored features.
         data: the feature file of ``image_ids``.
@@ -283,7 +283,7 @@ def _extraction_for(index, model) -> dict[str, Any] | None:
                             "image files by maxmatch (synthetic, precomputed or BUTD features), so a new image "
                             "cannot be encoded like them",
                             hint="query with an image of that feature file by id (--image-id ID), or index a "
-                                 "feature file written by `extract-features --images`")
+                                 "feature file written by `extract-features images`")
     return extraction
 
 
@@ -296,6 +296,8 @@ def _encode_image_ids(model, ids: list[Any], data: str | os.PathLike) -> torch.T
     if missing:
         from maxmatch_cli.errors import first_few
 
-        raise MaxMatchError(f"{store.path} has no image with id {first_few(missing)}",
-                            hint="pass ids listed by `maxmatch features info`, or another feature file (--data)")
+        raise MaxMatchError(f"{store.path} has no image with id {first_few(missing)} (its ids: "
+                            f"{first_few(list(lookup))})",
+                            hint="pass one of its ids (an images index's query results show them), or another "
+                                 "feature file (--data)")
     return model.encode_images(store, [lookup[str(v)] for v in ids])

@@ -169,6 +169,11 @@ def test_image_id_query_equals_api_rank(captions_index, ckpt, tiny_h5):
 def test_image_query_errors(captions_index, index_dir, tiny_h5, tmp_path):
     result = invoke("query", captions_index, "--image-id", "no-such-image")
     assert result.exit_code == 2 and "has no image with id no-such-image" in result.output
+    # the message names real ids of the feature file, so the fix is one copy away
+    ids = [str(i) for i in open_store(tiny_h5).image_ids]
+    message = " ".join(result.output.split())
+    assert f"(its ids: {'; '.join(ids[:3])} and {len(ids) - 3} more)" in message
+    assert invoke("query", captions_index, "--image-id", ids[1]).exit_code == 0
     result = invoke("query", index_dir, "--image-id", "1")
     assert result.exit_code == 2 and "image queries search a captions index" in result.output
     result = invoke("query", captions_index, "--text", "a dog")
