@@ -133,9 +133,8 @@ def test_unreadable_image_stops_or_is_skipped(folder, tmp_path):
     assert s.n_captions == 20 and 3 not in s.image_ids[s.caption_image].tolist()
 
 
-def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
-    root, captions = folder
-    whole = _extract(root, captions, tmp_path / "whole.h5", GRID)
+def _interrupt_second_batch(monkeypatch):
+    """Make the extraction's second batch write raise KeyboardInterrupt (a Ctrl-C); returns the real writer."""
     real = images_mod._write_batch
     calls = {"n": 0}
 
@@ -146,6 +145,13 @@ def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(images_mod, "_write_batch", interrupted)
+    return real
+
+
+def test_resume_equals_uninterrupted(folder, tmp_path, monkeypatch):
+    root, captions = folder
+    whole = _extract(root, captions, tmp_path / "whole.h5", GRID)
+    real = _interrupt_second_batch(monkeypatch)
     out = tmp_path / "r.h5"
     with pytest.raises(KeyboardInterrupt):
         _extract(root, captions, out, GRID)
@@ -216,16 +222,8 @@ def test_a_partial_begun_without_image_paths_resumes_as_it_began(folder, tmp_pat
 
     root, captions = folder
     whole = _extract(root, captions, tmp_path / "whole.h5", GRID)
-    real_write, real_began = images_mod._write_batch, images_mod._as_partial_began
-    calls = {"n": 0}
-
-    def interrupted(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_write(*args, **kw)
-
-    monkeypatch.setattr(images_mod, "_write_batch", interrupted)
+    real_began = images_mod._as_partial_began
+    real_write = _interrupt_second_batch(monkeypatch)
     monkeypatch.setattr(images_mod, "_as_partial_began", lambda target, files, fp: None)  # the old writer
     out = tmp_path / "old.h5"
     with pytest.raises(KeyboardInterrupt):
