@@ -83,3 +83,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pixel_h5(tmp_path_factory):
+    """An image-file store of 12 small PNGs (8 train, 2 val, 2 test), 5 captions each, one colour per class."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from maxmatch_cli.features.pixels import index_images
+
+    tmp = tmp_path_factory.mktemp("pixels")
+    colours = ["red", "green", "blue"]
+    rng = np.random.default_rng(0)
+    entries = []
+    for k, split in enumerate(["train"] * 8 + ["val"] * 2 + ["test"] * 2):
+        pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
+        pixels[..., k % 3] += 150
+        Image.fromarray(pixels).save(tmp / f"{k:02d}.png")
+        entries.append({"filepath": "", "filename": f"{k:02d}.png", "imgid": k, "split": split,
+                        "sentences": [{"raw": f"a {colours[k % 3]} square, photo {j}"} for j in range(5)]})
+    (tmp / "captions.json").write_text(json.dumps({"images": entries}))
+    return index_images(tmp, tmp / "captions.json", tmp / "pixels.h5", progress=False)

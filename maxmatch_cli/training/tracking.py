@@ -18,8 +18,6 @@ from maxmatch_cli.errors import MaxMatchError
 
 BACKENDS = ("jsonl", "tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
-"""The folder of the run folder each tracker writes to (wandb.init(dir=OUT) makes OUT/wandb)."""
 
 
 class Tracker(Protocol):
@@ -41,8 +39,9 @@ def backends(report_to: str) -> list[str]:
 
 
 def tracker_folders(report_to: str, out_dir: Path) -> list[Path]:
-    """The folders under ``out_dir`` that the trackers of ``report_to`` wrote (those that exist)."""
-    folders = [Path(out_dir) / FOLDERS[name] for name in backends(report_to)]
+    """The folders under ``out_dir`` that the trackers of ``report_to`` wrote (those that exist): each writes
+    ``OUT/<its name>`` (TensorBoard's log_dir; wandb.init(dir=OUT) makes OUT/wandb)."""
+    folders = [Path(out_dir) / name for name in backends(report_to)]
     return [folder for folder in folders if folder.is_dir()]
 
 
@@ -70,7 +69,7 @@ class TensorBoardTracker:
     def __init__(self, out_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(out_dir) / FOLDERS["tensorboard"]
+        self.log_dir = Path(out_dir) / "tensorboard"
         self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log(self, values: Mapping[str, float], step: int) -> None:

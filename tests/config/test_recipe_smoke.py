@@ -11,9 +11,7 @@ trained end to end in tests/models/test_cnn_path.py.
 from __future__ import annotations
 
 import importlib.util
-import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,7 +19,6 @@ from torch import nn
 from maxmatch_cli.config.recipes import Recipe, list_recipes, load_recipe
 from maxmatch_cli.data.images import build_image_source
 from maxmatch_cli.data.tokenizers import build_tokenizer
-from maxmatch_cli.features.pixels import index_images
 from maxmatch_cli.features.store import open_store
 from maxmatch_cli.models import backbones, build_model
 from maxmatch_cli.models.heads import PooledHead, PVSEHead, SetDivHead
@@ -40,25 +37,6 @@ IMAGE_SIZE = 64
 def test_the_shipped_recipes_include_cnn_ones():
     # The stand-in trunk below is only exercised if some recipes train a CNN; if none did, say so here.
     assert {load_recipe(name).model.cnn_backbone for name in CNN_RECIPES} == {"resnet152", "resnext101_32x8d"}
-
-
-@pytest.fixture(scope="module")
-def pixel_h5(tmp_path_factory):
-    """An image-file store of 12 small PNGs (8 train, 2 val, 2 test), 5 captions each, one colour per class."""
-    from PIL import Image
-
-    tmp = tmp_path_factory.mktemp("pixels")
-    colours = ["red", "green", "blue"]
-    rng = np.random.default_rng(0)
-    entries = []
-    for k, split in enumerate(["train"] * 8 + ["val"] * 2 + ["test"] * 2):
-        pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
-        pixels[..., k % 3] += 150
-        Image.fromarray(pixels).save(tmp / f"{k:02d}.png")
-        entries.append({"filepath": "", "filename": f"{k:02d}.png", "imgid": k, "split": split,
-                        "sentences": [{"raw": f"a {colours[k % 3]} square, photo {j}"} for j in range(5)]})
-    (tmp / "captions.json").write_text(json.dumps({"images": entries}))
-    return index_images(tmp, tmp / "captions.json", tmp / "pixels.h5", progress=False)
 
 
 @pytest.fixture()

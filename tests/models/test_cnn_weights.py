@@ -9,9 +9,7 @@ run records in its recipe. The ResNeXt trunk itself is too slow to build in a te
 from __future__ import annotations
 
 import dataclasses
-import json
 
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -19,7 +17,6 @@ from typer.testing import CliRunner
 
 from maxmatch_cli.cli.app import app
 from maxmatch_cli.errors import MaxMatchError
-from maxmatch_cli.features.pixels import index_images
 from maxmatch_cli.models import backbones
 from maxmatch_cli.models.checkpoint import load_checkpoint
 
@@ -82,26 +79,10 @@ def test_explicit_imagenet_with_no_file_names_it(hub):
     assert "IMAGENET1K_V1" in err.value.hint
 
 
-@pytest.fixture()
-def pixel_store(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    entries = []
-    for k, split in enumerate(["train"] * 8 + ["val"] * 2 + ["test"] * 2):
-        pixels = rng.integers(0, 60, (40, 40, 3), dtype=np.uint8)
-        pixels[..., k % 3] += 150
-        Image.fromarray(pixels).save(tmp_path / f"{k:02d}.png")
-        entries.append({"filepath": "", "filename": f"{k:02d}.png", "imgid": k, "split": split,
-                        "sentences": [{"raw": f"a {['red', 'green', 'blue'][k % 3]} square {j}"} for j in range(5)]})
-    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
-    return index_images(tmp_path, tmp_path / "captions.json", tmp_path / "pixels.h5", progress=False)
-
-
-def test_training_refuses_then_records_the_explicit_override(hub, pixel_store, tmp_path):
+def test_training_refuses_then_records_the_explicit_override(hub, pixel_h5, tmp_path):
     torch.set_num_threads(1)
     _save_weights(hub / IMAGENET, seed=1)
-    sets = {"data.path": pixel_store, "model.image_encoder": "cnn", "model.cnn_backbone": "resnext101_32x8d",
+    sets = {"data.path": pixel_h5, "model.image_encoder": "cnn", "model.cnn_backbone": "resnext101_32x8d",
             "data.image_size": 32, "model.embed_dim": 16, "model.word_dim": 8, "model.set_depth": 1,
             "model.set_heads": 2, "model.set_head_dim": 8, "model.set_ff_dim": 16, "data.vocab_min_count": 1,
             "data.num_workers": 0, "train.batch_size": 4, "train.max_steps": 1, "loss.warmup_epochs": 0,
